@@ -1,0 +1,210 @@
+"""Cartesian angular basis and the symmetrisation of its products.
+
+CACE (Cheng, npj Comput. Mater. 10, 157 (2024), eqs. 3-9) expands each edge
+direction u in monomials u_x^lx u_y^ly u_z^lz with lx + ly + lz = l <= l_max, sums
+them over neighbours into the A-basis, and forms rotation invariants (the B-basis)
+by contracting products of nu A-features over their Cartesian indices with
+multinomial weights l!/(lx! ly! lz!).
+
+Everything here is combinatorics fixed by (l_max, nu); the component order and the
+order of the invariants are those of the reference implementation, so weights of
+original checkpoints map one to one (the importer checks this against the tables
+stored in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from math import factorial
+
+import torch
+
+Component = tuple[int, int, int]
+
+
+def cartesian_components(max_l: int) -> list[Component]:
+    """All (lx, ly, lz) with lx+ly+lz <= max_l, in the reference order.
+
+    Components of order l are generated from those of order l-1 by raising the x,
+    then y, then z exponent, keeping the first occurrence of each.
+    """
+    by_l: list[list[Component]] = [[(0, 0, 0)]]
+    for _ in range(max_l):
+        next_l: list[Component] = []
+        for lx, ly, lz in by_l[-1]:
+            for raised in ((lx + 1, ly, lz), (lx, ly + 1, lz), (lx, ly, lz + 1)):
+                if raised not in next_l:
+                    next_l.append(raised)
+        by_l.append(next_l)
+    return [c for group in by_l for c in group]
+
+
+def l_slices(max_l: int) -> list[tuple[int, int]]:
+    """[start, end) of each angular order l in :func:`cartesian_components`."""
+    out = []
+    start = 0
+    for ell in range(max_l + 1):
+        size = (ell + 1) * (ell + 2) // 2
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def multinomial(c: Component) -> int:
+    """l! / (lx! ly! lz!): how many orderings of the Cartesian indices give c."""
+    return factorial(sum(c)) // (factorial(c[0]) * factorial(c[1]) * factorial(c[2]))
+
+
+def _add(a: Component, b: Component) -> Component:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+
+
+@dataclass(frozen=True)
+class SymmetrizerTerm:
+    """prefactor * prod_k A[components[k]], accumulated into invariant ``key``."""
+
+    key: tuple[int, ...]
+    components: tuple[Component, ...]
+    prefactor: int
+
+
+def _grid(max_l: int) -> list[Component]:
+    # Iteration order matters: it fixes the order in which invariants first appear.
+    return [c for c in itertools.product(range(max_l + 1), repeat=3) if sum(c) <= max_l]
+
+
+def symmetrizer_terms(max_l: int, nu: int) -> list[SymmetrizerTerm]:
+    """The product terms of the correlation-order-nu invariants.
+
+    nu=2: sum over |v|=L of f(v) A_v A_v, one invariant per L >= 1.
+    nu=3: sum of f(v1) f(v2) A_v1 A_v2 A_(v1+v2), one per (l1 <= l2).
+    nu=4: sum of f(v1) f(v2) f(d) A_v1 A_v2 A_(v1+d) A_(v2+d), one per (l1 < l2, |d|).
+    """
+    grid = _grid(max_l)
+    terms: list[SymmetrizerTerm] = []
+    if nu == 2:
+        for big_l in range(1, max_l + 1):
+            for lx in range(big_l + 1):
+                for ly in range(big_l + 1 - lx):
+                    v = (lx, ly, big_l - lx - ly)
+                    terms.append(SymmetrizerTerm((big_l,), (v, v), multinomial(v)))
+    elif nu == 3:
+        for v1 in grid:
+            l1 = sum(v1)
+            if l1 == 0:
+                continue
+            for v2 in grid:
+                l2 = sum(v2)
+                if l2 < l1 or l1 + l2 > max_l:
+                    continue
+                terms.append(
+                    SymmetrizerTerm(
+                        (l1, l2), (v1, v2, _add(v1, v2)), multinomial(v1) * multinomial(v2)
+                    )
+                )
+    elif nu == 4:
+        for v1 in grid:
+            l1 = sum(v1)
+            if l1 == 0:
+                continue
+            for v2 in grid:
+                l2 = sum(v2)
+                if l2 <= l1:
+                    continue
+                for d in grid:
+                    dl = sum(d)
+                    if dl == 0 or l1 + dl > max_l or l2 + dl > max_l:
+                        continue
+                    terms.append(
+                        SymmetrizerTerm(
+                            (l1, l2, dl),
+                            (v1, v2, _add(v1, d), _add(v2, d)),
+                            multinomial(v1) * multinomial(v2) * multinomial(d),
+                        )
+                    )
+    else:
+        raise ValueError(f"no symmetrizer terms for nu={nu}")
+    return terms
+
+
+def invariant_keys(max_l: int, nu: int) -> list[tuple[int, ...]]:
+    """Invariant labels of order nu, in order of first appearance."""
+    keys: dict[tuple[int, ...], None] = {}
+    for term in symmetrizer_terms(max_l, nu):
+        keys.setdefault(term.key, None)
+    return list(keys)
+
+
+def n_invariants(max_l: int, max_nu: int) -> int:
+    """Number of B-features per radial channel and edge channel (nu = 1..max_nu)."""
+    return 1 + sum(len(invariant_keys(max_l, nu)) for nu in range(2, max_nu + 1))
+
+
+class AngularBasis(torch.nn.Module):
+    """Monomials u_x^lx u_y^ly u_z^lz of unit vectors, shape [n_edges, n_components]."""
+
+    def __init__(self, max_l: int) -> None:
+        super().__init__()
+        self.max_l = max_l
+        comps = torch.tensor(cartesian_components(max_l), dtype=torch.long)
+        self.register_buffer("exponents", comps, persistent=False)
+
+    @property
+    def n_components(self) -> int:
+        return int(self.exponents.shape[0])
+
+    def forward(self, unit: torch.Tensor) -> torch.Tensor:
+        # powers[..., k, axis] = unit[..., axis] ** k, built by repeated products so
+        # that gradients stay finite for zero components.
+        powers = [torch.ones_like(unit)]
+        for _ in range(self.max_l):
+            powers.append(powers[-1] * unit)
+        table = torch.stack(powers, dim=1)  # [E, max_l + 1, 3]
+        e = self.exponents
+        return table[:, e[:, 0], 0] * table[:, e[:, 1], 1] * table[:, e[:, 2], 2]
+
+
+class Symmetrizer(torch.nn.Module):
+    """A-basis [n, radial, components, channels] -> B-basis [n, radial, invariants, channels].
+
+    The reference loops in Python over every product term. Here each correlation
+    order is one gather per factor, one product, and one matrix product that sums
+    the terms into their invariants.
+    """
+
+    def __init__(self, max_l: int, max_nu: int) -> None:
+        super().__init__()
+        self.max_l = max_l
+        self.max_nu = max_nu
+        index = {c: i for i, c in enumerate(cartesian_components(max_l))}
+        self.orders: list[int] = []
+        self.n_out = 1
+        for nu in range(2, max_nu + 1):
+            terms = symmetrizer_terms(max_l, nu)
+            if not terms:
+                continue
+            keys = invariant_keys(max_l, nu)
+            key_index = {k: i for i, k in enumerate(keys)}
+            factors = torch.tensor(
+                [[index[c] for c in t.components] for t in terms], dtype=torch.long
+            )  # [T, nu]
+            assign = torch.zeros(len(terms), len(keys), dtype=torch.float64)
+            for t_i, t in enumerate(terms):
+                assign[t_i, key_index[t.key]] = t.prefactor
+            self.register_buffer(f"factors_{nu}", factors, persistent=False)
+            self.register_buffer(f"assign_{nu}", assign, persistent=False)
+            self.orders.append(nu)
+            self.n_out += len(keys)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        out = [a[:, :, :1, :]]
+        for nu in self.orders:
+            factors: torch.Tensor = getattr(self, f"factors_{nu}")
+            assign: torch.Tensor = getattr(self, f"assign_{nu}").to(a.dtype)
+            product = a[:, :, factors[:, 0], :]
+            for k in range(1, nu):
+                product = product * a[:, :, factors[:, k], :]
+            # [n, r, T, c] x [T, K] -> [n, r, K, c]
+            out.append(torch.einsum("nrtc,tk->nrkc", product, assign))
+        return torch.cat(out, dim=2)

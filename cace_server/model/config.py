@@ -1,0 +1,130 @@
+"""Hyper-parameters of a CACE model, as plain JSON-serialisable dataclasses.
+
+The config plus the weights fully define a model: it is what our native model files
+store next to the safetensors weights, and what the importer of original
+checkpoints produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_NAME = "cace-server-model"
+FORMAT_VERSION = 1
+
+ACTIVATIONS = ("silu", "relu", "tanh", "sigmoid", "identity")
+
+
+@dataclass
+class ReadoutConfig:
+    """An atom-wise MLP on the node features (Cheng 2024, eq. 12 and SI).
+
+    ``kind`` says what the per-atom output means: ``"energy"`` is summed into the
+    total energy; ``"charge"`` is a latent charge fed to the long-range term.
+    """
+
+    name: str
+    kind: str = "energy"
+    hidden: list[int] = field(default_factory=lambda: [32, 16])
+    activation: str = "silu"
+    bias: bool = True
+    linear_branch: bool = True
+
+
+@dataclass
+class MessagePassingConfig:
+    """Which message-passing terms each layer has (CACE paper, section 'message passing').
+
+    ``memory``: the node keeps a learned fraction of its previous A features.
+    ``radial``: neighbours' A features, damped by learned exponentials of distance.
+    ``bchi``: edge basis weighted by an MLP of the sender's B features.
+    """
+
+    memory: bool = True
+    radial: bool = True
+    bchi: bool = True
+    bchi_hidden: list[int] = field(default_factory=list)
+    bchi_activation: str = "silu"
+    bchi_shared_channels: bool = False
+    bchi_shared_l: bool = False
+
+
+@dataclass
+class EwaldConfig:
+    """Long-range electrostatics of latent charges (CACE-LR, Cheng 2025)."""
+
+    charge_readout: str = "q"
+    dl: float = 2.0
+    sigma: float = 1.0
+    exponent: int = 1
+    remove_self_interaction: bool = False
+    norm_factor: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    elements: list[int]
+    cutoff: float
+    n_atom_basis: int = 3
+    embed_receiver: bool = True
+    n_rbf: int = 6
+    trainable_rbf: bool = True
+    n_radial: int = 12
+    cutoff_p: int = 6
+    max_l: int = 3
+    max_nu: int = 3
+    num_message_passing: int = 0
+    avg_num_neighbors: float = 10.0
+    message_passing: MessagePassingConfig = field(default_factory=MessagePassingConfig)
+    readouts: list[ReadoutConfig] = field(default_factory=lambda: [ReadoutConfig(name="energy")])
+    ewald: EwaldConfig | None = None
+    atomic_energies: dict[int, float] = field(default_factory=dict)
+    # Metadata that does not change the maths.
+    dtype: str = "float64"
+    units: dict[str, str] = field(default_factory=lambda: {"energy": "eV", "length": "Angstrom"})
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.elements:
+            raise ValueError("a model needs at least one element")
+        if sorted(set(self.elements)) != list(self.elements):
+            raise ValueError("elements must be sorted and unique")
+        if not 1 <= self.max_nu <= 4:
+            raise ValueError(f"max_nu must be in 1..4, got {self.max_nu}")
+        if self.max_l < 0:
+            raise ValueError("max_l must be >= 0")
+        for readout in self.readouts:
+            if readout.kind not in ("energy", "charge"):
+                raise ValueError(f"unknown readout kind {readout.kind!r}")
+            if readout.activation not in ACTIVATIONS:
+                raise ValueError(f"unknown activation {readout.activation!r}")
+        if self.ewald is not None:
+            names = [r.name for r in self.readouts if r.kind == "charge"]
+            if self.ewald.charge_readout not in names:
+                raise ValueError(
+                    f"ewald.charge_readout {self.ewald.charge_readout!r} is not a charge readout"
+                )
+            if self.ewald.exponent != 1:
+                raise ValueError("only exponent 1 (Coulomb) is supported for the Ewald term")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["atomic_energies"] = {str(k): v for k, v in self.atomic_energies.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        data["message_passing"] = MessagePassingConfig(**data.get("message_passing", {}))
+        data["readouts"] = [ReadoutConfig(**r) for r in data.get("readouts", [])]
+        if data.get("ewald") is not None:
+            data["ewald"] = EwaldConfig(**data["ewald"])
+        data["atomic_energies"] = {
+            int(k): float(v) for k, v in data.get("atomic_energies", {}).items()
+        }
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,186 @@
+"""CACEPotential: energy, forces and virial/stress of batches of structures.
+
+Pure computation: structures in, predictions out. No I/O, threads or servers.
+Geometry (positions, cell, strain, edge vectors) is kept in float64 whatever the
+model's dtype; the network runs in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cace_server.model.config import ModelConfig
+from cace_server.model.ewald import EwaldSum
+from cace_server.model.mlp import AtomwiseReadout
+from cace_server.model.neighbors import GraphBatch, PreparedStructure, collate, prepare_structure
+from cace_server.model.representation import CACERepresentation
+from cace_server.structures import Prediction, Structure
+
+
+@dataclass
+class BatchOutput:
+    """Tensors of one evaluation (before conversion to numpy)."""
+
+    energy: torch.Tensor  # [B]
+    atom_energy: torch.Tensor  # [N] short-range + reference energies
+    charges: torch.Tensor | None  # [N]
+    forces: torch.Tensor | None  # [N, 3]
+    virial: torch.Tensor | None  # [B, 3, 3] = -dE/d(strain)
+
+
+class CACEPotential(torch.nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.representation = CACERepresentation(config)
+        n_in = self.representation.n_features
+        self.readouts = torch.nn.ModuleDict(
+            {
+                r.name: AtomwiseReadout(n_in, r.hidden, r.activation, r.bias, r.linear_branch)
+                for r in config.readouts
+            }
+        )
+        self.energy_readouts = [r.name for r in config.readouts if r.kind == "energy"]
+        self.ewald = EwaldSum(config.ewald) if config.ewald is not None else None
+        reference = torch.tensor(
+            [config.atomic_energies.get(z, 0.0) for z in config.elements],
+            dtype=torch.get_default_dtype(),
+        )
+        self.register_buffer("atomic_energies", reference)
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def elements(self) -> tuple[int, ...]:
+        return tuple(self.config.elements)
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.config.cutoff)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.representation.radial_mixing.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.representation.radial_mixing.device
+
+    @property
+    def has_charges(self) -> bool:
+        return self.ewald is not None
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- evaluation --------------------------------------------------------------------------
+    def prepare(self, structure: Structure) -> PreparedStructure:
+        """Validate a structure and build its neighbour list (CPU, numpy)."""
+        return prepare_structure(structure, self.config.elements, self.cutoff)
+
+    def compute(
+        self,
+        batch: GraphBatch,
+        *,
+        forces: bool = True,
+        virial: bool = True,
+        create_graph: bool = False,
+    ) -> BatchOutput:
+        """Evaluate a collated batch; ``create_graph`` keeps forces differentiable (training)."""
+        dtype = self.dtype
+        positions = batch.positions
+        cell = batch.cell
+        if forces:
+            positions = positions.detach().requires_grad_(True)
+        strain = None
+        if virial:
+            strain = torch.zeros_like(cell, requires_grad=True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            deformed = positions + torch.einsum("ni,nij->nj", positions, sym[batch.system])
+            cell = cell + cell @ sym
+        else:
+            deformed = positions
+        image = torch.einsum("ei,eij->ej", batch.unit_shifts, cell[batch.system[batch.senders]])
+        vectors = deformed[batch.receivers] - deformed[batch.senders] - image
+        features = self.representation(
+            vectors.to(dtype), batch.species, batch.receivers, batch.senders
+        )
+        atom_energy = self.atomic_energies.to(dtype)[batch.species]
+        for name in self.energy_readouts:
+            atom_energy = atom_energy + self.readouts[name](features)
+        energy = atom_energy.new_zeros(batch.n_systems).index_add(0, batch.system, atom_energy)
+        charges = None
+        if self.ewald is not None:
+            charges = self.readouts[self.ewald_charge_key](features)
+            energy = energy + self.ewald(deformed, charges, cell, batch.pbc, batch.n_atoms)
+
+        force_out = virial_out = None
+        inputs = [t for t in (positions if forces else None, strain) if t is not None]
+        if inputs:
+            grads = torch.autograd.grad(
+                energy.sum(), inputs, create_graph=create_graph, allow_unused=True
+            )
+            k = 0
+            if forces:
+                g = grads[k]
+                force_out = -g if g is not None else torch.zeros_like(positions)
+                k += 1
+            if virial:
+                g = grads[k]
+                virial_out = -g if g is not None else torch.zeros_like(batch.cell)
+        return BatchOutput(energy, atom_energy, charges, force_out, virial_out)
+
+    @property
+    def ewald_charge_key(self) -> str:
+        assert self.config.ewald is not None
+        return self.config.ewald.charge_readout
+
+    def predict(
+        self,
+        structures: Sequence[Structure | PreparedStructure],
+        *,
+        forces: bool = True,
+        stress: bool = True,
+    ) -> list[Prediction]:
+        """Energies (and forces, virial, stress) of several structures in one pass."""
+        prepared = [s if isinstance(s, PreparedStructure) else self.prepare(s) for s in structures]
+        batch = collate(prepared, self.device)
+        with torch.enable_grad():
+            out = self.compute(batch, forces=forces, virial=stress)
+        return self._to_predictions(prepared, out)
+
+    def _to_predictions(
+        self, prepared: Sequence[PreparedStructure], out: BatchOutput
+    ) -> list[Prediction]:
+        def np64(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to("cpu", torch.float64).numpy()
+
+        energy = np64(out.energy)
+        forces = np64(out.forces) if out.forces is not None else None
+        virial = np64(out.virial) if out.virial is not None else None
+        atom_energy = np64(out.atom_energy)
+        charges = np64(out.charges) if out.charges is not None else None
+        results = []
+        start = 0
+        for b, p in enumerate(prepared):
+            n = p.n_atoms
+            sl = slice(start, start + n)
+            start += n
+            pred = Prediction(energy=float(energy[b]))
+            if forces is not None:
+                pred.forces = forces[sl]
+            if virial is not None:
+                pred.virial = virial[b]
+                volume = p.structure.volume
+                if p.structure.is_periodic and volume > 1e-8:
+                    pred.stress = -virial[b] / volume
+            if self.ewald is None:
+                pred.energies = atom_energy[sl]
+            if charges is not None:
+                pred.charges = charges[sl]
+            results.append(pred)
+        return results

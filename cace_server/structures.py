@@ -1,0 +1,123 @@
+"""The two value types every layer exchanges: a structure in, a prediction out.
+
+Units are ASE's throughout: Å, eV, eV/Å, stress in eV/Å^3 with ASE's sign
+convention (stress = (1/V) dE/d(strain), positive when the system wants to shrink).
+Frontends convert from their own units (i-PI: Bohr/Hartree) before building a
+:class:`Structure`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+class StructureError(ValueError):
+    """A structure that cannot be evaluated; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One atomic configuration.
+
+    ``cell`` rows are the lattice vectors (Å); ``pbc`` says which of them are
+    periodic. A non-periodic structure may have a zero cell.
+    """
+
+    numbers: npt.NDArray[np.int64]
+    positions: npt.NDArray[np.float64]
+    cell: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((3, 3)))
+    pbc: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(3, dtype=bool))
+
+    @classmethod
+    def create(
+        cls,
+        numbers: Any,
+        positions: Any,
+        cell: Any = None,
+        pbc: Any = None,
+    ) -> Structure:
+        """Build and validate a structure from array-likes."""
+        try:
+            numbers_arr = np.asarray(numbers, dtype=np.int64).reshape(-1)
+            positions_arr = np.asarray(positions, dtype=np.float64)
+            cell_arr = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64)
+            if pbc is None:
+                pbc_arr = np.zeros(3, dtype=bool)
+            else:
+                pbc_arr = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+        except (TypeError, ValueError) as exc:
+            raise StructureError(f"cannot read structure arrays: {exc}") from exc
+        if cell_arr.shape == (3,):
+            cell_arr = np.diag(cell_arr)
+        structure = cls(numbers_arr, positions_arr, cell_arr, pbc_arr)
+        structure.validate()
+        return structure
+
+    @classmethod
+    def from_ase(cls, atoms: Any) -> Structure:
+        """Build from an ``ase.Atoms`` object."""
+        return cls.create(
+            atoms.get_atomic_numbers(),
+            atoms.get_positions(),
+            np.asarray(atoms.get_cell()),
+            atoms.get_pbc(),
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`StructureError` for shapes or values no model can use."""
+        n = self.numbers.shape[0]
+        if n == 0:
+            raise StructureError("structure has no atoms")
+        if self.positions.shape != (n, 3):
+            raise StructureError(
+                f"positions must have shape ({n}, 3) for {n} atoms, got {self.positions.shape}"
+            )
+        if self.cell.shape != (3, 3):
+            raise StructureError(f"cell must have shape (3, 3), got {self.cell.shape}")
+        if self.pbc.shape != (3,):
+            raise StructureError(f"pbc must have 3 entries, got {self.pbc.shape}")
+        if not np.all(np.isfinite(self.positions)):
+            raise StructureError("positions contain NaN or infinity")
+        if not np.all(np.isfinite(self.cell)):
+            raise StructureError("cell contains NaN or infinity")
+        if np.any(self.numbers <= 0) or np.any(self.numbers > 118):
+            raise StructureError("atomic numbers must lie in 1..118")
+        if self.pbc.any():
+            periodic_vectors = self.cell[self.pbc]
+            if np.any(np.linalg.norm(periodic_vectors, axis=1) < 1e-8):
+                raise StructureError("a periodic direction has a zero cell vector")
+            if abs(np.linalg.det(self.cell)) < 1e-8 and self.pbc.all():
+                raise StructureError("cell is singular (zero volume)")
+
+    def __len__(self) -> int:
+        return int(self.numbers.shape[0])
+
+    @property
+    def is_periodic(self) -> bool:
+        return bool(self.pbc.any())
+
+    @property
+    def volume(self) -> float:
+        return float(abs(np.linalg.det(self.cell)))
+
+
+@dataclass
+class Prediction:
+    """What a model computed for one structure (ASE units).
+
+    ``stress`` and ``virial`` are present for 3-D periodic structures when
+    requested; ``virial = -stress * volume`` (eV), the convention of ASE and i-PI.
+    ``charges`` holds the latent charges of long-range (CACE-LR) models.
+    """
+
+    energy: float
+    forces: npt.NDArray[np.float64] | None = None
+    stress: npt.NDArray[np.float64] | None = None
+    virial: npt.NDArray[np.float64] | None = None
+    energies: npt.NDArray[np.float64] | None = None
+    charges: npt.NDArray[np.float64] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
