@@ -176,9 +176,7 @@ def read_original_checkpoint(path: str | Path) -> PickledObject:
         )
     except (UnsafeCheckpointError, UnsupportedCheckpointError):
         raise
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(f"{path}: {exc}") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise UnsupportedCheckpointError(
             f"{path}: not a readable torch checkpoint ({exc})"
         ) from exc

@@ -104,8 +104,7 @@ class CACEPotential(torch.nn.Module):
             cell = cell + cell @ sym
         else:
             deformed = positions
-        image = torch.einsum("ei,eij->ej", batch.unit_shifts, cell[batch.system[batch.senders]])
-        vectors = deformed[batch.receivers] - deformed[batch.senders] - image
+        vectors = deformed[batch.receivers] - deformed[batch.senders] - self._images(batch, cell)
         features = self.representation(
             vectors.to(dtype), batch.species, batch.receivers, batch.senders
         )
@@ -133,6 +132,23 @@ class CACEPotential(torch.nn.Module):
                 g = grads[k]
                 virial_out = -g if g is not None else torch.zeros_like(batch.cell)
         return BatchOutput(energy, atom_energy, charges, force_out, virial_out)
+
+    @staticmethod
+    def _images(batch: GraphBatch, cell: torch.Tensor) -> torch.Tensor:
+        """Cartesian image shift of each edge's sender: unit_shifts @ cell of its system.
+
+        Edges are sorted by receiver, so each system owns a contiguous range of edges
+        and one small matrix product per system avoids a [edges, 3, 3] gather.
+        """
+        if batch.n_systems == 1:
+            return batch.unit_shifts @ cell[0]
+        starts = [0, *np.cumsum(batch.n_atoms).tolist()]
+        bounds = torch.searchsorted(
+            batch.receivers, torch.tensor(starts, device=batch.receivers.device)
+        ).tolist()
+        return torch.cat(
+            [batch.unit_shifts[bounds[b] : bounds[b + 1]] @ cell[b] for b in range(batch.n_systems)]
+        )
 
     @property
     def ewald_charge_key(self) -> str:

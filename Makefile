@@ -1,0 +1,43 @@
+# cace-server developer entry points. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+# This machine's CPU wheel; on GPU nodes set TORCH_SPEC to the CUDA build you need
+# (the Docker image does this for you).
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install serve test test-slow lint bench clean
+
+help:
+	@echo "make install    create $(VENV) with $(TORCH_SPEC) and cace-server (+ test tools)"
+	@echo "make serve      install, then serve the default model over HTTP (and i-PI if IPI=unix:NAME)"
+	@echo "make test       install, then run the test suite (the command CI runs)"
+	@echo "make test-slow  the slow suites (long i-PI runs, large systems)"
+	@echo "make lint       ruff check + format check"
+	@echo "make bench      model speed/memory table (benchmarks/model.py)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# pytest exits 5 when no test is selected; that is not a failure here.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
+
+lint: $(STAMP)
+	$(BIN)/ruff check cace_server clients tests benchmarks
+	$(BIN)/ruff format --check cace_server clients tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,50 @@
+"""Shared fixtures: the reference data of ../shared/reference and converted models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(
+    os.environ.get(
+        "CACE_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"
+    )
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def reference_file(name: str) -> Path:
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        pytest.skip(f"reference data {path} not present (set CACE_REFERENCE_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def water_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference water CACE-LR model converted to our native format (float64)."""
+    from cace_server.model import convert_original, save_model
+
+    model = convert_original(reference_file("best_model.pth"), dtype="float64")
+    return save_model(model, tmp_path_factory.mktemp("models") / "water.safetensors")
+
+
+@pytest.fixture(scope="session")
+def water_model(water_model_file: Path):
+    from cace_server.model import load_model
+
+    return load_model(water_model_file, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def liquid_water():
+    """liquid-64: 64 water molecules, periodic cubic box (ase.Atoms)."""
+    import ase.io
+
+    atoms = ase.io.read(reference_file("liquid-64.xyz"))
+    atoms.pbc = True
+    return atoms

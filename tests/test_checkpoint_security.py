@@ -1,0 +1,118 @@
+"""The importer of original checkpoints never runs code from the pickle."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from cace_server.model.checkpoint import (
+    UnsafeCheckpointError,
+    UnsupportedCheckpointError,
+    read_original_checkpoint,
+)
+from cace_server.model.convert import convert_original
+
+
+class _RunsShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Evals:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_os_system_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _RunsShell(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"posix\.system|os\.system"):
+        read_original_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_eval_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save(_Evals(marker), path)
+    with pytest.raises(UnsafeCheckpointError, match=r"(__builtin__|builtins)\.eval"):
+        convert_original(path)
+    assert not marker.exists()
+
+
+def _fake_module(name: str) -> types.ModuleType:
+    parts = name.split(".")
+    for k in range(1, len(parts) + 1):
+        sys.modules.setdefault(".".join(parts[:k]), types.ModuleType(".".join(parts[:k])))
+    return sys.modules[name]
+
+
+@pytest.fixture
+def fake_cace_modules():
+    before = set(sys.modules)
+    yield _fake_module
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_unsupported_cace_module_is_named(tmp_path, fake_cace_modules):
+    module = fake_cace_modules("cace.modules.les_wrapper")
+
+    class Les:
+        pass
+
+    Les.__module__ = module.__name__
+    Les.__qualname__ = "Les"
+    module.Les = Les
+    path = tmp_path / "les.pth"
+    torch.save(Les(), path)
+    with pytest.raises(UnsupportedCheckpointError, match=r"cace\.modules\.les_wrapper\.Les"):
+        read_original_checkpoint(path)
+
+
+def test_allowed_class_cannot_be_called(tmp_path, fake_cace_modules):
+    """A REDUCE on an allowed class name (to run its constructor) is refused."""
+    module = fake_cace_modules("cace.modules.type")
+
+    class NodeEncoder:
+        def __init__(self, *args):
+            self.args = args
+
+    NodeEncoder.__module__ = module.__name__
+    NodeEncoder.__qualname__ = "NodeEncoder"
+    module.NodeEncoder = NodeEncoder
+
+    class CallsConstructor:
+        def __reduce__(self):
+            return (NodeEncoder, ("payload",))
+
+    path = tmp_path / "call.pth"
+    torch.save(CallsConstructor(), path)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        read_original_checkpoint(path)
+
+
+def test_garbage_file_gives_clear_error(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(UnsupportedCheckpointError, match="not a readable torch checkpoint"):
+        read_original_checkpoint(path)
+
+
+def test_plain_state_dict_is_not_a_model(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(3)}, path)
+    with pytest.raises(UnsupportedCheckpointError, match="expected a pickled CACE model"):
+        read_original_checkpoint(path)
