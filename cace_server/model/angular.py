@@ -162,7 +162,12 @@ class AngularBasis(torch.nn.Module):
             powers.append(powers[-1] * unit)
         table = torch.stack(powers, dim=1)  # [E, max_l + 1, 3]
         e = self.exponents
-        return table[:, e[:, 0], 0] * table[:, e[:, 1], 1] * table[:, e[:, 2], 2]
+        # index_select, not advanced indexing: its backward is a fast index_add.
+        return (
+            table[:, :, 0].index_select(1, e[:, 0])
+            * table[:, :, 1].index_select(1, e[:, 1])
+            * table[:, :, 2].index_select(1, e[:, 2])
+        )
 
 
 class Symmetrizer(torch.nn.Module):
@@ -202,9 +207,9 @@ class Symmetrizer(torch.nn.Module):
         for nu in self.orders:
             factors: torch.Tensor = getattr(self, f"factors_{nu}")
             assign: torch.Tensor = getattr(self, f"assign_{nu}").to(a.dtype)
-            product = a[:, :, factors[:, 0], :]
+            product = a.index_select(2, factors[:, 0])
             for k in range(1, nu):
-                product = product * a[:, :, factors[:, k], :]
+                product = product * a.index_select(2, factors[:, k])
             # [n, r, T, c] x [T, K] -> [n, r, K, c]
             out.append(torch.einsum("nrtc,tk->nrkc", product, assign))
         return torch.cat(out, dim=2)

@@ -104,7 +104,11 @@ class CACEPotential(torch.nn.Module):
             cell = cell + cell @ sym
         else:
             deformed = positions
-        vectors = deformed[batch.receivers] - deformed[batch.senders] - self._images(batch, cell)
+        vectors = (
+            deformed.index_select(0, batch.receivers)
+            - deformed.index_select(0, batch.senders)
+            - self._images(batch, cell)
+        )
         features = self.representation(
             vectors.to(dtype), batch.species, batch.receivers, batch.senders
         )

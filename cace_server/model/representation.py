@@ -113,7 +113,7 @@ class CACERepresentation(torch.nn.Module):
         # Bound on the [edges x radial x angular] scratch of one neighbour-sum chunk.
         self.edge_chunk = 32768
         # Atoms per block for local models; None disables blocking.
-        self.atom_block: int | None = 2048
+        self.atom_block: int | None = 1024
 
     @property
     def n_features(self) -> int:
@@ -158,11 +158,11 @@ class CACERepresentation(torch.nn.Module):
             ).view(n, nz, n_rbf, n_l)
             a0 = torch.einsum("nzrl,za->nrla", per_element, self.sender_embedding)
         else:
-            emb = self.sender_embedding[sender_species]  # [E, a]
+            emb = self.sender_embedding.index_select(0, sender_species)  # [E, a]
             ra = (radial[:, :, None] * emb[:, None, :]).reshape(-1, n_rbf * a)
             a0 = scatter_outer(receivers, n, ra, angular, self.edge_chunk)
             a0 = a0.view(n, n_rbf, a, n_l).permute(0, 1, 3, 2)
-        recv = self.receiver_weights()[receiver_species]  # [n, a]
+        recv = self.receiver_weights().index_select(0, receiver_species)  # [n, a]
         mixed = []
         for g, (s, e) in enumerate(self.l_ranges):
             w = self.radial_mixing[g].view(n_rbf, -1, a, a)  # [r, r', a_send, a_recv]
