@@ -1,0 +1,437 @@
+"""The serving engine: the one object frontends (i-PI, HTTP) talk to.
+
+Callers submit structures; a small thread pool builds their neighbour lists; the
+worker thread (which alone owns the device) runs them in batches and resolves
+each structure's future. Concurrent callers, from coroutines or threads, share
+batches. See ``worker.py`` for batching and failure isolation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Literal, overload
+
+from cace_server.engine.batching import PendingQueue, WorkItem, reject
+from cace_server.engine.errors import (
+    EngineClosed,
+    EngineError,
+    EvaluationError,
+    InvalidStructure,
+    NotReady,
+    Overloaded,
+    UnknownModel,
+)
+from cace_server.engine.models import ModelInfo, ModelSource, default_name
+from cace_server.engine.settings import EngineSettings
+from cace_server.engine.stats import EngineStats, StatsSnapshot
+from cace_server.engine.worker import Worker
+from cace_server.structures import Prediction, Structure, StructureError
+
+logger = logging.getLogger("cace_server.engine")
+
+Outcome = Prediction | BaseException
+
+_CLOSED_BEFORE = "engine closed before the structure was evaluated"
+
+
+class _RequestClock:
+    """Records a request's latency when the last of its structures is resolved."""
+
+    def __init__(self, n: int, submitted: float, stats: EngineStats) -> None:
+        self._left = n
+        self._submitted = submitted
+        self._stats = stats
+        self._lock = threading.Lock()
+
+    def __call__(self, _future: Future[Prediction]) -> None:
+        with self._lock:
+            self._left -= 1
+            done = self._left == 0
+        if done:
+            self._stats.request_done(time.monotonic() - self._submitted)
+
+
+class _PreparedGroup:
+    """Collects the prepared chunks of one request so that it is queued in one piece."""
+
+    def __init__(self, n_chunks: int) -> None:
+        self._left = n_chunks
+        self._items: list[WorkItem] = []
+        self._lock = threading.Lock()
+
+    def add(self, items: list[WorkItem]) -> list[WorkItem] | None:
+        """Add one chunk; returns the whole request (in order) once the last chunk is in."""
+        with self._lock:
+            self._items.extend(items)
+            self._left -= 1
+            if self._left:
+                return None
+        return sorted(self._items, key=lambda item: item.index)
+
+
+class Engine:
+    """Serves one or more models (one of them the default) to concurrent callers.
+
+    ``models``: one model (a built model or a model file path) or a mapping of
+    names to models. A single model file is named after its stem, a single built
+    model ``"default"``. Use as a (async) context manager, or call :meth:`start`
+    and :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        models: ModelSource | Mapping[str, ModelSource],
+        *,
+        default: str | None = None,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        sources = dict(models) if isinstance(models, Mapping) else {default_name(models): models}
+        if not sources:
+            raise ValueError("an engine needs at least one model")
+        self._names = tuple(sources)
+        self._default = default if default is not None else self._names[0]
+        if self._default not in sources:
+            raise ValueError(f"default model {self._default!r} is not among {sorted(sources)}")
+        self.settings = settings if settings is not None else EngineSettings()
+        self.stats = EngineStats()
+        self._queue = PendingQueue()
+        self._worker = Worker(sources, self._default, self.settings, self._queue, self.stats)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._started = False
+        self._closing = False
+        self._draining = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self, *, wait: bool = True, timeout: float | None = None) -> Engine:
+        """Start the worker (model loading and warm-up happen there).
+
+        With ``wait``, block until the engine is ready; raises EngineError if
+        start-up failed. Without, poll :attr:`ready` or call :meth:`wait_ready`.
+        """
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("engine is closed")
+            if not self._started:
+                self._started = True
+                self._pool = ThreadPoolExecutor(
+                    self.settings.prepare_threads, thread_name_prefix="cace-engine-prepare"
+                )
+                self._worker.start()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until start-up finished; raise EngineError if it failed."""
+        if not self._started:
+            raise NotReady("engine was not started")
+        if not self._worker.started.wait(timeout):
+            raise TimeoutError(f"engine not ready after {timeout} s")
+        error = self._worker.error
+        if error is not None:
+            self.close()
+            raise EngineError(f"engine failed to start: {type(error).__name__}: {error}") from error
+
+    @property
+    def ready(self) -> bool:
+        """True once models are loaded and warmed up, until close() begins."""
+        return self._worker.ready.is_set() and not self._closing
+
+    @property
+    def startup_error(self) -> BaseException | None:
+        """Why start-up failed (loading or warm-up), if it did."""
+        return self._worker.error
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the engine and its threads.
+
+        Without ``drain``, structures still waiting get :class:`EngineClosed` and
+        only the batch being computed completes; with it, everything accepted so
+        far is evaluated first. New requests are refused either way. ``timeout``
+        bounds the wait for the worker (a stuck model leaves a daemon thread).
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._draining = drain
+        pool = self._pool
+        if pool is not None and drain:
+            pool.shutdown(wait=True)  # every accepted request reaches the queue
+        removed = self._queue.close(drain=drain)
+        self.stats.leave_queue(len(removed))
+        for item in removed:
+            reject(item, EngineClosed(_CLOSED_BEFORE), self.stats)
+        if pool is not None and not drain:
+            pool.shutdown(wait=True)  # pending neighbour-list tasks see _closing and reject
+        if threading.current_thread() is not self._worker.thread and not self._worker.join(timeout):
+            logger.warning("engine worker still busy after %s s; leaving it behind", timeout)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Engine:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(lambda: self.close(drain=drain, timeout=timeout))
+
+    # -- models --------------------------------------------------------------------------------
+    @property
+    def default_model(self) -> str:
+        return self._default
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def models(self) -> dict[str, ModelInfo]:
+        """Descriptions of the served models (empty until they are loaded)."""
+        return dict(self._worker.infos)
+
+    def model_info(self, name: str | None = None) -> ModelInfo:
+        key = self._resolve_model(name)
+        try:
+            return self._worker.infos[key]
+        except KeyError:
+            raise NotReady(f"model {key!r} is not loaded yet") from None
+
+    def snapshot(self) -> StatsSnapshot:
+        """The engine's counters (see :class:`StatsSnapshot`)."""
+        return self.stats.snapshot()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def submit(
+        self,
+        structures: Sequence[Structure] | Structure,
+        model: str | None = None,
+        *,
+        stress: bool = True,
+    ) -> list[Future[Prediction]]:
+        """Queue structures for evaluation; one future per structure, in order.
+
+        Raises UnknownModel, Overloaded, NotReady or EngineClosed for the whole
+        request; a structure that cannot be evaluated gets its error in its future.
+        """
+        self.stats.request()
+        structures = [structures] if isinstance(structures, Structure) else list(structures)
+        try:
+            name = self._check_accepting(model)
+        except EngineError as exc:
+            self.stats.error(exc.kind)
+            raise
+        items = [WorkItem(name, s, i, stress) for i, s in enumerate(structures)]
+        if not items:
+            return []
+        n_atoms = sum(len(s) for s in structures if isinstance(s, Structure))
+        if not self.stats.try_admit(name, len(items), n_atoms, self.settings.max_queue):
+            self.stats.error(Overloaded.kind)
+            raise Overloaded(
+                f"queue full ({self.settings.max_queue} structures); retry later"
+                if len(items) <= self.settings.max_queue
+                else f"request of {len(items)} structures exceeds max_queue "
+                f"({self.settings.max_queue})"
+            )
+        clock = _RequestClock(len(items), items[0].submitted, self.stats)
+        for item in items:
+            item.future.add_done_callback(clock)
+        assert self._pool is not None
+        # Neighbour lists of a large request are built by all prepare threads at once;
+        # the request is queued as a whole when its last chunk is done.
+        n_chunks = min(len(items), self.settings.prepare_threads)
+        chunks = [items[k::n_chunks] for k in range(n_chunks)]
+        group = _PreparedGroup(n_chunks)
+        for chunk in chunks:
+            try:
+                self._pool.submit(self._prepare, chunk, group)
+            except RuntimeError:  # the pool was shut down by a concurrent close()
+                self._fail_closed(chunk)
+                complete = group.add([])
+                if complete is not None:  # earlier chunks were prepared; never queue them
+                    self._fail_closed(complete)
+        return [item.future for item in items]
+
+    @overload
+    async def evaluate(
+        self,
+        structures: Sequence[Structure] | Structure,
+        model: str | None = ...,
+        *,
+        stress: bool = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[Prediction]: ...
+
+    @overload
+    async def evaluate(
+        self,
+        structures: Sequence[Structure] | Structure,
+        model: str | None = ...,
+        *,
+        stress: bool = ...,
+        return_exceptions: Literal[True],
+    ) -> list[Outcome]: ...
+
+    async def evaluate(
+        self,
+        structures: Sequence[Structure] | Structure,
+        model: str | None = None,
+        *,
+        stress: bool = True,
+        return_exceptions: bool = False,
+    ) -> list[Prediction] | list[Outcome]:
+        """Evaluate structures with ``model`` (default: the default model).
+
+        Returns one Prediction per structure, in order. A failing structure raises
+        its EngineError (after all structures of the call are done), or with
+        ``return_exceptions`` takes its place in the list.
+        """
+        futures = self.submit(structures, model, stress=stress)
+        if not futures:
+            return []
+        outcomes = await asyncio.gather(
+            *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
+        )
+        return _collect(outcomes, return_exceptions)
+
+    @overload
+    def evaluate_sync(
+        self,
+        structures: Sequence[Structure] | Structure,
+        model: str | None = ...,
+        *,
+        stress: bool = ...,
+        timeout: float | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[Prediction]: ...
+
+    @overload
+    def evaluate_sync(
+        self,
+        structures: Sequence[Structure] | Structure,
+        model: str | None = ...,
+        *,
+        stress: bool = ...,
+        timeout: float | None = ...,
+        return_exceptions: Literal[True],
+    ) -> list[Outcome]: ...
+
+    def evaluate_sync(
+        self,
+        structures: Sequence[Structure] | Structure,
+        model: str | None = None,
+        *,
+        stress: bool = True,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Prediction] | list[Outcome]:
+        """Blocking :meth:`evaluate` for threads (not for the event loop's thread)."""
+        if threading.current_thread() is self._worker.thread:
+            raise RuntimeError("evaluate_sync on the engine worker thread would deadlock")
+        futures = self.submit(structures, model, stress=stress)
+        _, not_done = concurrent.futures.wait(futures, timeout)
+        if not_done:
+            for f in not_done:
+                f.cancel()
+            raise TimeoutError(
+                f"{len(not_done)} of {len(futures)} structures not done in {timeout} s"
+            )
+        outcomes: list[Outcome] = []
+        for f in futures:
+            try:
+                outcomes.append(f.result())
+            except (Exception, concurrent.futures.CancelledError) as exc:
+                outcomes.append(exc)
+        return _collect(outcomes, return_exceptions)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _resolve_model(self, name: str | None) -> str:
+        key = self._default if name is None else name
+        if key not in self._names:
+            raise UnknownModel(f"no model named {key!r} (served: {', '.join(self._names)})")
+        return key
+
+    def _check_accepting(self, model: str | None) -> str:
+        if self._closing:
+            raise EngineClosed("engine is closed")
+        if not self._worker.ready.is_set():
+            if self._worker.error is not None:
+                raise EngineClosed("engine failed to start")
+            raise NotReady("engine is starting (loading and warming up models)")
+        return self._resolve_model(model)
+
+    def _prepare(self, items: list[WorkItem], group: _PreparedGroup) -> None:
+        """Neighbour lists of (part of) one request, on a prepare thread."""
+        model = self._worker.models[items[0].model]
+        ready: list[WorkItem] = []
+        for item in items:
+            if self._closing and not self._draining:
+                reject(item, EngineClosed(_CLOSED_BEFORE), self.stats)
+            elif item.future.cancelled():
+                self.stats.error("cancelled")
+            else:
+                try:
+                    if not isinstance(item.structure, Structure):
+                        raise StructureError(
+                            f"expected a Structure, got {type(item.structure).__name__}"
+                        )
+                    item.prepared = model.prepare(item.structure)
+                except StructureError as exc:
+                    reject(item, InvalidStructure(str(exc), index=item.index), self.stats)
+                except Exception as exc:
+                    logger.exception("neighbour list failed")
+                    error = EvaluationError(f"neighbour list failed: {exc}", index=item.index)
+                    reject(item, error, self.stats)
+                else:
+                    ready.append(item)
+        self.stats.leave_queue(len(items) - len(ready))
+        complete = group.add(ready)
+        if complete is None:
+            return
+        try:
+            self._queue.put_many(complete)
+        except EngineClosed:
+            self._fail_closed(complete)
+
+    def _fail_closed(self, items: list[WorkItem]) -> None:
+        self.stats.leave_queue(len(items))
+        for item in items:
+            reject(item, EngineClosed(_CLOSED_BEFORE), self.stats)
+
+
+def _collect(outcomes: Sequence[Outcome], return_exceptions: bool) -> list[Outcome]:
+    if not return_exceptions:
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+    return list(outcomes)

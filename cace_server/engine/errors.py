@@ -1,0 +1,91 @@
+"""Why an evaluation failed: one exception type per cause, all under :class:`EngineError`.
+
+Frontends map these to their own error replies (HTTP status codes, i-PI
+connection handling); ``kind`` is the stable label used in statistics and logs.
+"""
+
+from __future__ import annotations
+
+from cace_server.structures import StructureError
+
+
+class EngineError(Exception):
+    """Base class of every error the engine hands to a caller."""
+
+    kind = "engine_error"
+
+    def __init__(self, message: str, *, index: int | None = None) -> None:
+        # ``index``: position of the failing structure within its request, when the
+        # error concerns one structure rather than the whole request.
+        if index is not None:
+            message = f"structure {index}: {message}"
+        super().__init__(message)
+        self.index = index
+
+
+class InvalidStructure(EngineError, StructureError):
+    """The structure cannot be evaluated by this model (element, cell, shapes...)."""
+
+    kind = "invalid_structure"
+
+
+class UnknownModel(EngineError, LookupError):
+    """The request names a model the engine does not serve."""
+
+    kind = "unknown_model"
+
+
+class NonFiniteResult(EngineError, ArithmeticError):
+    """The model produced NaN or infinity for this structure."""
+
+    kind = "non_finite"
+
+
+class OutOfMemory(EngineError, MemoryError):
+    """The structure does not fit in the device's memory even when evaluated alone."""
+
+    kind = "out_of_memory"
+
+
+class EvaluationError(EngineError, RuntimeError):
+    """The model raised an unexpected error for this structure."""
+
+    kind = "evaluation_error"
+
+
+class Overloaded(EngineError):
+    """The request queue is full; try again later."""
+
+    kind = "overloaded"
+
+
+class NotReady(EngineError):
+    """The engine has not finished starting (loading, warm-up)."""
+
+    kind = "not_ready"
+
+
+class EngineClosed(EngineError):
+    """The engine was shut down before the request could be evaluated."""
+
+    kind = "engine_closed"
+
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (or host) ran out of memory.
+
+    torch raises ``torch.cuda.OutOfMemoryError`` (a RuntimeError) on CUDA, but a
+    plain RuntimeError on the CPU allocator and on some other backends, so the
+    message is checked too.
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return any(m in text for m in _OOM_MESSAGES)

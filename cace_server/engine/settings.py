@@ -1,0 +1,50 @@
+"""Settings of the serving engine (one frozen dataclass, validated on creation)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DTYPES = ("float32", "float64")
+_DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine batches and where it runs the models.
+
+    ``device``/``dtype`` of ``None`` keep an already-built model where and as it
+    is; model files are then loaded on ``cpu`` in the dtype they were saved in.
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    # Upper bounds of one batch. A single structure larger than a bound still runs
+    # alone (and fails with OutOfMemory if it really does not fit).
+    max_batch_atoms: int = 8192
+    max_batch_pairs: int = 600_000
+    # After the first request of a batch arrives, wait this long for more to join
+    # (ends early when the batch is full). Concurrent i-PI beads arrive within a
+    # millisecond or so of each other.
+    batch_wait_ms: float = 2.0
+    # Structures accepted but not yet evaluated; beyond this, requests get Overloaded.
+    max_queue: int = 4096
+    # Threads computing neighbour lists (outside the worker thread).
+    prepare_threads: int = 2
+    # Evaluate one small structure per model at start-up.
+    warmup: bool = True
+    # torch intra-op threads (process-wide); None leaves torch's default.
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is not None and not _DEVICE.match(self.device):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_batch_atoms", "max_batch_pairs", "max_queue", "prepare_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must not be negative, got {self.batch_wait_ms}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")

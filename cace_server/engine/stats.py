@@ -1,0 +1,203 @@
+"""In-process counters of the engine, read as one consistent :class:`StatsSnapshot`.
+
+Plain numbers behind a lock: the HTTP layer turns a snapshot into Prometheus
+metrics (histograms carry cumulative buckets the way Prometheus wants them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_STRUCTURES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BATCH_ATOMS_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """``buckets``: (upper bound, cumulative count) pairs, the last bound is +inf."""
+
+    buckets: tuple[tuple[float, int], ...]
+    sum: float
+    count: int
+    max: float
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "buckets": [[b, c] for b, c in self.buckets],
+            "sum": self.sum,
+            "count": self.count,
+            "max": self.max,
+            "mean": self.mean,
+        }
+
+
+class Histogram:
+    """Fixed-bucket histogram; not thread-safe on its own (EngineStats locks)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self.max = 0.0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(self.bounds) and value > self.bounds[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+        self.max = max(self.max, value)
+
+    def snapshot(self) -> HistogramSnapshot:
+        cumulative = []
+        running = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            cumulative.append((bound, running))
+        return HistogramSnapshot(tuple(cumulative), self.sum, self.count, self.max)
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """Everything the engine counted since it was created.
+
+    ``requests``: evaluate calls (rejected ones included); ``structures``/``atoms``:
+    accepted for evaluation; ``batches``: batches taken from the queue;
+    ``model_calls``: forward passes (more than batches when out-of-memory splits
+    happen); ``errors``: failed structures (or rejected requests) by error kind.
+    ``queue_wait``: per structure, submission to start of its batch (includes the
+    neighbour list); ``compute``: per batch; ``latency``: per request, submission
+    to its last result.
+    """
+
+    uptime_s: float
+    requests: int
+    structures: int
+    atoms: int
+    batches: int
+    model_calls: int
+    oom_splits: int
+    errors: dict[str, int]
+    structures_by_model: dict[str, int]
+    queue_depth: int
+    in_flight: int
+    batch_structures: HistogramSnapshot
+    batch_atoms: HistogramSnapshot
+    queue_wait_s: HistogramSnapshot
+    compute_s: HistogramSnapshot
+    latency_s: HistogramSnapshot
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in self.__dict__.items():
+            out[name] = value.as_dict() if isinstance(value, HistogramSnapshot) else value
+        return out
+
+
+class EngineStats:
+    """Thread-safe counters, updated by callers, the prepare pool and the worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._requests = 0
+        self._structures = 0
+        self._atoms = 0
+        self._batches = 0
+        self._model_calls = 0
+        self._oom_splits = 0
+        self._errors: Counter[str] = Counter()
+        self._by_model: Counter[str] = Counter()
+        self._queue_depth = 0
+        self._in_flight = 0
+        self._batch_structures = Histogram(BATCH_STRUCTURES_BUCKETS)
+        self._batch_atoms = Histogram(BATCH_ATOMS_BUCKETS)
+        self._queue_wait = Histogram(LATENCY_BUCKETS_S)
+        self._compute = Histogram(LATENCY_BUCKETS_S)
+        self._latency = Histogram(LATENCY_BUCKETS_S)
+
+    # -- admission / queue ---------------------------------------------------------------
+    def request(self) -> None:
+        with self._lock:
+            self._requests += 1
+
+    def try_admit(self, model: str, n_structures: int, n_atoms: int, max_queue: int) -> bool:
+        """Count a request's structures into the queue unless that would exceed ``max_queue``."""
+        with self._lock:
+            if n_structures and self._queue_depth + n_structures > max_queue:
+                return False
+            self._queue_depth += n_structures
+            self._structures += n_structures
+            self._atoms += n_atoms
+            self._by_model[model] += n_structures
+            return True
+
+    def leave_queue(self, n: int) -> None:
+        """Structures that left the queue (taken by the worker, or failed before)."""
+        with self._lock:
+            self._queue_depth -= n
+
+    # -- outcomes -------------------------------------------------------------------------
+    def error(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._errors[kind] += n
+
+    def batch_started(self, n_structures: int, n_atoms: int, waits: list[float]) -> None:
+        with self._lock:
+            self._batches += 1
+            self._in_flight = n_structures
+            self._batch_structures.observe(n_structures)
+            self._batch_atoms.observe(n_atoms)
+            for w in waits:
+                self._queue_wait.observe(w)
+
+    def batch_finished(self, seconds: float) -> None:
+        with self._lock:
+            self._in_flight = 0
+            self._compute.observe(seconds)
+
+    def model_call(self) -> None:
+        with self._lock:
+            self._model_calls += 1
+
+    def oom_split(self) -> None:
+        with self._lock:
+            self._oom_splits += 1
+
+    def request_done(self, seconds: float) -> None:
+        with self._lock:
+            self._latency.observe(seconds)
+
+    def snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            return StatsSnapshot(
+                uptime_s=time.monotonic() - self._started,
+                requests=self._requests,
+                structures=self._structures,
+                atoms=self._atoms,
+                batches=self._batches,
+                model_calls=self._model_calls,
+                oom_splits=self._oom_splits,
+                errors=dict(self._errors),
+                structures_by_model=dict(self._by_model),
+                queue_depth=self._queue_depth,
+                in_flight=self._in_flight,
+                batch_structures=self._batch_structures.snapshot(),
+                batch_atoms=self._batch_atoms.snapshot(),
+                queue_wait_s=self._queue_wait.snapshot(),
+                compute_s=self._compute.snapshot(),
+                latency_s=self._latency.snapshot(),
+            )
