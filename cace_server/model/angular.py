@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from math import factorial
+from typing import cast
 
 import torch
 
@@ -71,7 +72,9 @@ class SymmetrizerTerm:
 
 def _grid(max_l: int) -> list[Component]:
     # Iteration order matters: it fixes the order in which invariants first appear.
-    return [c for c in itertools.product(range(max_l + 1), repeat=3) if sum(c) <= max_l]
+    return [
+        (x, y, z) for x, y, z in itertools.product(range(max_l + 1), repeat=3) if x + y + z <= max_l
+    ]
 
 
 def symmetrizer_terms(max_l: int, nu: int) -> list[SymmetrizerTerm]:
@@ -144,6 +147,8 @@ def n_invariants(max_l: int, max_nu: int) -> int:
 class AngularBasis(torch.nn.Module):
     """Monomials u_x^lx u_y^ly u_z^lz of unit vectors, shape [n_edges, n_components]."""
 
+    exponents: torch.Tensor
+
     def __init__(self, max_l: int) -> None:
         super().__init__()
         self.max_l = max_l
@@ -205,8 +210,8 @@ class Symmetrizer(torch.nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         out = [a[:, :, :1, :]]
         for nu in self.orders:
-            factors: torch.Tensor = getattr(self, f"factors_{nu}")
-            assign: torch.Tensor = getattr(self, f"assign_{nu}").to(a.dtype)
+            factors = cast(torch.Tensor, getattr(self, f"factors_{nu}"))
+            assign = cast(torch.Tensor, getattr(self, f"assign_{nu}")).to(a.dtype)
             product = a.index_select(2, factors[:, 0])
             for k in range(1, nu):
                 product = product * a.index_select(2, factors[:, k])

@@ -33,6 +33,8 @@ class BatchOutput:
 
 
 class CACEPotential(torch.nn.Module):
+    atomic_energies: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -14,6 +14,9 @@ import torch
 
 
 class BesselBasis(torch.nn.Module):
+    frequencies: torch.Tensor
+    prefactor: torch.Tensor
+
     def __init__(self, cutoff: float, n_rbf: int, trainable: bool = True) -> None:
         super().__init__()
         self.cutoff = float(cutoff)

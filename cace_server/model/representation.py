@@ -49,6 +49,10 @@ def scatter_outer(
 class MessagePassingLayer(torch.nn.Module):
     """One CACE message-passing layer: node memory, radial message, B-chi message."""
 
+    memory: torch.nn.Parameter | None
+    ar_amplitude: torch.nn.Parameter | None
+    ar_inverse_range: torch.nn.Parameter | None
+
     def __init__(self, cfg: ModelConfig, n_invariants: int) -> None:
         super().__init__()
         mp = cfg.message_passing
@@ -78,6 +82,9 @@ class MessagePassingLayer(torch.nn.Module):
 
 class CACERepresentation(torch.nn.Module):
     """Node features [n_atoms, n_radial * n_invariants * channels * (layers + 1)]."""
+
+    receiver_embedding: torch.nn.Parameter | None
+    group_of_component: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
