@@ -1,0 +1,406 @@
+"""One asyncio driver connection to an i-PI server.
+
+A :class:`DriverConnection` connects (retrying with backoff while i-PI is not up),
+answers i-PI's messages through the codec of :mod:`cace_server.ipi.protocol`, and
+hands every POSDATA's structures to an injected ``evaluate`` coroutine. When i-PI goes
+away (EOF, EXIT, reset) the session ends cleanly and, if configured, the connection
+waits for the next i-PI at the same address. Invalid bytes, truncated messages and
+failed evaluations end that session with a logged reason. Nothing escapes
+:meth:`DriverConnection.run` but cancellation, so one connection can never take the
+process or its neighbours down.
+
+Replies are encoded whole before the first byte is written, and written with a single
+``write``: a cancelled connection leaves either a whole reply or none on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from cace_server.ipi import protocol as p
+from cace_server.ipi.address import IpiAddress, parse_address
+from cace_server.ipi.convert import extras_json, results_to_wire, structures_from_wire
+from cace_server.ipi.shm import ShmSegments
+from cace_server.structures import Prediction, Structure
+
+logger = logging.getLogger("cace_server.ipi")
+
+Evaluator = Callable[[list[Structure]], Awaitable[list[Prediction]]]
+
+_READ_CHUNK = 1 << 20
+
+
+class ConnectionState(str, enum.Enum):
+    CONNECTING = "connecting"  # waiting for i-PI to accept
+    CONNECTED = "connected"  # socket open, no INIT yet
+    IDLE = "idle"  # initialised, waiting for positions
+    COMPUTING = "computing"  # evaluating a POSDATA
+    CLOSED = "closed"  # done; will not reconnect
+
+
+@dataclass
+class DriverOptions:
+    """How connections behave. ``numbers`` is required: i-PI never sends species."""
+
+    numbers: Sequence[int]
+    #: periodicity of the structures; None: periodic unless i-PI's cell is zero.
+    pbc: bool | None = None
+    #: name reported in the extras (``model`` key); None leaves it to the evaluator.
+    model_name: str | None = None
+    #: send the JSON extras string; False sends empty strings.
+    extras: bool = True
+    #: after i-PI goes away (or the session fails), connect again for the next run.
+    reconnect: bool = True
+    #: give up connecting after this many seconds without success (None: never).
+    connect_timeout: float | None = None
+    backoff_initial: float = 0.05
+    backoff_max: float = 2.0
+    #: seconds the rest of a started message may take to arrive.
+    message_timeout: float = 60.0
+    #: seconds a closing socket may take to flush a reply already written.
+    close_timeout: float = 5.0
+    #: evaluate consecutive identical structures once (i-PI pads short batches).
+    dedupe: bool = True
+    #: i-PI's ``sockets_prefix`` used for ``unix:NAME`` addresses.
+    sockets_prefix: str = "/tmp/ipi_"
+    max_atoms: int = p.DEFAULT_MAX_ATOMS
+
+
+@dataclass
+class ConnectionStatus:
+    """A snapshot of one connection, for status endpoints and tests."""
+
+    name: str
+    address: str
+    transport: str
+    state: ConnectionState
+    steps: int
+    structures: int
+    sessions: int
+    bead_index: int | None
+    batch_size: int
+    last_error: str | None
+    last_step_seconds: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        out = dict(self.__dict__)
+        out["state"] = self.state.value
+        return out
+
+
+class SessionEnd(Exception):
+    """A session ended; the message is the reason (logged, kept as ``last_error``)."""
+
+
+@dataclass
+class _Session:
+    """Protocol state of one socket connection."""
+
+    decoder: p.DriverDecoder
+    initialized: bool = False
+    reply: bytes | None = None  # FORCEREADY waiting for GETFORCE
+    shm: ShmSegments | None = None
+    shm_results: tuple[npt.NDArray[np.float64], ...] | None = None
+    extras: list[str] = field(default_factory=list)
+
+
+class DriverConnection:
+    """One driver connection to one i-PI address; :meth:`run` it as a task."""
+
+    def __init__(
+        self,
+        address: IpiAddress | str,
+        evaluate: Evaluator,
+        options: DriverOptions,
+        name: str | None = None,
+    ) -> None:
+        self.address = (
+            address
+            if isinstance(address, IpiAddress)
+            else parse_address(address, options.sockets_prefix)
+        )
+        self.evaluate = evaluate
+        self.options = options
+        self.numbers = np.asarray(options.numbers, dtype=np.int64).reshape(-1)
+        if self.numbers.size == 0:
+            raise ValueError("DriverOptions.numbers is empty: i-PI does not send species")
+        self.name = name or f"ipi[{self.address}]"
+        self.state = ConnectionState.CONNECTING
+        self.steps = 0
+        self.structures = 0
+        self.sessions = 0
+        self.bead_index: int | None = None
+        self.batch_size = 1
+        self.last_error: str | None = None
+        self.last_step_seconds: float | None = None
+
+    # ------------------------------------------------------------ public
+
+    def status(self) -> ConnectionStatus:
+        transport = "shm" if self.address.shm else ("unix" if self.address.is_unix else "tcp")
+        return ConnectionStatus(
+            name=self.name,
+            address=str(self.address),
+            transport=transport,
+            state=self.state,
+            steps=self.steps,
+            structures=self.structures,
+            sessions=self.sessions,
+            bead_index=self.bead_index,
+            batch_size=self.batch_size,
+            last_error=self.last_error,
+            last_step_seconds=self.last_step_seconds,
+        )
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect as configured; returns when the connection is closed."""
+        backoff = self.options.backoff_initial
+        try:
+            while True:
+                self.state = ConnectionState.CONNECTING
+                streams = await self._connect()
+                if streams is None:
+                    return
+                steps_before = self.steps
+                await self._serve(*streams)
+                if not self.options.reconnect:
+                    return
+                if self.steps > steps_before:
+                    backoff = self.options.backoff_initial
+                else:  # a session that served nothing: do not spin on a bad peer
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.options.backoff_max)
+        finally:
+            self.state = ConnectionState.CLOSED
+
+    # ------------------------------------------------------------ connecting
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.address.path is None:
+            return await asyncio.open_connection(
+                self.address.host, self.address.port, limit=_READ_CHUNK
+            )
+        reader, writer = await asyncio.open_unix_connection(self.address.path, limit=_READ_CHUNK)
+        # A non-blocking AF_UNIX connect to a full listen backlog (i-PI's <slots>) fails
+        # with EAGAIN, which asyncio takes for "in progress" and then reports as done:
+        # the socket is not connected (recv gives EINVAL). Check, and retry if so.
+        try:
+            writer.get_extra_info("socket").getpeername()
+        except OSError as exc:
+            writer.transport.abort()
+            raise ConnectionRefusedError(f"i-PI's listen backlog is full ({exc})") from exc
+        return reader, writer
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        backoff = self.options.backoff_initial
+        start = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                streams = await asyncio.wait_for(self._open(), timeout=10.0)
+            except (OSError, asyncio.TimeoutError) as exc:
+                waited = time.monotonic() - start
+                limit = self.options.connect_timeout
+                if limit is not None and waited + backoff > limit:
+                    self.last_error = (
+                        f"could not connect to {self.address} in {waited:.1f} s: {exc}"
+                    )
+                    logger.warning("%s: %s", self.name, self.last_error)
+                    return None
+                if attempts == 1:
+                    logger.info("%s: waiting for i-PI at %s (%s)", self.name, self.address, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.options.backoff_max)
+                continue
+            logger.info("%s: connected to %s", self.name, self.address)
+            return streams
+
+    # ------------------------------------------------------------ serving
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions += 1
+        self.state = ConnectionState.CONNECTED
+        self.bead_index = None
+        self.batch_size = 1
+        session = _Session(p.DriverDecoder(shm=self.address.shm, max_atoms=self.options.max_atoms))
+        try:
+            await self._session_loop(session, reader, writer)
+        except SessionEnd as end:
+            logger.info("%s: %s", self.name, end)
+        except p.ProtocolError as exc:
+            self._fail(f"protocol error, closing the connection: {exc}")
+        except (ConnectionError, BrokenPipeError) as exc:
+            self._fail(f"connection lost: {exc}", level=logging.INFO)
+        except Exception as exc:  # the evaluator's or a bug: never past this connection
+            self._fail(f"{type(exc).__name__}: {exc}", level=logging.ERROR)
+            logger.debug("%s: traceback", self.name, exc_info=exc)
+        finally:
+            if session.shm is not None:
+                session.shm.close()
+            await self._close_writer(writer)
+
+    def _fail(self, reason: str, level: int = logging.WARNING) -> None:
+        self.last_error = reason
+        logger.log(level, "%s: %s", self.name, reason)
+
+    async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), self.options.close_timeout)
+        except (asyncio.TimeoutError, OSError):
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+
+    async def _session_loop(
+        self, session: _Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        decoder = session.decoder
+        while True:
+            if decoder.pending:
+                try:
+                    data = await asyncio.wait_for(
+                        reader.read(_READ_CHUNK), self.options.message_timeout
+                    )
+                except asyncio.TimeoutError:
+                    raise p.ProtocolError(
+                        f"truncated message: {decoder.pending} bytes and nothing more "
+                        f"for {self.options.message_timeout:g} s"
+                    ) from None
+            else:
+                data = await reader.read(_READ_CHUNK)
+            if not data:
+                if decoder.pending:
+                    raise p.ProtocolError(
+                        f"truncated message: i-PI closed the connection "
+                        f"{decoder.pending} bytes into a message"
+                    )
+                raise SessionEnd("i-PI closed the connection")
+            for message in decoder.feed(data):
+                reply = await self._handle(session, message)
+                if reply:
+                    writer.write(reply)
+                    await writer.drain()
+
+    async def _handle(self, session: _Session, message: p.ServerMessage) -> bytes | None:
+        if isinstance(message, p.Status):
+            if not session.initialized:
+                return p.NEEDINIT
+            if session.reply is not None:
+                return p.HAVEDATA
+            return p.READY
+        if isinstance(message, p.Init):
+            session.initialized = True
+            self.bead_index = message.bead_index
+            self.batch_size = message.batch_size
+            self.state = ConnectionState.IDLE
+            logger.debug("%s: INIT bead %d, %r", self.name, message.bead_index, message.init_string)
+            return None
+        if isinstance(message, p.PosData):
+            self._check_idle(session)
+            numbers = self._numbers_for(message.natoms)
+            structures = structures_from_wire(
+                message.cells, message.positions, numbers, self.options.pbc
+            )
+            predictions = await self._evaluate(structures)
+            energies, forces, virials = results_to_wire(predictions, structures)
+            extras = self._extras(predictions)
+            session.reply = p.encode_forceready(
+                energies, forces, virials, extras, batched=message.batched
+            )
+            return None
+        if isinstance(message, p.ShmPosData):
+            self._check_idle(session)
+            if message.segment_names is not None:
+                session.shm = ShmSegments(
+                    message.segment_names, message.natoms, session.decoder.batch_size
+                )
+            if session.shm is None or session.shm.natoms != message.natoms:
+                raise p.ProtocolError("shm POSDATA before the segments were named")
+            cells, positions = session.shm.read()
+            structures = structures_from_wire(
+                cells, positions, self._numbers_for(message.natoms), self.options.pbc
+            )
+            predictions = await self._evaluate(structures)
+            session.shm_results = results_to_wire(predictions, structures)
+            session.reply = p.encode_shm_forceready(self._extras(predictions))
+            return None
+        if isinstance(message, p.GetForce):
+            if session.reply is None:
+                raise p.ProtocolError("GETFORCE before any POSDATA")
+            reply, session.reply = session.reply, None
+            if session.shm_results is not None and session.shm is not None:
+                # the numbers must be in place before i-PI sees FORCEREADY
+                session.shm.write(*session.shm_results)
+                session.shm_results = None
+            return reply
+        if isinstance(message, p.Exit):
+            raise SessionEnd("i-PI sent EXIT")
+        raise p.ProtocolError(f"unexpected message {message!r}")  # pragma: no cover
+
+    def _check_idle(self, session: _Session) -> None:
+        if session.reply is not None:
+            raise p.ProtocolError("POSDATA while the previous results were not collected")
+        # a server that skips INIT (allowed by some engines) gets the classic protocol
+        session.initialized = True
+
+    def _numbers_for(self, natoms: int) -> npt.NDArray[np.int64]:
+        if natoms != self.numbers.size:
+            raise p.ProtocolError(
+                f"i-PI sent {natoms} atoms but the species template has {self.numbers.size}"
+            )
+        return self.numbers
+
+    def _extras(self, predictions: Sequence[Prediction]) -> list[str]:
+        if not self.options.extras:
+            return [""] * len(predictions)
+        return [extras_json(pred, self.options.model_name) for pred in predictions]
+
+    async def _evaluate(self, structures: list[Structure]) -> list[Prediction]:
+        """Evaluate, sending consecutive duplicates (i-PI's batch padding) once."""
+        self.state = ConnectionState.COMPUTING
+        start = time.perf_counter()
+        unique: list[Structure] = []
+        index: list[int] = []
+        for structure in structures:
+            if self.options.dedupe and unique and _same(unique[-1], structure):
+                index.append(len(unique) - 1)
+            else:
+                unique.append(structure)
+                index.append(len(unique) - 1)
+        try:
+            results = await self.evaluate(unique)
+        finally:
+            self.state = ConnectionState.IDLE
+        if len(results) != len(unique):
+            raise ValueError(f"evaluator returned {len(results)} results for {len(unique)}")
+        self.steps += 1
+        self.structures += len(structures)
+        self.last_step_seconds = time.perf_counter() - start
+        return [results[i] for i in index]
+
+
+def _same(a: Structure, b: Structure) -> bool:
+    return (
+        np.array_equal(a.positions, b.positions)
+        and np.array_equal(a.cell, b.cell)
+        and np.array_equal(a.pbc, b.pbc)
+    )
+
+
+async def cancel_quietly(task: asyncio.Task[None], timeout: float = 5.0) -> None:
+    """Cancel a connection task and wait (bounded) for it to finish."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+        await asyncio.wait_for(task, timeout)
