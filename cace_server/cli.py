@@ -12,6 +12,7 @@ app = typer.Typer(
     help="Serve CACE machine-learned interatomic potentials to i-PI and ASE.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -153,9 +154,11 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     setup_logging(settings.log_level, settings.log_json)
+    from cace_server.engine import EngineError
+
     try:
         asyncio.run(run(settings))
-    except ValueError as exc:
+    except (ValueError, EngineError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 

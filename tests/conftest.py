@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,3 +52,22 @@ def liquid_water():
     atoms = ase.io.read(reference_file("liquid-64.xyz"))
     atoms.pbc = True
     return atoms
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    """A short private directory for UNIX sockets (sun_path holds only 108 bytes)."""
+    path = tempfile.mkdtemp(prefix="ipi", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ipi_runs() -> Iterator[list[Any]]:
+    """Every i-PI started through this list is stopped (and its socket removed) afterwards."""
+    runs: list[Any] = []
+    yield runs
+    for run in runs:
+        run.stop()

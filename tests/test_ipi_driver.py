@@ -10,46 +10,46 @@ Gaussian pair repulsion under periodic images, with analytic forces and virial).
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import itertools
 import math
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import ase
 import ase.io
 import numpy as np
 import pytest
-from ipi.utils.units import unit_to_internal
 
-from cace_server.ipi import DriverOptions, DriverPool
+from cace_server.engine import Engine, EngineSettings
+from cace_server.ipi import DriverPool
 from cace_server.ipi.driver import ConnectionState
 from cace_server.structures import Prediction, Structure
 from cace_server.units import (
-    ANGSTROM_PER_BOHR,
     BOHR_PER_ANGSTROM,
     FORCE_AU_PER_EV_ANGSTROM,
     HARTREE_PER_EV,
 )
+from tests.ipi_support import (
+    IPI_SCRIPT,
+    RUN_TIMEOUT,
+    IpiRun,
+    check_run_against_model,
+    ipi_structure,
+    ipi_to_au,
+    options,
+    serve_until_closed,
+    start_ipi,
+)
 
 pytestmark = pytest.mark.ipi
 
-IPI_SCRIPT = Path(sys.executable).with_name("i-pi")
 if not IPI_SCRIPT.exists():  # pragma: no cover
     pytest.skip("the i-pi program is not installed", allow_module_level=True)
-
-RUN_TIMEOUT = 90.0  # seconds any single i-PI run may take in these tests
 
 
 # ------------------------------------------------------------ the analytic evaluator
@@ -132,212 +132,6 @@ def small_system(triclinic: bool = True) -> ase.Atoms:
         ]
     )
     return ase.Atoms("OHHOHH", positions=positions, cell=cell, pbc=True)
-
-
-# ------------------------------------------------------------ running i-PI
-
-OUTPUTS = """
-    <properties stride="1" filename="out" flush="1">
-      [ step, potential{atomic_unit}, bead_potentials{atomic_unit}, virial_md{atomic_unit},
-        kstress_md{atomic_unit}, pressure_md{atomic_unit}, volume{atomic_unit} ]
-    </properties>
-    <trajectory filename="pos" stride="1" format="ase" cell_units="ase" flush="1">
-      positions{ase} </trajectory>
-    <trajectory filename="frc" stride="1" format="ase" cell_units="ase" flush="1">
-      forces{ase} </trajectory>
-    <trajectory filename="xtra" stride="1" flush="1"> extras </trajectory>
-"""
-
-
-class IpiRun:
-    """One i-PI process: input files in ``workdir``, socket at ``socket_path``."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        socket_dir: str,
-        atoms: ase.Atoms,
-        *,
-        name: str = "cace",
-        mode: str = "unix",
-        batch_size: int = 1,
-        nbeads: int = 4,
-        steps: int = 3,
-        motion: str | None = None,
-        sockets_prefix: str | None = None,
-        timeout: float = 0.0,
-        velocities: bool = True,
-    ) -> None:
-        self.workdir = workdir
-        self.nbeads = nbeads
-        self.steps = steps
-        self.prefix = sockets_prefix if sockets_prefix is not None else socket_dir + "/"
-        self.name = name
-        self.socket_path = self.prefix + name
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-        ase.io.write(workdir / "init.extxyz", atoms, format="extxyz")
-        init_velocities = (
-            '<velocities mode="thermal" units="kelvin"> 300 </velocities>' if velocities else ""
-        )
-        if motion is None:
-            motion = """
-      <motion mode="dynamics">
-        <dynamics mode="nvt">
-          <timestep units="femtosecond"> 0.25 </timestep>
-          <thermostat mode="pile_l"><tau units="femtosecond"> 50 </tau></thermostat>
-        </dynamics>
-      </motion>"""
-        (workdir / "input.xml").write_text(
-            f"""<simulation verbosity="low" safe_stride="1000" floatformat="%.16e"
-            sockets_prefix="{self.prefix}">
-  <output prefix="sim">{OUTPUTS}</output>
-  <total_steps> {steps} </total_steps>
-  <prng><seed> 12345 </seed></prng>
-  <ffsocket name="cace" mode="{mode}" pbc="false">
-    <address> {name} </address>
-    <batch_size> {batch_size} </batch_size>
-    <timeout> {timeout} </timeout>
-  </ffsocket>
-  <system>
-    <initialize nbeads="{nbeads}">
-      <file mode="ase" units="angstrom"> init.extxyz </file>
-      {init_velocities}
-    </initialize>
-    <forces><force forcefield="cace"/></forces>
-    {motion}
-    <ensemble><temperature units="kelvin"> 300 </temperature></ensemble>
-  </system>
-</simulation>
-"""
-        )
-
-    def start(self) -> IpiRun:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        log = open(self.workdir / "ipi.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [sys.executable, str(IPI_SCRIPT), "input.xml"],
-            cwd=self.workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        log.close()
-        return self
-
-    def wait_for_socket(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(self.socket_path):
-                return
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"i-PI exited early:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"i-PI did not open {self.socket_path} in {timeout} s")
-
-    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"i-PI did not finish in {timeout} s:\n{self.log()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would: the socket file stays behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)
-
-    def log(self) -> str:
-        path = self.workdir / "ipi.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    # --- reading i-PI's outputs
-    def properties(self) -> np.ndarray:
-        return np.atleast_2d(np.loadtxt(self.workdir / "sim.out"))
-
-    def frames(self, what: str, bead: int) -> list[ase.Atoms]:
-        width = len(str(self.nbeads - 1)) if self.nbeads > 1 else 1
-        path = self.workdir / f"sim.{what}_{bead:0{width}d}.extxyz"
-        return ase.io.read(path, index=":", format="extxyz")
-
-    def extras(self, bead: int) -> list[str]:
-        width = len(str(self.nbeads - 1)) if self.nbeads > 1 else 1
-        path = self.workdir / f"sim.xtra_{bead:0{width}d}"
-        return [line for line in path.read_text().splitlines() if line.startswith("{")]
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[str]:
-    """A short private directory for UNIX sockets (sun_path holds only 108 bytes)."""
-    path = tempfile.mkdtemp(prefix="ipi", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def ipi_runs() -> Iterator[list[IpiRun]]:
-    """Every i-PI started through this list is stopped (and its socket removed) afterwards."""
-    runs: list[IpiRun] = []
-    yield runs
-    for run in runs:
-        run.stop()
-
-
-def start_ipi(runs: list[IpiRun], *args: object, **kwargs: object) -> IpiRun:
-    run = IpiRun(*args, **kwargs)  # type: ignore[arg-type]
-    runs.append(run)
-    run.start()
-    return run
-
-
-def options(atoms: ase.Atoms, **kwargs: object) -> DriverOptions:
-    defaults: dict[str, object] = {
-        "reconnect": False,
-        "connect_timeout": 60.0,
-        "backoff_initial": 0.02,
-        "backoff_max": 0.2,
-        "model_name": "pair-test",
-    }
-    defaults.update(kwargs)
-    return DriverOptions(numbers=atoms.numbers, **defaults)  # type: ignore[arg-type]
-
-
-async def serve_until_closed(pool: DriverPool, timeout: float = RUN_TIMEOUT) -> None:
-    async with pool:
-        finished = await pool.wait(timeout)
-    assert finished, [s.as_dict() for s in pool.statuses()]
-
-
-def ipi_to_au(dimension: str, value: np.ndarray) -> np.ndarray:
-    """Undo i-PI's own conversion of an ``{ase}``-unit output back to atomic units."""
-    return unit_to_internal(dimension, "ase", np.asarray(value, dtype=float))
-
-
-def ipi_structure(frame: ase.Atoms, numbers: np.ndarray) -> Structure:
-    """The structure i-PI recorded, converted Bohr -> Å the way our driver converts."""
-    return Structure.create(
-        numbers,
-        ipi_to_au("length", frame.positions) * ANGSTROM_PER_BOHR,
-        ipi_to_au("length", np.asarray(frame.cell)) * ANGSTROM_PER_BOHR,
-        True,
-    )
 
 
 def check_run_against_evaluator(run: IpiRun, numbers: np.ndarray) -> int:
@@ -732,77 +526,6 @@ def test_stop_while_computing_sends_nothing(
 # ------------------------------------------------------------ the water model, PIMD
 
 
-class ModelEvaluator:
-    """Evaluates with the CACE model; calls that arrive together (one per connection)
-    share one batched ``predict``, as the engine will do."""
-
-    def __init__(self, model: object, window: float = 0.02) -> None:
-        self.model = model
-        self.window = window
-        self.pending: list[tuple[list[Structure], asyncio.Future[list[Prediction]]]] = []
-        self.batch_sizes: list[int] = []
-        self._lock: asyncio.Lock | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __call__(self, structures: list[Structure]) -> list[Prediction]:
-        loop = asyncio.get_running_loop()
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        future: asyncio.Future[list[Prediction]] = loop.create_future()
-        self.pending.append((structures, future))
-        if len(self.pending) == 1:
-            task = loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await future
-
-    async def _flush(self) -> None:
-        assert self._lock is not None
-        async with self._lock:
-            await asyncio.sleep(self.window)
-            batch, self.pending = self.pending, []
-            flat = [s for structures, _ in batch for s in structures]
-            self.batch_sizes.append(len(flat))
-            try:
-                predictions = await asyncio.to_thread(self.model.predict, flat, stress=True)  # type: ignore[attr-defined]
-            except Exception as exc:
-                for _, future in batch:
-                    future.set_exception(exc)
-                return
-            start = 0
-            for structures, future in batch:
-                future.set_result(predictions[start : start + len(structures)])
-                start += len(structures)
-
-
-def check_run_against_model(run: IpiRun, model: object, numbers: np.ndarray) -> None:
-    """i-PI's recorded forces, bead potentials and extras equal the model evaluated
-    directly (one batch, float64) on the bead positions i-PI recorded: 1e-6 relative."""
-    import json
-
-    props = run.properties()
-    frames = []
-    for bead in range(run.nbeads):
-        positions = run.frames("pos", bead)
-        forces = run.frames("frc", bead)
-        extras = run.extras(bead)
-        assert len(positions) == len(forces) == len(extras) == run.steps + 1
-        for step in range(run.steps + 1):
-            frames.append((bead, step, positions[step], forces[step], extras[step]))
-    structures = [ipi_structure(pos, numbers) for _, _, pos, _, _ in frames]
-    direct = model.predict(structures, stress=True)  # type: ignore[attr-defined]
-    for (bead, step, _, frc, extras), expected in zip(frames, direct, strict=True):
-        want = expected.forces * FORCE_AU_PER_EV_ANGSTROM
-        got = ipi_to_au("force", frc.get_forces())
-        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
-        assert props[step, 2 + bead] == pytest.approx(expected.energy * HARTREE_PER_EV, rel=1e-6)
-        # i-PI's extras line holds every bead's raw JSON; ours for this bead is in it
-        record = ast.literal_eval(extras)  # i-PI writes the Python repr of a dict
-        mine = json.loads(record["raw"][bead])
-        assert mine["energy_eV"] == pytest.approx(expected.energy, rel=1e-6)
-        np.testing.assert_allclose(mine["charges"], expected.charges, rtol=0, atol=1e-6)
-
-
 @pytest.mark.parametrize(
     ("mode", "batch_size", "clients"),
     [("unix", 1, 8), ("unix", 8, 1), ("shm", 8, 1)],
@@ -829,17 +552,21 @@ def test_water_pimd_8_beads(
         steps=1,
         batch_size=batch_size,
     )
-    evaluator = ModelEvaluator(water_model)
-    pool = DriverPool(evaluator, options(liquid_water, model_name="water"))
-    pool.add(f"{mode}:{run.socket_path}", clients=clients)
-    asyncio.run(serve_until_closed(pool, timeout=240))
+    # The real engine: beads arriving on different connections share one batch. The
+    # window is generous because i-PI hands out the 8 requests one after the other.
+    settings = EngineSettings(batch_wait_ms=50.0, warmup=False)
+    with Engine(water_model, settings=settings) as engine:
+        pool = DriverPool(engine.evaluate, options(liquid_water, model_name="water"))
+        pool.add(f"{mode}:{run.socket_path}", clients=clients)
+        asyncio.run(serve_until_closed(pool, timeout=240))
+        stats = engine.snapshot()
     assert run.wait() == 0
     # Two force rounds of 8 beads (initial + 1 step); under load i-PI may ask for a
     # round again, so count whole rounds rather than an exact number.
     served = sum(s.structures for s in pool.statuses())
     assert served >= 8 * 2 and served % 8 == 0, served
-    # every step's 8 beads went through the model in one pass; at step 0 the beads are
-    # 8 copies of the input geometry, which one batched exchange evaluates only once
-    expected_batches = [8, 8] if batch_size == 1 else [1, 8]
-    assert evaluator.batch_sizes == expected_batches
+    # A step's 8 beads go through the model in one pass, also from 8 connections. (At
+    # step 0 the beads are copies of one geometry, which a batched exchange sends once.)
+    assert stats.batch_structures.max == 8
+    assert stats.model_calls == stats.batches and not stats.errors
     check_run_against_model(run, water_model, liquid_water.numbers)

@@ -99,7 +99,12 @@ class Worker:
         try:
             self._start_up()
         except BaseException as exc:
-            logger.exception("engine start-up failed")
+            logger.error(
+                "engine start-up failed: %s: %s",
+                type(exc).__name__,
+                exc,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
             self.error = exc
             self.started.set()
             return

@@ -1,0 +1,189 @@
+"""One server process: the engine, the i-PI driver connections and the HTTP API.
+
+Start-up order: load and warm the models (the engine), then connect to i-PI and
+open the HTTP port. On SIGINT/SIGTERM: stop accepting HTTP requests, close the i-PI
+connections between messages (nothing half-written), let the engine finish what it
+accepted, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cace_server.engine import Engine, EngineSettings
+from cace_server.ipi import DriverOptions, DriverPool
+from cace_server.settings import ServerSettings
+from cace_server.structures import Prediction, Structure
+
+logger = logging.getLogger("cace_server")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        for key, value in getattr(record, "fields", {}).items():
+            entry[key] = value
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def default_model_path() -> Path:
+    """The water model that ships with the package."""
+    return Path(__file__).parent / "data" / "water.safetensors"
+
+
+def build_engine(settings: ServerSettings) -> Engine:
+    sources: dict[str, Any] = settings.model_sources()
+    if not sources:
+        path = default_model_path()
+        if not path.is_file():
+            raise ValueError("no --model given and no bundled default model is installed")
+        sources = {"default": str(path)}
+    return Engine(
+        sources,
+        default=settings.default_model,
+        settings=EngineSettings(
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_atoms=settings.max_batch_atoms,
+            max_batch_pairs=settings.max_batch_pairs,
+            batch_wait_ms=settings.batch_wait_ms,
+            max_queue=settings.max_queue,
+            torch_threads=settings.torch_threads,
+        ),
+    )
+
+
+def species_template(path: str) -> np.ndarray:
+    """Atomic numbers, in order, from any structure file ASE reads."""
+    import ase.io
+
+    atoms = ase.io.read(path)
+    return np.asarray(atoms.get_atomic_numbers(), dtype=np.int64)
+
+
+def build_driver_pool(settings: ServerSettings, engine: Engine) -> DriverPool:
+    """Connections to every --ipi address; more can be added later (HTTP API)."""
+    model = settings.ipi_model
+
+    async def evaluate(structures: list[Structure]) -> list[Prediction]:
+        return await engine.evaluate(structures, model)
+
+    per_address = []
+    if settings.ipi:
+        templates = settings.ipi_template
+        if len(templates) == 1:
+            templates = templates * len(settings.ipi)
+        for address, template in zip(settings.ipi, templates, strict=True):
+            per_address.append(
+                (
+                    address,
+                    DriverOptions(
+                        numbers=species_template(template).tolist(),
+                        reconnect=settings.ipi_reconnect,
+                        model_name=model or engine.default_model,
+                    ),
+                )
+            )
+    # Without --ipi the pool has no default species: connections added later must
+    # bring their own options (the HTTP API does).
+    default = per_address[0][1] if per_address else DriverOptions(numbers=())
+    pool = DriverPool(evaluate, default)
+    for address, options in per_address:
+        pool.add(address, settings.ipi_clients, options)
+    return pool
+
+
+async def serve(settings: ServerSettings) -> None:
+    settings.validate()
+    engine = build_engine(settings)
+    logger.info("loading models %s on %s (%s)", engine.model_names, settings.device, settings.dtype)
+    await asyncio.to_thread(engine.start)
+    logger.info("engine ready")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    pool = build_driver_pool(settings, engine)
+    await pool.start()
+    http_server = None
+    http_task = None
+    if settings.http:
+        http_server = build_http_server(settings, engine, pool)
+        http_task = asyncio.create_task(http_server.serve(), name="http")
+    try:
+        waiters = [asyncio.create_task(stop.wait())]
+        if http_task is not None:
+            waiters.append(http_task)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        logger.info("shutting down")
+        if http_server is not None:
+            http_server.should_exit = True
+        if http_task is not None:
+            with contextlib.suppress(Exception):
+                await http_task
+        await pool.stop()
+        await engine.aclose(drain=True, timeout=30)
+        logger.info("stopped")
+
+
+def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> Any:
+    import uvicorn
+
+    from cace_server.http import HttpSettings, create_app
+
+    app = create_app(
+        engine,
+        pool,
+        HttpSettings(
+            token=settings.token,
+            max_request_bytes=settings.max_request_bytes,
+            max_atoms=settings.max_atoms,
+            max_structures=settings.max_structures,
+            request_timeout_s=settings.request_timeout_s,
+            min_distance=settings.min_distance,
+        ),
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    # Signals are ours (see serve); uvicorn must not install its own handlers.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    return server

@@ -1,0 +1,144 @@
+"""Server settings: defaults, then a TOML file, then ``CACE_SERVER_*`` variables, then flags.
+
+Every field has one name used everywhere: the TOML key, the environment variable
+``CACE_SERVER_<NAME>`` (upper case) and the flag ``--<name>`` (dashes). List fields
+take comma-separated values from the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "CACE_SERVER_"
+
+
+@dataclass
+class ServerSettings:
+    # Models: "PATH" or "NAME=PATH"; empty means the bundled default model.
+    model: list[str] = field(default_factory=list)
+    default_model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float64"
+    # HTTP
+    http: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_request_bytes: int = 256 * 1024 * 1024
+    max_atoms: int = 200_000
+    max_structures: int = 4096
+    request_timeout_s: float = 600.0
+    min_distance: float = 0.1
+    # i-PI: addresses (unix:NAME or host:port), connections per address, and the
+    # structure file giving the species of each address (one for all, or one each).
+    ipi: list[str] = field(default_factory=list)
+    ipi_clients: int = 1
+    ipi_template: list[str] = field(default_factory=list)
+    ipi_reconnect: bool = True
+    ipi_model: str | None = None
+    # Engine
+    max_batch_atoms: int = 8192
+    max_batch_pairs: int = 600_000
+    batch_wait_ms: float = 2.0
+    max_queue: int = 4096
+    torch_threads: int | None = None
+    # Logging
+    log_level: str = "info"
+    log_json: bool = False
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.ipi and not self.ipi_template:
+            raise ValueError(
+                "--ipi needs --ipi-template FILE: i-PI does not send atomic species, so the "
+                "server reads them from a structure file with the same atoms as i-PI's input"
+            )
+        if self.ipi_template and len(self.ipi_template) not in (1, len(self.ipi)):
+            raise ValueError("give one --ipi-template for all --ipi addresses, or one for each")
+        if self.ipi_clients < 1:
+            raise ValueError("ipi_clients must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+
+    def model_sources(self) -> dict[str, str]:
+        """NAME -> PATH for the models to load (names default to the file stem)."""
+        out: dict[str, str] = {}
+        for spec in self.model:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = Path(spec).stem, spec
+            if name in out:
+                raise ValueError(f"two models named {name!r}; use NAME=PATH to tell them apart")
+            out[name] = path
+        return out
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """Convert a string (from the environment) or TOML value to the field's type."""
+    origin = get_origin(annotation)
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if value is None:
+        return None
+    if origin is list:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [_convert(v.strip() if isinstance(v, str) else v, args[0]) for v in items if v != ""]
+    if args and origin is not list:  # Optional[X]
+        if isinstance(value, str) and value.lower() in ("", "none", "null"):
+            return None
+        return _convert(value, args[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    if annotation in (int, float, str):
+        return annotation(value)
+    return value
+
+
+def load_settings(
+    toml_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerSettings:
+    """Merge the layers; ``overrides`` (from flags) holds only what the user gave."""
+    hints = get_type_hints(ServerSettings)
+    names = {f.name for f in fields(ServerSettings)}
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        with open(toml_path, "rb") as f:
+            data = tomllib.load(f)
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{toml_path}: unknown settings {sorted(unknown)}")
+        values.update({k: _convert(v, hints[k]) for k, v in data.items()})
+    env = os.environ if environ is None else environ
+    for name in names:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            try:
+                values[name] = _convert(env[key], hints[name])
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from exc
+    for name, value in (overrides or {}).items():
+        if name not in names:
+            raise ValueError(f"unknown setting {name!r}")
+        values[name] = value
+    settings = dataclasses.replace(ServerSettings(), **values)
+    settings.validate()
+    return settings
