@@ -63,6 +63,7 @@ class IpiRun:
         sockets_prefix: str | None = None,
         timeout: float = 0.0,
         velocities: bool = True,
+        outputs: str = OUTPUTS,
     ) -> None:
         self.workdir = workdir
         self.nbeads = nbeads
@@ -87,7 +88,7 @@ class IpiRun:
         (workdir / "input.xml").write_text(
             f"""<simulation verbosity="low" safe_stride="1000" floatformat="%.16e"
             sockets_prefix="{self.prefix}">
-  <output prefix="sim">{OUTPUTS}</output>
+  <output prefix="sim">{outputs}</output>
   <total_steps> {steps} </total_steps>
   <prng><seed> 12345 </seed></prng>
   <ffsocket name="cace" mode="{mode}" pbc="false">

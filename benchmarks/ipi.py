@@ -1,0 +1,287 @@
+"""Wall time per path-integral MD step: i-PI driving cace-server, in each transport.
+
+For liquid-64 water (192 atoms) with N beads, i-PI runs NVT PIMD against:
+
+  serial       cace-server, 1 classic connection: beads evaluated one by one
+  connections  cace-server, N classic connections, batched across them by the engine
+  batched      cace-server, 1 connection with i-PI's batched transport (batch_size N)
+  shm          cace-server, batched transport with the shared-memory payload
+  py-driver    i-pi-py_driver -m custom with a PES file calling our model per structure
+               (what a user has without this server), 1 connection
+
+next to the model evaluating the same N structures directly in one batch (the
+floor) and i-PI's own null driver (i-pi-py_driver -m gas) in the same transport
+(the protocol floor). Time per step is the median interval between i-PI's
+property lines after the first two steps.
+
+    python benchmarks/ipi.py                           # 8 and 32 beads, float32 and float64
+    python benchmarks/ipi.py --beads 8 --dtypes float32 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# This file is named after what it measures; its folder must not be on sys.path or
+# it would shadow the ``ipi`` package it drives.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
+
+from tests.ipi_support import IpiRun  # noqa: E402
+
+REFERENCE = Path(os.environ.get("CACE_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+BIN = Path(sys.executable).parent
+LIGHT_OUTPUTS = """
+    <properties stride="1" filename="out" flush="1"> [ step, potential{electronvolt} ] </properties>
+"""
+
+
+def step_times(run: IpiRun, proc_timeout: float) -> list[float]:
+    """Arrival times of i-PI's property lines (one per step), polled while it runs."""
+    path = run.workdir / "sim.out"
+    times: list[float] = []
+    seen = 0
+    deadline = time.monotonic() + proc_timeout
+    assert run.proc is not None
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
+            now = time.monotonic()
+            times.extend([now] * (len(lines) - seen))
+            seen = len(lines)
+        if run.proc.poll() is not None:
+            break
+        time.sleep(0.002)
+    if run.proc.poll() is None:
+        run.stop()
+        raise RuntimeError(f"i-PI did not finish in {proc_timeout} s")
+    if run.proc.returncode != 0:
+        raise RuntimeError(f"i-PI failed:\n{run.log()}")
+    return times
+
+
+def per_step(times: list[float]) -> float:
+    intervals = [b - a for a, b in itertools.pairwise(times)][2:]
+    return statistics.median(intervals)
+
+
+def run_case(
+    workdir: Path, atoms, beads: int, steps: int, mode: str, batch: int, clients: list[list[str]]
+) -> float:
+    sockets = tempfile.mkdtemp(prefix="ipib", dir="/tmp")
+    run = IpiRun(
+        workdir,
+        sockets,
+        atoms,
+        mode=mode,
+        batch_size=batch,
+        nbeads=beads,
+        steps=steps,
+        outputs=LIGHT_OUTPUTS,
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        run.start()
+        run.wait_for_socket()
+        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+        for cmd in clients:
+            cmd = [
+                c.replace("{socket}", run.socket_path).replace("{prefix}", run.prefix) for c in cmd
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(workdir / f"client{len(procs)}.log", "wb"),  # noqa: SIM115
+                )
+            )
+        return per_step(step_times(run, proc_timeout=900))
+    finally:
+        run.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(20)
+            if p.poll() is None:
+                p.kill()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def model_floor(model_path: str, dtype: str, atoms, beads: int, threads: int) -> float:
+    import numpy as np
+    import torch
+
+    from cace_server.model import load_model
+    from cace_server.structures import Structure
+
+    torch.set_num_threads(threads)
+    model = load_model(model_path, dtype=dtype)
+    rng = np.random.default_rng(0)
+    structures = [
+        Structure.create(
+            atoms.numbers,
+            atoms.positions + rng.normal(0, 0.05, atoms.positions.shape),
+            atoms.cell,
+            True,
+        )
+        for _ in range(beads)
+    ]
+    model.predict(structures)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        model.predict(structures)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", help="native model file (default: converted reference water model)"
+    )
+    parser.add_argument("--beads", default="8,32")
+    parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="serial,connections,batched,shm,py-driver")
+    args = parser.parse_args()
+
+    import ase.io
+
+    atoms = ase.io.read(REFERENCE / "liquid-64.xyz")
+    atoms.pbc = True
+    work = Path(tempfile.mkdtemp(prefix="cace-ipi-bench-"))
+    model_path = args.model
+    if model_path is None:
+        from cace_server.model import convert_original, save_model
+
+        model_path = str(
+            save_model(convert_original(REFERENCE / "best_model.pth"), work / "water.safetensors")
+        )
+    template = work / "template.extxyz"
+    ase.io.write(template, atoms, format="extxyz")
+    modes = args.modes.split(",")
+    rows = []
+    try:
+        for beads in (int(b) for b in args.beads.split(",")):
+            for dtype in args.dtypes.split(","):
+                floor = model_floor(model_path, dtype, atoms, beads, args.threads)
+
+                def ours(
+                    clients: int,
+                    wait_ms: float,
+                    scheme: str = "unix",
+                    model_path: str = model_path,
+                    dtype: str = dtype,
+                ) -> list[str]:
+                    return [
+                        str(BIN / "cace-server"),
+                        "serve",
+                        "--no-http",
+                        "--model",
+                        model_path,
+                        "--dtype",
+                        dtype,
+                        "--ipi",
+                        scheme + ":{socket}",
+                        "--ipi-clients",
+                        str(clients),
+                        "--ipi-template",
+                        str(template),
+                        "--torch-threads",
+                        str(args.threads),
+                        "--batch-wait-ms",
+                        str(wait_ms),
+                        "--log-level",
+                        "warning",
+                    ]
+
+                def gas(extra: list[str]) -> list[str]:
+                    return [
+                        str(BIN / "i-pi-py_driver"),
+                        "-m",
+                        "gas",
+                        "-u",
+                        "-a",
+                        "cace",
+                        "-S",
+                        "{prefix}",
+                        *extra,
+                    ]
+
+                cases = {
+                    # (i-PI socket mode, batch size, our clients, null-driver clients)
+                    "serial": ("unix", 1, [ours(1, 0.0)], [gas([])]),
+                    "connections": ("unix", 1, [ours(beads, 5.0)], [gas([]) for _ in range(beads)]),
+                    "batched": ("unix", beads, [ours(1, 0.0)], [gas([])]),
+                    "shm": ("shm", beads, [ours(1, 0.0, "shm")], [gas(["--shm"])]),
+                    "py-driver": (
+                        "unix",
+                        1,
+                        [
+                            [
+                                str(BIN / "i-pi-py_driver"),
+                                "-m",
+                                "custom",
+                                "-P",
+                                str(REPO / "benchmarks" / "ipi_cace_pes.py"),
+                                "-u",
+                                "-a",
+                                "cace",
+                                "-S",
+                                "{prefix}",
+                                "-o",
+                                f"model={model_path},template={template},dtype={dtype},threads={args.threads}",
+                            ]
+                        ],
+                        [gas([])],
+                    ),
+                }
+                for mode in modes:
+                    ipi_mode, batch, clients, nulls = cases[mode]
+                    tag = f"{beads}-{dtype}-{mode}"
+                    ours_s = run_case(
+                        work / f"{tag}-ours", atoms, beads, args.steps, ipi_mode, batch, clients
+                    )
+                    null_s = run_case(
+                        work / f"{tag}-null", atoms, beads, args.steps, ipi_mode, batch, nulls
+                    )
+                    rows.append((beads, dtype, mode, ours_s, null_s, floor))
+                    print(f"done {tag}: {ours_s * 1e3:.0f} ms/step", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"\ni-PI NVT PIMD of liquid-64 water (192 atoms), {args.threads} threads, "
+        f"{args.steps} steps\n"
+    )
+    print(
+        "| beads | dtype | mode | ms/step | null driver ms/step | model floor ms | step / floor |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for beads, dtype, mode, ours_s, null_s, floor in rows:
+        print(
+            f"| {beads} | {dtype} | {mode} | {ours_s * 1e3:.0f} | {null_s * 1e3:.1f} | "
+            f"{floor * 1e3:.0f} | {ours_s / floor:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
