@@ -143,16 +143,18 @@ def test_blocked_evaluation_equals_whole(model):
     rng = np.random.default_rng(16)
     s = random_structure(rng, list(model.elements), 40, np.eye(3) * 9.0, True)
     whole = model.predict([s])[0]
-    old = model.representation.atom_block, getattr(model.ewald, "atom_block", None)
+    rep = model.representation
+    old = rep.atom_block, rep.block_above, getattr(model.ewald, "atom_block", None)
     try:
         model.representation.atom_block = 7
+        model.representation.block_above = 0
         if model.ewald is not None:
             model.ewald.atom_block = 9
         blocked = model.predict([s])[0]
     finally:
-        model.representation.atom_block = old[0]
+        rep.atom_block, rep.block_above = old[0], old[1]
         if model.ewald is not None:
-            model.ewald.atom_block = old[1]
+            model.ewald.atom_block = old[2]
     assert abs(whole.energy - blocked.energy) < 1e-10 * max(1.0, abs(whole.energy))
     np.testing.assert_allclose(blocked.forces, whole.forces, atol=1e-10)
     np.testing.assert_allclose(blocked.stress, whole.stress, atol=1e-12)

@@ -207,14 +207,70 @@ class Symmetrizer(torch.nn.Module):
             self.orders.append(nu)
             self.n_out += len(keys)
 
+    def tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(factors [T, nu], assign [T, K]) of each correlation order nu >= 2."""
+        return [
+            (
+                cast(torch.Tensor, getattr(self, f"factors_{nu}")),
+                cast(torch.Tensor, getattr(self, f"assign_{nu}")),
+            )
+            for nu in self.orders
+        ]
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        out = [a[:, :, :1, :]]
-        for nu in self.orders:
-            factors = cast(torch.Tensor, getattr(self, f"factors_{nu}"))
-            assign = cast(torch.Tensor, getattr(self, f"assign_{nu}")).to(a.dtype)
-            product = a.index_select(2, factors[:, 0])
-            for k in range(1, nu):
-                product = product * a.index_select(2, factors[:, k])
-            # [n, r, T, c] x [T, K] -> [n, r, K, c]
-            out.append(torch.einsum("nrtc,tk->nrkc", product, assign))
-        return torch.cat(out, dim=2)
+        return _Symmetrize.apply(a, self.tables())  # type: ignore[no-any-return]
+
+
+def _symmetrize(a: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    out = [a[:, :, :1, :]]
+    for factors, assign in tables:
+        product = a.index_select(2, factors[:, 0])
+        for k in range(1, factors.shape[1]):
+            product = product * a.index_select(2, factors[:, k])
+        # [n, r, T, c] x [T, K] -> [n, r, K, c]
+        out.append(torch.einsum("nrtc,tk->nrkc", product, assign.to(a.dtype)))
+    return torch.cat(out, dim=2)
+
+
+class _Symmetrize(torch.autograd.Function):
+    """B(A) that saves only A for the backward pass.
+
+    Plain autograd would keep every gathered factor and partial product, several
+    times the size of A per atom. The backward here recomputes them from A, and is
+    written in differentiable torch operations, so second derivatives (training on
+    forces) still work.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        a: torch.Tensor,
+        tables: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.tables = tables  # type: ignore[attr-defined]
+        return _symmetrize(a, tables)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        (a,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_a = torch.zeros_like(a)
+        grad_a[:, :, :1, :] = grad[:, :, :1, :]
+        start = 1
+        for factors, assign in ctx.tables:  # type: ignore[attr-defined]
+            n_keys = assign.shape[1]
+            # d B_key / d A_(factor k of term t) = prefactor_t * prod of the other factors
+            g_terms = torch.einsum(
+                "nrkc,tk->nrtc", grad[:, :, start : start + n_keys, :], assign.to(a.dtype)
+            )
+            start += n_keys
+            gathered = [a.index_select(2, factors[:, k]) for k in range(factors.shape[1])]
+            for k in range(len(gathered)):
+                partial = g_terms
+                for j, g in enumerate(gathered):
+                    if j != k:
+                        partial = partial * g
+                grad_a = grad_a.index_add(2, factors[:, k], partial)
+        return grad_a, None

@@ -119,8 +119,11 @@ class CACERepresentation(torch.nn.Module):
         self.register_buffer("group_of_component", group_of_component, persistent=False)
         # Bound on the [edges x radial x angular] scratch of one neighbour-sum chunk.
         self.edge_chunk = 32768
-        # Atoms per block for local models; None disables blocking.
+        # Local models evaluate systems above ``block_above`` atoms in blocks of
+        # ``atom_block`` atoms, recomputing each block in the backward pass: memory
+        # stays bounded at the price of a second forward. Below it, one pass.
         self.atom_block: int | None = 1024
+        self.block_above = 4096
 
     @property
     def n_features(self) -> int:
@@ -220,7 +223,7 @@ class CACERepresentation(torch.nn.Module):
     ) -> torch.Tensor:
         n = species.shape[0]
         block = self.atom_block
-        if block is None or n <= block:
+        if block is None or n <= max(block, self.block_above):
             return self._local_block(vectors, receivers, sender_species, species)
         # Edges are sorted by receiver: each block of atoms owns one slice of edges.
         bounds = torch.arange(0, n + block, block, device=species.device).clamp(max=n)
