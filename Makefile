@@ -14,13 +14,14 @@ help:
 	@echo "make serve      install, then serve the default model over HTTP (and i-PI if IPI=unix:NAME)"
 	@echo "make test       install, then run the test suite (the command CI runs)"
 	@echo "make test-slow  the slow suites (long i-PI runs, large systems)"
-	@echo "make lint       ruff check + format check"
+	@echo "make lint       ruff check + format check + mypy"
 	@echo "make bench      model speed/memory table (benchmarks/model.py)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ./clients
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +36,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check cace_server clients tests benchmarks
 	$(BIN)/ruff format --check cace_server clients tests benchmarks
+	$(BIN)/mypy --follow-imports=silent cace_server clients/cace_client
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model.py

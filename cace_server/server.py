@@ -86,7 +86,8 @@ def species_template(path: str) -> np.ndarray:
     """Atomic numbers, in order, from any structure file ASE reads."""
     import ase.io
 
-    atoms = ase.io.read(path)
+    atoms = ase.io.read(path, index=0)
+    assert isinstance(atoms, ase.Atoms)
     return np.asarray(atoms.get_atomic_numbers(), dtype=np.int64)
 
 
@@ -181,7 +182,8 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> An
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        lifespan="off",
+        # "on": the app's shutdown hook stops the i-PI groups created over HTTP.
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     # Signals are ours (see serve); uvicorn must not install its own handlers.

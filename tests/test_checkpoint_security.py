@@ -106,9 +106,21 @@ def test_allowed_class_cannot_be_called(tmp_path, fake_cace_modules):
 
 def test_garbage_file_gives_clear_error(tmp_path):
     path = tmp_path / "garbage.pth"
-    path.write_bytes(os.urandom(4096))
+    path.write_bytes(b"\xff" * 4096)
     with pytest.raises(UnsupportedCheckpointError, match="not a readable torch checkpoint"):
         read_original_checkpoint(path)
+
+
+def test_random_bytes_only_ever_raise_our_errors(tmp_path):
+    """Random bytes may even decode as a pickle naming a random global: always refused."""
+    import random
+
+    rng = random.Random(1234)
+    path = tmp_path / "random.pth"
+    for _ in range(200):
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 512))))
+        with pytest.raises((UnsupportedCheckpointError, UnsafeCheckpointError)):
+            read_original_checkpoint(path)
 
 
 def test_plain_state_dict_is_not_a_model(tmp_path):

@@ -202,3 +202,19 @@ def test_bad_structures_are_refused_clearly():
         lr.predict(
             [Structure.create([1, 8], [[0, 0, 0], [1, 0, 0]], np.eye(3) * 5, [True, True, False])]
         )
+
+
+def test_isolated_atoms_have_energy_and_zero_forces():
+    """No neighbour pairs at all: the energy is the atoms' own, forces and virial zero."""
+    for model in (random_model(seed=0), random_model(seed=0, long_range=True)):
+        p = model.predict([Structure.create([8], [[0.0, 0.0, 0.0]])])[0]
+        assert np.isfinite(p.energy)
+        assert np.all(p.forces == 0.0) and np.all(p.virial == 0.0)
+
+
+def test_geometry_that_would_crash_the_neighbour_list_is_refused():
+    """vesin's cell list divides by zero on extremely elongated cells: refuse them first."""
+    model = random_model(seed=0)
+    long_thin = Structure.create([1, 8], [[0, 0, 0], [1, 0, 0]], np.diag([1e6, 1.0, 1.0]), True)
+    with pytest.raises(StructureError, match="too elongated"):
+        model.predict([long_thin])

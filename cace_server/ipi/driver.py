@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -288,7 +289,8 @@ class DriverConnection:
                     )
                 raise SessionEnd("i-PI closed the connection")
             for message in decoder.feed(data):
-                reply = await self._handle(session, message)
+                # a ServerDecoder only ever yields server messages
+                reply = await self._handle(session, cast(p.ServerMessage, message))
                 if reply:
                     writer.write(reply)
                     await writer.drain()

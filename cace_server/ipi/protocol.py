@@ -637,4 +637,4 @@ def encode_shm_posdata(natoms: int, segment_names: Sequence[str] | None) -> byte
 def _safe_inverse(h: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     if abs(np.linalg.det(h)) < 1e-300:
         return np.zeros((3, 3))
-    return np.linalg.inv(h)
+    return np.asarray(np.linalg.inv(h), dtype=np.float64)

@@ -55,6 +55,59 @@ def species_indices(
     return species
 
 
+def plane_spacings(cell: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Distance between lattice planes along each cell vector."""
+    return np.asarray(1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0))
+
+
+# vesin's cell list caps its cells at 1e5 by scaling every direction down; a
+# direction that ends with zero cells makes it divide by zero (SIGFPE: the process
+# dies). Such geometries (very long, thin cells; huge vacuum) are refused first.
+_VESIN_MAX_CELLS = 1e5
+
+
+def _vesin_spacings(structure: Structure) -> npt.NDArray[np.float64]:
+    """Face distances of vesin's bounding box: periodic directions from the cell (its
+    non-periodic rows made orthonormal to the periodic ones), non-periodic ones from
+    the Cartesian extent of the positions along that axis (+1 %, at least 1 Å)."""
+    pbc = structure.pbc
+    periodic = [k for k in range(3) if pbc[k]]
+    matrix = np.eye(3) if not periodic else structure.cell.astype(np.float64).copy()
+    if len(periodic) == 1:
+        a = matrix[periodic[0]] / np.linalg.norm(matrix[periodic[0]])
+        b = np.array([0.0, 1.0, 0.0]) if abs(a[1]) <= 0.9 else np.array([0.0, 0.0, 1.0])
+        c = np.cross(a, b)
+        c /= np.linalg.norm(c)
+        matrix[(periodic[0] + 1) % 3] = np.cross(c, a)
+        matrix[(periodic[0] + 2) % 3] = c
+    elif len(periodic) == 2:
+        c = np.cross(matrix[periodic[0]], matrix[periodic[1]])
+        matrix[3 - periodic[0] - periodic[1]] = c / np.linalg.norm(c)
+    spacings = plane_spacings(matrix)
+    extent = np.ptp(structure.positions, axis=0)
+    extent[extent < 1e-6] = 1.0
+    return np.where(pbc, spacings, np.maximum(1.01 * extent, 1.0))
+
+
+def check_neighbor_grid(structure: Structure, cutoff: float) -> None:
+    """Raise StructureError for geometries that would crash vesin's cell list."""
+    spacings = _vesin_spacings(structure)
+    n = np.maximum(np.trunc(spacings / cutoff), 1.0)
+    if float(np.prod(n)) <= _VESIN_MAX_CELLS:
+        return
+    ratio_xy, ratio_yz = n[0] / n[1], n[1] / n[2]
+    nz = np.trunc(np.cbrt(_VESIN_MAX_CELLS / (ratio_xy * ratio_yz * ratio_yz)))
+    ny = np.trunc(ratio_yz * nz)
+    nx = np.trunc(ratio_xy * ny)
+    # one more cell of margin than vesin needs: its arithmetic may round differently
+    if min(nx, ny, nz) < 2:
+        raise StructureError(
+            f"the structure is too elongated for the neighbour list: it spans "
+            f"{spacings.max():.3g} Å in one direction and {spacings.min():.3g} Å in another "
+            f"(cutoff {cutoff:g} Å); use a less extreme cell or less vacuum"
+        )
+
+
 def neighbor_list(
     structure: Structure, cutoff: float
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
@@ -70,6 +123,7 @@ def neighbor_list(
             )
     else:
         cell = np.zeros((3, 3))
+    check_neighbor_grid(structure, cutoff)
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True, sorted=True)
     try:
         i, j, shifts = calculator.compute(

@@ -125,7 +125,13 @@ class CACEPotential(torch.nn.Module):
 
         force_out = virial_out = None
         inputs = [t for t in (positions if forces else None, strain) if t is not None]
-        if inputs:
+        if inputs and not energy.requires_grad:
+            # Nothing depends on the geometry (e.g. isolated atoms, no neighbour pairs).
+            if forces:
+                force_out = torch.zeros_like(positions)
+            if virial:
+                virial_out = torch.zeros_like(batch.cell)
+        elif inputs:
             grads = torch.autograd.grad(
                 energy.sum(), inputs, create_graph=create_graph, allow_unused=True
             )

@@ -1,0 +1,299 @@
+"""HTTP API throughput and latency next to the model alone doing the same work.
+
+A cace-server HTTP API (engine + FastAPI under uvicorn, in a subprocess) serves the
+converted reference water model; an asyncio load generator (httpx, this process)
+keeps C requests in flight and records each latency. For each system (a water
+molecule, liquid-64 = 192 atoms, a 4x4x4 liquid-64 box = 12,288 atoms), body format
+(JSON, msgpack with raw float64 arrays) and engine batching (default
+``max_batch_atoms``, or 1 so that every structure runs alone) it prints
+requests/s and p50/p99 latency at concurrency 1, 8 and 32, next to the model's own
+time for the same work measured in this process afterwards (``predict`` of C
+copies in one batch when batching, of one structure otherwise; neighbour list
+included). The 12,288-atom box runs at concurrency 1 only (``--full`` for all).
+
+    python benchmarks/http.py                    # float32, 2 torch threads
+    python benchmarks/http.py --dtype float64 --full
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named after what it measures: its folder must leave sys.path before
+# anything imports the standard library's ``http`` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+REFERENCE = Path(os.environ.get("CACE_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+CONCURRENCY = (1, 8, 32)
+
+
+# ------------------------------------------------------------------ server subprocess
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from cace_server.engine import Engine, EngineSettings
+    from cace_server.http import HttpSettings, create_app
+
+    settings = EngineSettings(
+        dtype=args.dtype,
+        torch_threads=args.threads,
+        max_batch_atoms=args.max_batch_atoms,
+        max_batch_pairs=args.max_batch_pairs,
+    )
+    http = HttpSettings(max_atoms=20_000, request_timeout_s=900, access_log=False)
+    with Engine({"water": args.model}, settings=settings) as engine:
+        app = create_app(engine, settings=http)
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, model: Path, dtype: str, threads: int, batching: bool) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable, __file__, "--serve", "--model", str(model), "--dtype", dtype,
+            "--threads", str(threads), "--port", str(self.port),
+        ]  # fmt: skip
+        if not batching:  # every structure is larger than the bounds: batches of one
+            cmd += ["--max-batch-atoms", "1", "--max-batch-pairs", "1"]
+        self.proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the server exited during start-up")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server not ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+# ------------------------------------------------------------------ systems and bodies
+
+
+def systems() -> dict[str, Any]:
+    import ase.io
+    from ase.build import molecule
+
+    liquid = ase.io.read(REFERENCE / "liquid-64.xyz")
+    liquid.pbc = True
+    water = molecule("H2O")
+    return {"H2O": water, "liquid-64": liquid, "liquid-64 x64": liquid.repeat((4, 4, 4))}
+
+
+def body(atoms: Any, binary: bool) -> tuple[bytes, dict[str, str]]:
+    import msgpack
+
+    pos = np.ascontiguousarray(atoms.get_positions(), dtype="<f8")
+    b: dict[str, Any] = {
+        "numbers": atoms.numbers.tolist(),
+        "positions": (
+            {"shape": list(pos.shape), "dtype": "<f8", "data": pos.tobytes()}
+            if binary
+            else pos.tolist()
+        ),
+        "pbc": bool(atoms.pbc.all()),
+        "properties": ["energy", "forces"] + (["stress"] if atoms.pbc.all() else []),
+    }
+    if atoms.pbc.any():
+        b["cell"] = np.asarray(atoms.cell).tolist()
+    if binary:
+        kind = "application/msgpack"
+        return msgpack.packb(b, use_bin_type=True), {"content-type": kind, "accept": kind}
+    kind = "application/json"
+    return json.dumps(b).encode(), {"content-type": kind, "accept": kind}
+
+
+async def load(url: str, content: bytes, headers: dict[str, str], conc: int, total: int):
+    import httpx
+    import msgpack
+
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        # one warm request per connection, not timed
+        await asyncio.gather(
+            *(client.post("/v1/calculate", content=content, headers=headers) for _ in range(conc))
+        )
+        left = total
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                t0 = time.perf_counter()
+                r = await client.post("/v1/calculate", content=content, headers=headers)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+                # decode as a client would
+                if headers["accept"] == "application/msgpack":
+                    msgpack.unpackb(r.content)
+                else:
+                    json.loads(r.content)
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        wall = time.perf_counter() - t0
+    return len(latencies) / wall, latencies
+
+
+def model_times(model: Path, dtype: str, threads: int, cases: list[tuple[str, Any, int, bool]]):
+    """Seconds per structure of the model alone, for (system, copies in one batch)."""
+    import torch
+
+    from cace_server.model import load_model
+    from cace_server.structures import Structure
+
+    torch.set_num_threads(threads)
+    m = load_model(model, dtype=dtype)
+    out: dict[tuple[str, int], float] = {}
+    for name, atoms, copies, _ in cases:
+        if (name, copies) in out:
+            continue
+        s = Structure.from_ase(atoms)
+        m.predict([s] * copies)  # warm
+        reps = max(1, min(5, int(2.0 / max(1e-3, _timed(m, [s] * copies)))))
+        times = [_timed(m, [s] * copies) for _ in range(reps)]
+        out[(name, copies)] = statistics.median(times) / copies
+    return out
+
+
+def _timed(m: Any, structures: list[Any]) -> float:
+    t0 = time.perf_counter()
+    m.predict(structures, stress=True)
+    return time.perf_counter() - t0
+
+
+def requests_for(n_atoms: int, conc: int) -> int:
+    if n_atoms < 50:
+        return {1: 100, 8: 240, 32: 480}[conc]
+    if n_atoms < 1000:
+        return {1: 16, 8: 40, 32: 96}[conc]
+    return {1: 3, 8: 8, 32: 32}[conc]
+
+
+def main(args: argparse.Namespace) -> None:
+    from cace_server.model import convert_original, save_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="cace-http-bench-"))
+    model = save_model(
+        convert_original(REFERENCE / "best_model.pth", dtype=args.dtype), tmp / "water.safetensors"
+    )
+    mols = systems()
+    rows: list[dict[str, Any]] = []
+    for batching in (True, False):
+        server = Server(model, args.dtype, args.threads, batching)
+        try:
+            server.wait_ready()
+            for name, atoms in mols.items():
+                big = len(atoms) > 1000
+                if big and not batching:
+                    continue  # a 12,288-atom structure runs alone either way
+                for binary in (False, True):
+                    for conc in CONCURRENCY:
+                        if big and conc > 1 and not args.full:
+                            continue
+                        content, headers = body(atoms, binary)
+                        total = requests_for(len(atoms), conc)
+                        rps, lat = asyncio.run(load(server.url, content, headers, conc, total))
+                        lat.sort()
+                        row = {
+                            "system": name, "atoms": len(atoms),
+                            "format": "msgpack" if binary else "json",
+                            "batching": "-" if big else ("on" if batching else "off"),
+                            "conc": conc, "rps": rps,
+                            "p50": 1e3 * lat[len(lat) // 2],
+                            "p99": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                            "bytes": len(content), "n": len(lat),
+                        }  # fmt: skip
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+
+    cases = [
+        (r["system"], mols[r["system"]], r["conc"] if r["batching"] == "on" else 1, True)
+        for r in rows
+    ]
+    per = model_times(model, args.dtype, args.threads, cases)
+    print()
+    print(
+        f"cace-server HTTP API, water CACE-LR model, {args.dtype}, {args.threads} torch threads, "
+        "CPU; server and load generator share this machine's cores"
+    )
+    print()
+    print(
+        "| system | atoms | body | engine batching | concurrency | req/s | p50 ms | p99 ms "
+        "| model-only req/s | model-only ms/structure | HTTP share of p50 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        copies = r["conc"] if r["batching"] == "on" else 1
+        t = per[(r["system"], copies)]
+        # c=1: latency above the model's own time; otherwise throughput lost to HTTP
+        share = f"{100 * (r['p50'] / 1e3 - t) / (r['p50'] / 1e3):.0f}%" if r["conc"] == 1 else "-"
+        print(
+            f"| {r['system']} | {r['atoms']} | {r['format']} ({r['bytes'] / 1e3:.0f} kB) | "
+            f"{r['batching']} | {r['conc']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} "
+            f"| {1 / t:.1f} | {1e3 * t:.2f} | {share} |"
+        )
+    print()
+    print(
+        "model-only: the same structure(s) through model.predict in this process, C copies "
+        "in one batch where the engine batches (C = concurrency), one otherwise."
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--full", action="store_true", help="12,288 atoms at every concurrency")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch-atoms", type=int, default=8192, help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch-pairs", type=int, default=600_000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    serve(args) if args.serve else main(args)

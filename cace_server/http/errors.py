@@ -1,0 +1,106 @@
+"""Error replies: one JSON shape for every failure, and the engine's errors mapped to 4xx/5xx.
+
+Every error body is ``{"error": KIND, "message": TEXT, "field": PATH | null}``
+(plus ``"errors"``, the list of problems, for validation failures). ``field`` is the
+dotted path of the offending input (``structures.2.positions``), so a client can
+point at it. Only a bug gives 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from cace_server.engine import errors as engine_errors
+
+
+class ApiError(Exception):
+    """An error reply: HTTP status, stable kind, message and the field it concerns."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+        self.errors = errors
+
+    def response(self) -> Response:
+        body: dict[str, Any] = {"error": self.kind, "message": self.message, "field": self.field}
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return Response(
+            json.dumps(body).encode(),
+            status_code=self.status,
+            media_type="application/json",
+            headers=self.headers,
+        )
+
+
+def invalid(message: str, field: str | None, kind: str = "invalid_input") -> ApiError:
+    return ApiError(422, kind, message, field=field)
+
+
+def join_path(*parts: object) -> str:
+    return ".".join(str(p) for p in parts if p != "" and p is not None)
+
+
+def from_validation_error(exc: ValidationError, prefix: tuple[object, ...] = ()) -> ApiError:
+    """A pydantic error as a 422 naming the first offending field (all are listed)."""
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        problems.append({"field": join_path(*prefix, *err["loc"]), "message": err["msg"]})
+    if not problems:  # pragma: no cover - pydantic always reports at least one
+        problems.append({"field": join_path(*prefix), "message": str(exc)})
+    first = problems[0]
+    where = f"{first['field']}: " if first["field"] else ""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return ApiError(
+        422,
+        "invalid_input",
+        f"{where}{first['message']}{more}",
+        field=first["field"] or None,
+        errors=problems,
+    )
+
+
+# Engine failures: status and whether the failure concerns one structure (its index).
+_ENGINE_STATUS: dict[type[engine_errors.EngineError], int] = {
+    engine_errors.InvalidStructure: 422,
+    engine_errors.UnknownModel: 422,
+    engine_errors.NonFiniteResult: 422,
+    # The structure does not fit in device memory even alone: the request is too large.
+    engine_errors.OutOfMemory: 413,
+    engine_errors.Overloaded: 503,
+    engine_errors.NotReady: 503,
+    engine_errors.EngineClosed: 503,
+    engine_errors.EvaluationError: 500,
+}
+
+
+def from_engine_error(exc: engine_errors.EngineError, *, batch: bool) -> ApiError:
+    status = 500
+    for cls, code in _ENGINE_STATUS.items():
+        if isinstance(exc, cls):
+            status = code
+            break
+    field: str | None = None
+    if isinstance(exc, engine_errors.UnknownModel):
+        field = "model"
+    elif exc.index is not None:
+        field = f"structures.{exc.index}" if batch else None
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return ApiError(status, exc.kind, str(exc), field=field, headers=headers)

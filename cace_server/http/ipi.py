@@ -1,0 +1,186 @@
+"""i-PI connection groups controlled over HTTP: attach the running server to a new run.
+
+A group is the ``clients`` connections made by one ``POST /v1/ipi/connections``: one
+:class:`~cace_server.ipi.DriverPool` of its own, whose evaluator is bound to the
+group's model, so that a group can be closed alone. A pool the server was started
+with (``--ipi``) is listed as group ``startup``; closing it stops that pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from cace_server.engine import Engine
+from cace_server.http.errors import ApiError, invalid
+from cace_server.http.settings import HttpSettings
+from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, parse_address
+from cace_server.structures import Prediction, Structure
+
+logger = logging.getLogger("cace_server.http")
+
+STARTUP_GROUP = "startup"
+
+
+@dataclass
+class Group:
+    id: str
+    address: str
+    model: str
+    pool: DriverPool
+    owned: bool  # created through the API (stopped with the app)
+    created: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+
+    @property
+    def state(self) -> str:
+        states = {c.state for c in self.pool.connections}
+        if not states or states == {ConnectionState.CLOSED}:
+            return "closed"
+        if states <= {ConnectionState.CONNECTING, ConnectionState.CLOSED}:
+            return "connecting"
+        return "running"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "address": self.address,
+            "model": self.model,
+            "clients": len(self.pool.connections),
+            "state": self.state,
+            "connections": [s.as_dict() for s in self.pool.statuses()],
+        }
+
+
+class IpiGroups:
+    """The groups of this server; every method runs on the server's event loop."""
+
+    def __init__(
+        self, engine: Engine, settings: HttpSettings, startup: DriverPool | None = None
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.groups: dict[str, Group] = {}
+        self._ids = itertools.count(1)
+        self._startup = startup
+
+    def _register_startup(self) -> None:
+        # Deferred: Group needs the running loop for its creation time.
+        # A pool without connections (no --ipi given) is not listed.
+        if self._startup is not None and self._startup.connections:
+            addresses = sorted({str(c.address) for c in self._startup.connections})
+            self.groups[STARTUP_GROUP] = Group(
+                STARTUP_GROUP,
+                ", ".join(addresses),
+                self._startup.options.model_name or self.engine.default_model,
+                self._startup,
+                owned=False,
+            )
+            self._startup = None
+
+    def list(self) -> list[Group]:
+        self._register_startup()
+        return list(self.groups.values())
+
+    def states(self) -> dict[str, int]:
+        """Connections by state, over every group (for /metrics)."""
+        counts: Counter[str] = Counter()
+        pools = [g.pool for g in self.groups.values()]
+        if self._startup is not None:
+            pools.append(self._startup)
+        for pool in pools:
+            for c in pool.connections:
+                counts[c.state.value] += 1
+        return dict(counts)
+
+    async def add(
+        self,
+        address: str,
+        clients: int,
+        model: str,
+        numbers: npt.NDArray[np.int64],
+        *,
+        pbc: bool | None,
+        reconnect: bool,
+        connect_timeout: float,
+        sockets_prefix: str,
+    ) -> Group:
+        self._register_startup()
+        active = [g for g in self.groups.values() if g.owned and g.state != "closed"]
+        if len(active) >= self.settings.max_ipi_groups:
+            raise ApiError(
+                429,
+                "too_many_groups",
+                f"{len(active)} i-PI groups are active (limit {self.settings.max_ipi_groups}); "
+                "close one first",
+            )
+        if clients > self.settings.max_ipi_clients:
+            raise invalid(
+                f"at most {self.settings.max_ipi_clients} connections per group", "clients"
+            )
+        if not sockets_prefix.startswith("/"):
+            raise invalid("sockets_prefix must be an absolute path", "sockets_prefix")
+        try:
+            parsed = parse_address(address, sockets_prefix)
+        except ValueError as exc:
+            raise invalid(str(exc), "address") from None
+        allowed = self.settings.ipi_allowed_hosts
+        if parsed.host is not None and allowed is not None and parsed.host not in allowed:
+            raise ApiError(
+                403,
+                "address_not_allowed",
+                f"this server connects only to i-PI on {', '.join(allowed)} "
+                f"(got host {parsed.host!r})",
+                field="address",
+            )
+        engine = self.engine
+
+        async def evaluate(structures: list[Structure]) -> list[Prediction]:
+            return await engine.evaluate(structures, model)
+
+        options = DriverOptions(
+            numbers=[int(z) for z in numbers],
+            pbc=pbc,
+            model_name=model,
+            reconnect=reconnect,
+            connect_timeout=connect_timeout,
+            sockets_prefix=sockets_prefix,
+        )
+        pool = DriverPool(evaluate, options)
+        group_id = f"g{next(self._ids)}"
+        pool.add(parsed, clients)
+        for i, connection in enumerate(pool.connections):
+            connection.name = f"{group_id}#{i}"
+        await pool.start()
+        group = Group(group_id, str(parsed), model, pool, owned=True)
+        self.groups[group_id] = group
+        self._forget_old_closed()
+        logger.info(
+            "i-PI group %s: %d connection(s) to %s, model %s", group_id, clients, parsed, model
+        )
+        return group
+
+    def _forget_old_closed(self) -> None:
+        """Keep the listing bounded: only the newest closed groups stay listed."""
+        closed = [g for g in self.groups.values() if g.owned and g.state == "closed"]
+        for g in closed[: max(0, len(closed) - 4 * self.settings.max_ipi_groups)]:
+            del self.groups[g.id]
+
+    async def remove(self, group_id: str) -> Group:
+        self._register_startup()
+        group = self.groups.pop(group_id, None)
+        if group is None:
+            raise ApiError(404, "not_found", f"no i-PI group {group_id!r}", field="id")
+        await group.pool.stop()
+        logger.info("i-PI group %s closed", group_id)
+        return group
+
+    async def close(self) -> None:
+        """Stop the groups created through the API (the startup pool is not ours)."""
+        owned = [g for g in self.groups.values() if g.owned]
+        await asyncio.gather(*(g.pool.stop() for g in owned), return_exceptions=True)

@@ -1,0 +1,135 @@
+"""Prometheus metrics: the engine's counters (read at scrape time) and HTTP counters.
+
+Each app has its own registry, so several servers in one process (tests) do not
+share or clash. The engine is read through ``engine.snapshot()`` by a custom
+collector: nothing is copied between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from cace_server.engine import Engine, HistogramSnapshot
+
+HTTP_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    120.0,
+)
+
+
+def _histogram(name: str, doc: str, snap: HistogramSnapshot) -> HistogramMetricFamily:
+    buckets = [("+Inf" if b == float("inf") else repr(float(b)), c) for b, c in snap.buckets]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=snap.sum)
+
+
+class EngineCollector(Collector):
+    """Reads the engine's snapshot (and i-PI connection states) at every scrape."""
+
+    def __init__(self, engine: Engine, ipi_states: Callable[[], dict[str, int]]) -> None:
+        self.engine = engine
+        self.ipi_states = ipi_states
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.engine.snapshot()
+        yield GaugeMetricFamily(
+            "cace_engine_ready", "1 when models are loaded and warm", value=float(self.engine.ready)
+        )
+        yield GaugeMetricFamily("cace_engine_uptime_seconds", "engine age", value=s.uptime_s)
+        counters = {
+            "requests": ("evaluation requests (rejected ones included)", s.requests),
+            "structures": ("structures accepted for evaluation", s.structures),
+            "atoms": ("atoms accepted for evaluation", s.atoms),
+            "batches": ("batches taken from the queue", s.batches),
+            "model_calls": ("model forward passes", s.model_calls),
+            "oom_splits": ("batches split after running out of memory", s.oom_splits),
+        }
+        for key, (doc, value) in counters.items():
+            yield CounterMetricFamily(f"cace_engine_{key}", doc, value=value)
+        errors = CounterMetricFamily(
+            "cace_engine_errors", "failed structures or rejected requests", labels=["kind"]
+        )
+        for kind, n in sorted(s.errors.items()):
+            errors.add_metric([kind], n)
+        yield errors
+        by_model = CounterMetricFamily(
+            "cace_engine_model_structures", "structures accepted per model", labels=["model"]
+        )
+        for model, n in sorted(s.structures_by_model.items()):
+            by_model.add_metric([model], n)
+        yield by_model
+        yield GaugeMetricFamily(
+            "cace_engine_queue_depth", "structures waiting", value=s.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "cace_engine_in_flight", "structures in the running batch", value=s.in_flight
+        )
+        yield _histogram("cace_engine_batch_structures", "structures per batch", s.batch_structures)
+        yield _histogram("cace_engine_batch_atoms", "atoms per batch", s.batch_atoms)
+        yield _histogram(
+            "cace_engine_queue_wait_seconds", "per structure, submission to batch", s.queue_wait_s
+        )
+        yield _histogram("cace_engine_compute_seconds", "per batch, model time", s.compute_s)
+        yield _histogram(
+            "cace_engine_latency_seconds", "per request, submission to result", s.latency_s
+        )
+        states = GaugeMetricFamily(
+            "cace_ipi_connections", "i-PI driver connections by state", labels=["state"]
+        )
+        for state, n in sorted(self.ipi_states().items()):
+            states.add_metric([state], n)
+        yield states
+
+
+class HttpMetrics:
+    """HTTP-side counters, in a registry of their own (plus the engine collector)."""
+
+    def __init__(self, engine: Engine, ipi_states: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(EngineCollector(engine, ipi_states))
+        self.requests = Counter(
+            "cace_http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cace_http_request_duration_seconds",
+            "HTTP request time, body read to reply sent",
+            ["route", "method"],
+            buckets=HTTP_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "cace_http_errors", "HTTP error replies by kind", ["kind"], registry=self.registry
+        )
+        self.structures = Counter(
+            "cace_http_structures",
+            "structures evaluated through HTTP",
+            ["format"],
+            registry=self.registry,
+        )
+        self.atoms = Counter(
+            "cace_http_atoms", "atoms evaluated through HTTP", ["format"], registry=self.registry
+        )

@@ -1,0 +1,200 @@
+"""ASGI middleware: access log + metrics (outermost), bearer token, body-size limit.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware: no extra task per request,
+and the body limit can refuse a request before a byte of it is parsed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cace_server.http.errors import ApiError
+from cace_server.http.metrics import HttpMetrics
+
+access_logger = logging.getLogger("cace_server.http.access")
+logger = logging.getLogger("cace_server.http")
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+async def _send_error(scope: Scope, send: Send, error: ApiError) -> None:
+    scope.setdefault("state", {})["error_kind"] = error.kind
+    response = error.response()
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:  # pragma: no cover - responses never read
+    return {"type": "http.disconnect"}
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` (413) from Content-Length, or while streaming.
+
+    The body is read here, bounded, and replayed to the app: whatever follows never
+    sees more than the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        too_large = ApiError(
+            413,
+            "body_too_large",
+            f"request body larger than this server's limit of {self.max_bytes} bytes",
+        )
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _send_error(
+                        scope, send, ApiError(400, "bad_request", "bad Content-Length")
+                    )
+                    return
+                if int(value) > self.max_bytes:
+                    await _send_error(scope, send, too_large)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _send_error(scope, send, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        scope.setdefault("state", {})["body_bytes"] = size
+        await self.app(scope, replay, send)
+
+
+class BearerAuth:
+    """Require ``Authorization: Bearer <token>`` on every path but the open ones."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = credentials.strip()
+        if not given or not hmac.compare_digest(given, self.token):
+            error = ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token" if given else "this server requires a bearer token",
+                headers={"WWW-Authenticate": 'Bearer realm="cace-server"'},
+            )
+            await _send_error(scope, send, error)
+            return
+        await self.app(scope, receive, send)
+
+
+class Observe:
+    """Counts every request by route and status, times it, logs one JSON line.
+
+    Also the last line of defence: an exception that escapes the app is a bug; it is
+    logged with its traceback and answered with a 500 in the API's error shape.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics, access_log: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = False
+        error_kind: list[str] = []
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        except Exception as exc:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            error_kind.append("internal_error")
+            if not started:
+                await _send_error(
+                    scope,
+                    send_observed,
+                    ApiError(500, "internal_error", f"internal error: {type(exc).__name__}"),
+                )
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            # unmatched paths share one label: label values must stay a bounded set
+            label = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(label, method, str(status)).inc()
+            self.metrics.latency.labels(label, method).observe(elapsed)
+            kind = scope.get("state", {}).get("error_kind")
+            if kind is None and error_kind:
+                kind = error_kind[0]
+            if kind is not None:
+                self.metrics.errors.labels(kind).inc()
+            if self.access_log and access_logger.isEnabledFor(logging.INFO):
+                access_logger.info(json.dumps(self._record(scope, status, elapsed, request_id)))
+
+    @staticmethod
+    def _record(scope: Scope, status: int, elapsed: float, request_id: str) -> dict[str, Any]:
+        client = scope.get("client")
+        state = scope.get("state", {})
+        return {
+            "ts": round(time.time(), 3),
+            "id": request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "ms": round(elapsed * 1000, 3),
+            "bytes_in": state.get("body_bytes", 0),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "error": state.get("error_kind"),
+            "structures": state.get("structures"),
+            "atoms": state.get("atoms"),
+        }

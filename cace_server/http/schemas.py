@@ -1,0 +1,196 @@
+"""Request and response bodies (pydantic v2), the same for JSON and msgpack.
+
+Arrays are typed loosely here (``Any`` with a documented JSON schema) and read by
+:mod:`cace_server.http.arrays`, which accepts nested lists or packed bytes and
+names the field in its errors; pydantic checks everything else.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+Property = Literal["energy", "forces", "stress", "energies", "charges"]
+DEFAULT_PROPERTIES: tuple[Property, ...] = ("energy", "forces", "stress")
+
+_NUMBER = {"type": "number"}
+_ROWS3 = {
+    "type": "array",
+    "items": {"type": "array", "items": _NUMBER, "minItems": 3, "maxItems": 3},
+}
+_PACKED_NOTE = (
+    " With application/msgpack, also a packed array "
+    '{"shape": [...], "dtype": "<f8", "data": <bin, little-endian, C order>}.'
+)
+
+Positions = Annotated[
+    Any,
+    WithJsonSchema(
+        {**_ROWS3, "minItems": 1, "description": "Cartesian positions (Å), one row per atom."}
+    ),
+]
+Cell = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {**_ROWS3, "minItems": 3, "maxItems": 3},
+                {"type": "array", "items": _NUMBER},
+            ],
+            "description": "Lattice vectors as rows (Å), or three lengths of an orthorhombic "
+            "cell. Required when any direction is periodic.",
+        }
+    ),
+]
+Numbers = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": 118},
+            "description": "Atomic numbers (give these or symbols).",
+        }
+    ),
+]
+
+_strict = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StructureIn(BaseModel):
+    """One structure: species (``numbers`` or ``symbols``), positions, optional cell/pbc."""
+
+    model_config = _strict
+
+    numbers: Numbers | None = None
+    symbols: list[str] | None = Field(
+        None, description="Chemical symbols, e.g. ['O', 'H', 'H'] (give these or numbers)."
+    )
+    positions: Positions
+    cell: Cell | None = None
+    pbc: bool | list[bool] | None = Field(
+        None,
+        description="Periodicity: one flag or three. Default: not periodic (as in ASE).",
+    )
+
+
+class CalculateRequest(StructureIn):
+    """``POST /v1/calculate``: one structure and what to compute."""
+
+    properties: list[Property] | None = Field(
+        None,
+        description="What to return. Default: energy, forces and stress (stress only for "
+        "periodic structures). 'energies' (per atom) and 'charges' depend on the model.",
+    )
+    model: str | None = Field(None, max_length=200, description="Model name (default model).")
+
+
+class BatchRequest(BaseModel):
+    """``POST /v1/calculate/batch``: several structures, evaluated together."""
+
+    model_config = _strict
+
+    structures: list[StructureIn] = Field(..., min_length=1)
+    properties: list[Property] | None = None
+    model: str | None = Field(None, max_length=200)
+
+
+class Result(BaseModel):
+    """What was computed for one structure (ASE units). Absent properties are null."""
+
+    n_atoms: int
+    energy: float = Field(..., description="eV")
+    free_energy: float = Field(..., description="eV (equal to energy)")
+    forces: list[list[float]] | None = Field(None, description="eV/Å, one row per atom")
+    stress: list[float] | None = Field(
+        None, description="eV/Å^3, Voigt order xx yy zz yz xz xy, ASE sign convention"
+    )
+    stress_tensor: list[list[float]] | None = Field(None, description="eV/Å^3, 3x3")
+    virial: list[list[float]] | None = Field(None, description="eV, -stress x volume")
+    energies: list[float] | None = Field(None, description="eV per atom")
+    charges: list[float] | None = Field(None, description="latent charges (CACE-LR)")
+
+
+class CalculateResponse(Result):
+    model: str
+
+
+class BatchResponse(BaseModel):
+    model: str
+    results: list[Result]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(..., description="stable error kind, e.g. invalid_input")
+    message: str
+    field: str | None = Field(None, description="dotted path of the offending input")
+    errors: list[dict[str, Any]] | None = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    default: bool
+    elements: list[int]
+    symbols: list[str]
+    cutoff: float
+    dtype: str
+    device: str
+    n_parameters: int
+    has_charges: bool
+    per_atom_energies: bool
+    source: str | None
+    sha256: str | None = Field(None, description="SHA-256 of the model file, when from a file")
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelOut]
+
+
+class IpiConnectRequest(BaseModel):
+    """``POST /v1/ipi/connections``: connect to a running i-PI."""
+
+    model_config = _strict
+
+    address: str = Field(
+        ...,
+        max_length=300,
+        description="unix:NAME (i-PI's sockets_prefix + NAME), unix:/abs/path, shm:NAME, HOST:PORT",
+    )
+    clients: int = Field(1, ge=1, description="connections (one per bead, or 1 when batched)")
+    model: str | None = Field(None, max_length=200)
+    numbers: Numbers | None = None
+    symbols: list[str] | None = Field(
+        None, description="species of i-PI's atoms, in order (i-PI does not send them)"
+    )
+    pbc: bool | None = Field(None, description="default: periodic unless i-PI's cell is zero")
+    reconnect: bool = Field(False, description="wait for the next i-PI at the same address")
+    connect_timeout: float = Field(60.0, gt=0, le=86400, description="seconds to wait for i-PI")
+    sockets_prefix: str = Field("/tmp/ipi_", max_length=200)
+
+
+class IpiConnection(BaseModel):
+    name: str
+    address: str
+    transport: str
+    state: str
+    steps: int
+    structures: int
+    sessions: int
+    bead_index: int | None
+    batch_size: int
+    last_error: str | None
+    last_step_seconds: float | None
+
+
+class IpiGroup(BaseModel):
+    id: str
+    address: str
+    model: str
+    clients: int
+    state: str = Field(..., description="connecting, running or closed")
+    connections: list[IpiConnection]
+
+
+class IpiGroupsResponse(BaseModel):
+    groups: list[IpiGroup]

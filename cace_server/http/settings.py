@@ -1,0 +1,65 @@
+"""Settings of the HTTP frontend (one frozen dataclass, validated on creation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Limits, authentication and i-PI control of the HTTP API.
+
+    ``token``: when set, every route but ``/healthz`` requires
+    ``Authorization: Bearer <token>``.
+    """
+
+    token: str | None = None
+    #: largest request body accepted (bytes); checked before any parsing.
+    max_request_bytes: int = 64 * 1024 * 1024
+    #: atoms in one structure.
+    max_atoms: int = 100_000
+    #: structures in one batch request.
+    max_structures: int = 1024
+    #: atoms in one request, summed over its structures.
+    max_request_atoms: int = 200_000
+    #: seconds a calculation may take (queueing included) before the client gets 504.
+    request_timeout_s: float = 120.0
+    #: atoms closer than this (Å, periodic images included) make a structure invalid.
+    min_distance: float = 0.1
+    #: upper bound of the neighbours per atom within the model cutoff, as estimated on
+    #: a grid (about 6x the true count); denser input would exhaust memory, not inform.
+    max_neighbors_per_atom: int = 4000
+    #: accept and return ``application/msgpack`` next to JSON.
+    allow_binary: bool = True
+    #: let clients attach the server to i-PI runs (``/v1/ipi/connections``).
+    allow_ipi_control: bool = True
+    #: hosts a TCP i-PI address may name; None allows any (the server then connects
+    #: wherever a client says: only for trusted networks).
+    ipi_allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    #: connection groups attached through the API at once, and connections per group.
+    max_ipi_groups: int = 16
+    max_ipi_clients: int = 64
+    #: one JSON line per request on the ``cace_server.http.access`` logger.
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_request_bytes",
+            "max_atoms",
+            "max_structures",
+            "max_request_atoms",
+            "max_neighbors_per_atom",
+            "max_ipi_groups",
+            "max_ipi_clients",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.min_distance < 0:
+            raise ValueError(f"min_distance must not be negative, got {self.min_distance}")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("token must not be empty (use None for no authentication)")

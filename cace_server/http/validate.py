@@ -1,0 +1,266 @@
+"""From a request body to engine-ready :class:`Structure` objects, or a 4xx naming the field.
+
+Everything the model cannot meaningfully evaluate is refused here, before it costs
+device time: unknown species, non-finite or absurd coordinates, singular cells,
+overlapping atoms (periodic images included) and densities that would make the
+neighbour list, and memory, explode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import vesin
+from ase.data import atomic_numbers, chemical_symbols
+
+from cace_server.engine import ModelInfo
+from cace_server.http.arrays import read_floats, read_ints
+from cace_server.http.errors import ApiError, invalid, join_path
+from cace_server.http.schemas import DEFAULT_PROPERTIES, Property, StructureIn
+from cace_server.http.settings import HttpSettings
+from cace_server.model.neighbors import check_neighbor_grid, plane_spacings
+from cace_server.structures import Structure, StructureError
+
+# Coordinates and cell lengths beyond this (Å, one micrometre) are a unit mistake, not
+# a structure; far larger spans also make neighbour lists slow (vesin).
+MAX_COORDINATE = 1.0e4
+
+
+def read_species(
+    numbers: object, symbols: Sequence[str] | None, prefix: str
+) -> tuple[npt.NDArray[np.int64], str]:
+    """Atomic numbers from ``numbers`` or ``symbols`` and the name of the field used."""
+    if (numbers is None) == (symbols is None):
+        raise invalid("give exactly one of numbers and symbols", join_path(prefix, "numbers"))
+    if symbols is not None:
+        field = join_path(prefix, "symbols")
+        out = np.empty(len(symbols), dtype=np.int64)
+        for i, symbol in enumerate(symbols):
+            z = atomic_numbers.get(symbol, 0)
+            if not 1 <= z <= 118:
+                raise invalid(f"unknown chemical symbol {symbol[:20]!r}", join_path(field, i))
+            out[i] = z
+        return out, field
+    field = join_path(prefix, "numbers")
+    out = read_ints(numbers, field)
+    bad = np.flatnonzero((out < 1) | (out > 118))
+    if bad.size:
+        raise invalid(
+            f"atomic numbers must lie in 1..118, got {out[bad[0]]}", join_path(field, bad[0])
+        )
+    return out, field
+
+
+def check_elements(
+    numbers: npt.NDArray[np.int64], elements: Sequence[int], field: str, model: str
+) -> None:
+    known = np.zeros(119, dtype=bool)
+    known[np.asarray(elements, dtype=np.int64)] = True
+    bad = np.flatnonzero(~known[numbers])
+    if bad.size:
+        z = int(numbers[bad[0]])
+        names = ", ".join(chemical_symbols[e] for e in elements)
+        raise invalid(
+            f"element {chemical_symbols[z]} (Z={z}) is not supported by model {model!r} "
+            f"(it knows {names})",
+            join_path(field, bad[0]),
+            kind="unknown_element",
+        )
+
+
+def _first_non_finite(arr: npt.NDArray[np.float64]) -> int | None:
+    bad = np.flatnonzero(~np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1))
+    return int(bad[0]) if bad.size else None
+
+
+def read_geometry(
+    s: StructureIn, n: int, prefix: str
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    pfield = join_path(prefix, "positions")
+    positions = read_floats(s.positions, pfield)
+    if positions.shape != (n, 3):
+        raise invalid(
+            f"positions must have shape [{n}, 3] for {n} atoms, got {list(positions.shape)}",
+            pfield,
+        )
+    row = _first_non_finite(positions)
+    if row is not None:
+        raise invalid("position is NaN or infinite", join_path(pfield, row))
+    if np.abs(positions).max() > MAX_COORDINATE:
+        row = int(np.flatnonzero(np.abs(positions).max(axis=1) > MAX_COORDINATE)[0])
+        raise invalid(f"coordinates beyond {MAX_COORDINATE:g} Å", join_path(pfield, row))
+
+    cfield = join_path(prefix, "cell")
+    cell: npt.NDArray[np.float64]
+    if s.cell is None:
+        cell = np.zeros((3, 3))
+    else:
+        cell = read_floats(s.cell, cfield)
+        if cell.shape == (3,):
+            cell = np.diag(cell).astype(np.float64)
+        if cell.shape != (3, 3):
+            raise invalid(
+                f"cell must be 3 lattice vectors [3, 3] or 3 lengths [3], got {list(cell.shape)}",
+                cfield,
+            )
+        row = _first_non_finite(cell)
+        if row is not None:
+            raise invalid("cell vector is NaN or infinite", join_path(cfield, row))
+        if np.abs(cell).max() > MAX_COORDINATE:
+            raise invalid(f"cell lengths beyond {MAX_COORDINATE:g} Å", cfield)
+
+    if s.pbc is None:
+        pbc = np.zeros(3, dtype=bool)
+    elif isinstance(s.pbc, bool):
+        pbc = np.full(3, s.pbc)
+    else:
+        if len(s.pbc) != 3:
+            raise invalid(f"pbc must be one flag or 3, got {len(s.pbc)}", join_path(prefix, "pbc"))
+        pbc = np.asarray(s.pbc, dtype=bool)
+    if pbc.any():
+        lengths = np.linalg.norm(cell, axis=1)
+        if not lengths.all():
+            raise invalid("a periodic structure needs three non-zero cell vectors", cfield)
+        # volume relative to the box of the vector lengths: 0 for (nearly) coplanar vectors
+        if abs(np.linalg.det(cell)) / float(np.prod(lengths)) < 1e-6:
+            raise invalid("cell is singular: its vectors are (nearly) coplanar", cfield)
+    return positions, cell, pbc
+
+
+def check_cell_list(structure: Structure, cutoff: float, field: str) -> None:
+    """Refuse geometries the neighbour list cannot handle, as a 422 naming ``field``."""
+    try:
+        check_neighbor_grid(structure, cutoff)
+    except StructureError as exc:
+        raise invalid(str(exc), field, kind="unsupported_geometry") from None
+
+
+def check_overlap(structure: Structure, min_distance: float, prefix: str) -> None:
+    """Refuse atoms closer than ``min_distance`` (periodic images included)."""
+    if min_distance <= 0:
+        return
+    pbc = structure.pbc
+    if pbc.any():
+        spacing = plane_spacings(structure.cell)
+        thin = np.flatnonzero(pbc & (spacing < min_distance))
+        if thin.size:
+            raise invalid(
+                f"cell is {spacing[thin[0]]:.3g} Å thick along vector {thin[0]}: every atom "
+                f"overlaps its periodic image (min_distance {min_distance:g} Å)",
+                join_path(prefix, "cell"),
+                kind="overlapping_atoms",
+            )
+        box = structure.cell
+    else:
+        box = np.zeros((3, 3))
+    # A cutoff of 1 Å at least keeps vesin's cell grid coarse; closer pairs are kept.
+    calculator = vesin.NeighborList(cutoff=max(float(min_distance), 1.0), full_list=False)
+    i, j, d = calculator.compute(
+        points=structure.positions, box=box, periodic=[bool(p) for p in pbc], quantities="ijd"
+    )
+    close = d < min_distance
+    i, j, d = i[close], j[close], d[close]
+    if len(d):
+        k = int(np.argmin(d))
+        a, b = sorted((int(i[k]), int(j[k])))
+        what = "its own periodic image" if a == b else f"atom {b}"
+        raise invalid(
+            f"atom {a} is {d[k]:.3g} Å from {what}, closer than min_distance {min_distance:g} Å",
+            join_path(prefix, "positions", a),
+            kind="overlapping_atoms",
+        )
+
+
+def estimated_neighbors(structure: Structure, cutoff: float) -> float:
+    """An upper estimate of neighbours per atom within ``cutoff`` (about 6x the truth).
+
+    Atoms are binned in cubes of side ``cutoff``; every atom is counted against the
+    27 cubes around its own. Periodic structures also get the uniform-density count
+    of the same 27 cubes, which covers small cells whose images crowd every atom.
+    """
+    n = len(structure)
+    keys = np.floor(structure.positions / cutoff).astype(np.int64)
+    keys -= keys.min(axis=0)
+    dims = keys.max(axis=0) + 3
+    flat = ((keys[:, 0] + 1) * dims[1] + keys[:, 1] + 1) * dims[2] + keys[:, 2] + 1
+    cubes, counts = np.unique(flat, return_counts=True)
+    around = np.zeros(len(cubes), dtype=np.int64)
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            for dz in (-1, 0, 1):
+                shifted = cubes + (dx * dims[1] + dy) * dims[2] + dz
+                pos = np.searchsorted(cubes, shifted)
+                pos[pos == len(cubes)] = 0
+                hit = cubes[pos] == shifted
+                around[hit] += counts[pos[hit]]
+    estimate = float(np.dot(counts, around)) / n
+    if structure.pbc.all():
+        estimate = max(estimate, n / structure.volume * 27 * cutoff**3)
+    return estimate
+
+
+def build_structure(
+    s: StructureIn, prefix: str, info: ModelInfo, settings: HttpSettings
+) -> Structure:
+    numbers, species_field = read_species(s.numbers, s.symbols, prefix)
+    n = len(numbers)
+    if n == 0:
+        raise invalid("structure has no atoms", species_field, kind="empty_structure")
+    if n > settings.max_atoms:
+        raise ApiError(
+            413,
+            "too_many_atoms",
+            f"{n} atoms; this server accepts at most {settings.max_atoms} per structure",
+            field=species_field,
+        )
+    check_elements(numbers, info.elements, species_field, info.name)
+    positions, cell, pbc = read_geometry(s, n, prefix)
+    try:
+        structure = Structure.create(numbers, positions, cell, pbc)
+    except StructureError as exc:
+        raise invalid(str(exc), prefix or None) from None
+    pfield = join_path(prefix, "positions")
+    gfield = join_path(prefix, "cell") if structure.pbc.any() else pfield
+    for cutoff in (max(settings.min_distance, 1.0), info.cutoff):
+        check_cell_list(structure, cutoff, gfield)
+    check_overlap(structure, settings.min_distance, prefix)
+    density = estimated_neighbors(structure, info.cutoff)
+    if density > settings.max_neighbors_per_atom:
+        raise invalid(
+            f"atoms are packed too densely: about {density:.0f} neighbours per atom within "
+            f"the model cutoff {info.cutoff:g} Å (estimate; the limit is "
+            f"{settings.max_neighbors_per_atom})",
+            pfield,
+            kind="too_dense",
+        )
+    return structure
+
+
+def per_atom_energies(info: ModelInfo) -> bool:
+    """Long-range (Ewald) models do not split their energy into atomic terms."""
+    return not info.config.get("ewald")
+
+
+def check_properties(
+    requested: Sequence[Property] | None, info: ModelInfo, field: str
+) -> tuple[frozenset[Property], bool]:
+    """The properties to return, and whether stress was asked for explicitly."""
+    if requested is None:
+        return frozenset(DEFAULT_PROPERTIES), False
+    props = frozenset(requested)
+    if "charges" in props and not info.has_charges:
+        raise invalid(f"model {info.name!r} has no charges (not a long-range model)", field)
+    if "energies" in props and not per_atom_energies(info):
+        raise invalid(
+            f"model {info.name!r} gives no per-atom energies (its long-range term is not "
+            "split into atoms)",
+            field,
+        )
+    return props, "stress" in props
+
+
+def check_stress(structure: Structure, explicit: bool, field: str) -> None:
+    if explicit and not structure.pbc.all():
+        raise invalid("stress needs a structure periodic in all three directions", field)
