@@ -155,20 +155,16 @@ def msgpack_safe(value: Any) -> Any:
     return value
 
 
-@given(
-    body=st.one_of(near_valid(), VALUES),
-    batch=st.booleans(),
-    binary=st.booleans(),
-)
-@settings(
-    max_examples=EXAMPLES * 4,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    derandomize=True,
-    database=None,
-)
-def test_fuzzed_bodies_get_4xx_or_200(server: BackgroundServer, body: Any, batch: bool,
-                                       binary: bool) -> None:  # fmt: skip
+def fuzz_strategies() -> dict[str, Any]:
+    return {
+        "body": st.one_of(near_valid(), VALUES),
+        "batch": st.booleans(),
+        "binary": st.booleans(),
+    }
+
+
+def post_fuzzed_body(server: BackgroundServer, body: Any, batch: bool, binary: bool) -> None:
+    """Any body gets a 200 or a 4xx with our error shape, and the server stays up."""
     if batch:
         body = {"structures": [body, body] if isinstance(body, dict) else body}
     content, headers = encode(msgpack_safe(body), binary)
@@ -182,15 +178,26 @@ def test_fuzzed_bodies_get_4xx_or_200(server: BackgroundServer, body: Any, batch
         assert client.get("/healthz").status_code == 200
 
 
+def _fuzz(server: BackgroundServer, examples: int) -> None:
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    @given(**fuzz_strategies())
+    def run(body: Any, batch: bool, binary: bool) -> None:
+        post_fuzzed_body(server, body, batch, binary)
+
+    run()
+
+
+def test_fuzzed_bodies_get_4xx_or_200(server: BackgroundServer) -> None:
+    _fuzz(server, EXAMPLES * 4)
+
+
 @pytest.mark.slow
 def test_more_fuzzing_examples(server: BackgroundServer) -> None:
     """The same fuzzer with many more examples (``-m slow``)."""
-    global EXAMPLES
-    EXAMPLES = 2000
-    inner = test_fuzzed_bodies_get_4xx_or_200.hypothesis.inner_test  # type: ignore[attr-defined]
-    run = settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))(
-        given(body=st.one_of(near_valid(), VALUES), batch=st.booleans(), binary=st.booleans())(
-            inner
-        )
-    )
-    run(server)
+    _fuzz(server, 2000)
