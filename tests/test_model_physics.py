@@ -138,6 +138,23 @@ def test_batch_equals_one_by_one(model):
             np.testing.assert_allclose(b.stress, single.stress, atol=1e-12)
 
 
+def test_grouped_prediction_keeps_order_and_values(model):
+    """``predict`` splits a batch into groups of ``group_atoms``; results stay in order."""
+    rng = np.random.default_rng(17)
+    structures = structures_for(model, rng) + structures_for(model, rng)
+    whole = model.predict(structures)
+    old = model.group_atoms
+    try:
+        model.group_atoms = max(len(s) for s in structures)
+        assert len(model._groups([model.prepare(s) for s in structures])) > 1
+        grouped = model.predict(structures)
+    finally:
+        model.group_atoms = old
+    for w, g in zip(whole, grouped, strict=True):
+        assert abs(w.energy - g.energy) < 1e-10 * max(1.0, abs(w.energy))
+        np.testing.assert_allclose(g.forces, w.forces, atol=1e-10)
+
+
 def test_blocked_evaluation_equals_whole(model):
     """The memory-bounded block path gives the same numbers as one block."""
     rng = np.random.default_rng(16)

@@ -48,6 +48,7 @@ class CACEPotential(torch.nn.Module):
         )
         self.energy_readouts = [r.name for r in config.readouts if r.kind == "energy"]
         self.ewald = EwaldSum(config.ewald) if config.ewald is not None else None
+        self._group_atoms: int | None = None
         reference = torch.tensor(
             [config.atomic_energies.get(z, 0.0) for z in config.elements],
             dtype=torch.get_default_dtype(),
@@ -174,12 +175,44 @@ class CACEPotential(torch.nn.Module):
         forces: bool = True,
         stress: bool = True,
     ) -> list[Prediction]:
-        """Energies (and forces, virial, stress) of several structures in one pass."""
+        """Energies (and forces, virial, stress) of several structures.
+
+        Structures are independent, so they are evaluated in groups of up to
+        ``group_atoms`` atoms, one forward and backward pass per group: one group
+        for a typical batch on a GPU; on a CPU, where big tensors only fall out of
+        cache, groups of a few thousand atoms are faster than one pass.
+        """
         prepared = [s if isinstance(s, PreparedStructure) else self.prepare(s) for s in structures]
-        batch = collate(prepared, self.device)
-        with torch.enable_grad():
-            out = self.compute(batch, forces=forces, virial=stress)
-        return self._to_predictions(prepared, out)
+        results: list[Prediction] = []
+        for group in self._groups(prepared):
+            batch = collate(group, self.device)
+            with torch.enable_grad():
+                out = self.compute(batch, forces=forces, virial=stress)
+            results.extend(self._to_predictions(group, out))
+        return results
+
+    @property
+    def group_atoms(self) -> int:
+        """Most atoms evaluated in one pass by :meth:`predict` (a bigger structure runs alone)."""
+        if self._group_atoms is not None:
+            return self._group_atoms
+        return 2048 if self.device.type == "cpu" else 1 << 20
+
+    @group_atoms.setter
+    def group_atoms(self, value: int | None) -> None:
+        self._group_atoms = value
+
+    def _groups(self, prepared: Sequence[PreparedStructure]) -> list[list[PreparedStructure]]:
+        limit = self.group_atoms
+        groups: list[list[PreparedStructure]] = []
+        size = limit  # forces a new group for the first structure
+        for p in prepared:
+            if size + p.n_atoms > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(p)
+            size += p.n_atoms
+        return groups
 
     def _to_predictions(
         self, prepared: Sequence[PreparedStructure], out: BatchOutput
