@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -79,6 +80,147 @@ def info(
         return
     for key, value in summary.items():
         typer.echo(f"{key:>24}: {value}")
+
+
+def _data_keys(energy_key: str | None, forces_key: str | None, stress_key: str | None) -> Any:
+    from cace_server.train.data import DataKeys
+
+    defaults = DataKeys()
+    return DataKeys(
+        energy=energy_key or defaults.energy,
+        forces=forces_key or defaults.forces,
+        stress=stress_key or defaults.stress,
+    )
+
+
+@app.command()
+def train(
+    train_files: list[Path] = typer.Argument(None, help="extended XYZ training files"),
+    config: Path = typer.Option(None, "--config", "-c", help="TOML file of training settings"),
+    valid: list[Path] = typer.Option(None, help="validation file(s) [split off the training data]"),
+    valid_fraction: float = typer.Option(None, help="fraction split off for validation [0.1]"),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="model file to write [model.safetensors]"
+    ),
+    energy_key: str = typer.Option(None, help="info key of the energy [energy]"),
+    forces_key: str = typer.Option(None, help="per-atom key of the forces [forces]"),
+    stress_key: str = typer.Option(None, help="info key of the stress [stress]"),
+    cutoff: float = typer.Option(None, help="cutoff radius in Å [5.0]"),
+    max_l: int = typer.Option(None, help="largest angular order [3]"),
+    max_nu: int = typer.Option(None, help="largest correlation order, 1..4 [3]"),
+    num_message_passing: int = typer.Option(None, help="message-passing layers [0]"),
+    epochs: int = typer.Option(None, help="most epochs [200]"),
+    batch_size: int = typer.Option(None, help="structures per step [4]"),
+    lr: float = typer.Option(None, help="initial learning rate [5e-3]"),
+    energy_weight: float = typer.Option(None, help="loss weight of (eV/atom)^2 [100]"),
+    forces_weight: float = typer.Option(None, help="loss weight of (eV/Å)^2 [1]"),
+    stress_weight: float = typer.Option(None, help="loss weight of (eV/Å^3)^2 [1000]"),
+    early_stopping: int = typer.Option(None, help="stop after this many epochs without gain [30]"),
+    seed: int = typer.Option(None, help="random seed [0]"),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N [cpu]"),
+    dtype: str = typer.Option(None, help="float32 or float64 [float32]"),
+    threads: int = typer.Option(None, help="torch CPU threads [torch default]"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint"),
+    checkpoint: Path = typer.Option(None, help="checkpoint file [<output>.checkpoint.pt]"),
+) -> None:
+    """Fit a CACE model to energies, forces and stresses in extended XYZ files."""
+    import sys
+
+    from cace_server.train import (
+        DataError,
+        TrainConfig,
+        Trainer,
+        files_digest,
+        read_labelled,
+        split,
+    )
+
+    try:
+        cfg = TrainConfig.load(
+            config,
+            train_files=[str(p) for p in train_files] if train_files else None,
+            valid_files=[str(p) for p in valid] if valid else None,
+            valid_fraction=valid_fraction,
+            output=str(output) if output else None,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            energy_key=energy_key,
+            forces_key=forces_key,
+            stress_key=stress_key,
+            cutoff=cutoff,
+            max_l=max_l,
+            max_nu=max_nu,
+            num_message_passing=num_message_passing,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            energy_weight=energy_weight,
+            forces_weight=forces_weight,
+            stress_weight=stress_weight,
+            early_stopping=early_stopping,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+        )
+        if not cfg.train_files:
+            raise ValueError("no training files: give them as arguments or train_files in --config")
+        keys = _data_keys(cfg.energy_key, cfg.forces_key, cfg.stress_key)
+        data = read_labelled(cfg.train_files, keys)
+        if cfg.valid_files:
+            train_set, valid_set = data, read_labelled(cfg.valid_files, keys)
+        else:
+            train_set, valid_set = split(data, cfg.valid_fraction, cfg.seed)
+        digest = files_digest([*cfg.train_files, *cfg.valid_files])
+        trainer = Trainer(
+            cfg, train_set, valid_set, data_digest=digest, progress=sys.stderr.isatty()
+        )
+        if resume:
+            trainer.resume()
+    except (DataError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        trainer.run()
+    except FloatingPointError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="native model file"),
+    data: list[Path] = typer.Argument(..., help="extended XYZ files with reference labels"),
+    energy_key: str = typer.Option(None, help="info key of the energy [energy]"),
+    forces_key: str = typer.Option(None, help="per-atom key of the forces [forces]"),
+    stress_key: str = typer.Option(None, help="info key of the stress [stress]"),
+    plot: Path = typer.Option(None, help="write an energy/force parity plot (PNG) here"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
+    dtype: str = typer.Option(None, help="float32 or float64 [as saved]"),
+) -> None:
+    """Print a model's errors on labelled data; optionally draw a parity plot."""
+    from cace_server.model import ModelFileError, load_model
+    from cace_server.train import DataError, read_labelled
+    from cace_server.train.evaluate import evaluate as evaluate_model
+    from cace_server.train.evaluate import parity_plot
+    from cace_server.train.metrics import error_table
+
+    try:
+        loaded = load_model(model, device=device, dtype=dtype)
+        labelled = read_labelled(data, _data_keys(energy_key, forces_key, stress_key))
+        errors = evaluate_model(loaded, labelled)
+    except (ModelFileError, DataError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    name = data[0].name if len(data) == 1 else f"{len(data)} files"
+    typer.echo(f"{len(labelled)} structures, {sum(d.n_atoms for d in labelled)} atoms")
+    typer.echo(error_table({name: errors.summary()}))
+    if plot is not None:
+        try:
+            written = parity_plot(errors, plot, title=f"{model.name} on {name}")
+        except RuntimeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        typer.echo(f"parity plot: {written}")
 
 
 @app.command()

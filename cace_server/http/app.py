@@ -8,7 +8,6 @@ created through it, which it stops on shutdown.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from cace_server import __version__
 from cace_server.engine import Engine, EngineError, ModelInfo
 from cace_server.http import codec
 from cace_server.http.errors import ApiError, from_engine_error, from_validation_error, invalid
@@ -55,13 +55,6 @@ from cace_server.ipi import DriverPool
 from cace_server.structures import Prediction, Structure
 
 logger = logging.getLogger("cace_server.http")
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("cace-server")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
-        return "0+unknown"
 
 
 # Bodies above this are parsed and checked on a worker thread, not on the event loop.
@@ -260,7 +253,7 @@ def create_app(
 
     app = FastAPI(
         title="cace-server",
-        version=_version(),
+        version=__version__,
         description="Energies, forces and stresses from a CACE machine-learned potential. "
         "ASE units: Å, eV, eV/Å, stress eV/Å^3 (Voigt xx yy zz yz xz xy). "
         "Errors: {error, message, field}.",
