@@ -46,13 +46,16 @@ def convert(
 
 @app.command()
 def info(
-    model: Path = typer.Argument(..., help="native model file"),
+    model: Path = typer.Argument(None, help="native model file [the bundled water model]"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
-    """Show what a model file contains."""
+    """Show what a model file contains (without a file: the bundled default model)."""
     from cace_server.model import ModelFileError, load_model
     from cace_server.model.io import file_digest, read_metadata
+    from cace_server.server import default_model_path
 
+    if model is None:
+        model = default_model_path()
     try:
         meta = read_metadata(model)
         loaded = load_model(model)
@@ -78,8 +81,28 @@ def info(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
+    extra = summary.pop("extra")
+    training = extra.get("training") if isinstance(extra, dict) else None
     for key, value in summary.items():
         typer.echo(f"{key:>24}: {value}")
+    if training:
+        errors = training["errors"]["valid"]
+        typer.echo(
+            f"{'trained on':>24}: {training['n_train']} structures, {training['train_files']}"
+        )
+        typer.echo(f"{'data sha256':>24}: {training['data_sha256']}")
+        typer.echo(
+            f"{'validation errors':>24}: energy RMSE {errors['energy_rmse']:.2f} meV/atom, "
+            f"force RMSE {errors['forces_rmse']:.1f} meV/Å (epoch {training['epoch']})"
+        )
+        test = training.get("test_errors")
+        if test:
+            typer.echo(
+                f"{'held-out test errors':>24}: energy RMSE {test['energy_rmse']:.2f} meV/atom, "
+                f"force RMSE {test['forces_rmse']:.1f} meV/Å ({test['structures']} structures)"
+            )
+    elif extra:
+        typer.echo(f"{'extra':>24}: {extra}")
 
 
 def _data_keys(energy_key: str | None, forces_key: str | None, stress_key: str | None) -> Any:
