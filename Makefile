@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make install    create $(VENV) with $(TORCH_SPEC) and cace-server (+ test tools)"
-	@echo "make serve      install, then serve the default model over HTTP (and i-PI if IPI=unix:NAME)"
+	@echo "make serve      install, then serve the bundled water model over HTTP on 127.0.0.1:8000"
 	@echo "make test       install, then run the test suite (the command CI runs)"
 	@echo "make test-slow  the slow suites (long i-PI runs, large systems)"
 	@echo "make lint       ruff check + format check + mypy"
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# ARGS passes flags through: make serve ARGS="--device cuda --dtype float32"
+serve: $(STAMP)
+	$(BIN)/cace-server serve $(ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -34,8 +38,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
 lint: $(STAMP)
-	$(BIN)/ruff check cace_server clients tests benchmarks
-	$(BIN)/ruff format --check cace_server clients tests benchmarks
+	$(BIN)/ruff check cace_server clients tests benchmarks scripts
+	$(BIN)/ruff format --check cace_server clients tests benchmarks scripts
 	$(BIN)/mypy --follow-imports=silent cace_server clients/cace_client
 
 bench: $(STAMP)

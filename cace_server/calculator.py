@@ -7,7 +7,7 @@ numbers for the same model file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from ase.calculators.calculator import Calculator, all_changes
@@ -20,13 +20,7 @@ from cace_server.structures import Structure
 class CACECalculator(Calculator):
     """Energy, forces, stress (3-D periodic cells) and latent charges (CACE-LR)."""
 
-    implemented_properties: ClassVar[list[str]] = [
-        "energy",
-        "free_energy",
-        "forces",
-        "stress",
-        "energies",
-    ]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]  # noqa: RUF012
 
     def __init__(
         self,

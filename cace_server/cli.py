@@ -280,7 +280,12 @@ def serve(
         help="structure file giving the species of the i-PI system (one, or one per --ipi)",
     ),
     ipi_reconnect: bool = typer.Option(
-        None, "--ipi-reconnect/--no-ipi-reconnect", help="reconnect when i-PI goes away [yes]"
+        None,
+        "--ipi-reconnect/--no-ipi-reconnect",
+        help=(
+            "reconnect when i-PI goes away; with --no-http and --no-ipi-reconnect the "
+            "server exits once every i-PI run has ended [yes]"
+        ),
     ),
     ipi_model: str = typer.Option(None, help="model for i-PI connections [default model]"),
     max_batch_atoms: int = typer.Option(None, help="most atoms in one engine batch [8192]"),

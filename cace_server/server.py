@@ -143,9 +143,12 @@ async def serve(settings: ServerSettings) -> None:
         http_server = build_http_server(settings, engine, pool)
         http_task = asyncio.create_task(http_server.serve(), name="http")
     try:
-        waiters = [asyncio.create_task(stop.wait())]
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if http_task is not None:
             waiters.append(http_task)
+        elif settings.ipi and not settings.ipi_reconnect:
+            # Nothing else can bring work: stop once every i-PI run has ended.
+            waiters.append(asyncio.create_task(pool.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         logger.info("shutting down")
