@@ -58,4 +58,4 @@ echo "# i-PI runs attached through the API (POST /v1/ipi/connections to add one)
 # and to detach it:  curl -X DELETE "${AUTH[@]}" "$URL/v1/ipi/connections/g1"
 
 echo "# Prometheus metrics (first lines)"
-"${CURL[@]}" "$URL/metrics" | grep -E '^cace_(engine_requests|http_requests)_total' | head -5
+"${CURL[@]}" "$URL/metrics" | grep -m 5 -E '^cace_(engine_requests|http_requests)_total'
