@@ -22,6 +22,7 @@ if sys.path and Path(sys.path[0]).resolve() == HERE:
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -82,8 +83,12 @@ def run_md(model_path: Path, picoseconds: float, seed: int) -> dict[str, float |
     atoms = starting_box()
     atoms.calc = CACECalculator(model_path, dtype="float32")
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
-    md = Langevin(atoms, 0.5 * units.fs, temperature_K=300, friction=0.01 / units.fs, rng=rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # renamed in newer ASE
+        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
+    md = Langevin(
+        atoms, 0.5 * units.fs, temperature_K=300, friction=0.01 / units.fs, fixcm=False, rng=rng
+    )
 
     oxygens = np.flatnonzero(atoms.numbers == 8)
     hydrogens = np.flatnonzero(atoms.numbers == 1)

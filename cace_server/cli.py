@@ -95,12 +95,6 @@ def info(
             f"{'validation errors':>24}: energy RMSE {errors['energy_rmse']:.2f} meV/atom, "
             f"force RMSE {errors['forces_rmse']:.1f} meV/Å (epoch {training['epoch']})"
         )
-        test = training.get("test_errors")
-        if test:
-            typer.echo(
-                f"{'held-out test errors':>24}: energy RMSE {test['energy_rmse']:.2f} meV/atom, "
-                f"force RMSE {test['forces_rmse']:.1f} meV/Å ({test['structures']} structures)"
-            )
     elif extra:
         typer.echo(f"{'extra':>24}: {extra}")
 
