@@ -70,3 +70,19 @@ def test_foreign_and_future_files_are_refused(tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelFileError, match="not a readable"):
         load_model(garbage)
+
+
+def test_saved_model_is_readable_by_others(tmp_path):
+    """safetensors writes 0600; model files must be shareable (containers, volumes)."""
+    import os
+    import stat
+
+    from cace_server.model import save_model
+    from cace_server.model.build import random_model
+
+    old = os.umask(0o022)
+    try:
+        path = save_model(random_model(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
