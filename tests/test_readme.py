@@ -52,7 +52,11 @@ class Block:
 
 def parse_options(text: str | None) -> dict[str, str]:
     options: dict[str, str] = {}
-    for word in (text or "").split():
+    text = text or ""
+    if "skip=" in text:  # the reason is free text up to the end of the comment
+        text, _, reason = text.partition("skip=")
+        options["skip"] = reason.strip()
+    for word in text.split():
         key, _, value = word.partition("=")
         options[key] = value
     return options
