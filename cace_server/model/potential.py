@@ -196,7 +196,9 @@ class CACEPotential(torch.nn.Module):
         """Most atoms evaluated in one pass by :meth:`predict` (a bigger structure runs alone)."""
         if self._group_atoms is not None:
             return self._group_atoms
-        return 2048 if self.device.type == "cpu" else 1 << 20
+        # CPU: measured on 32 x 192-atom water, groups of 384-768 atoms were fastest
+        # (one 6,144-atom pass took 2.5x longer); a GPU wants everything at once.
+        return 512 if self.device.type == "cpu" else 1 << 20
 
     @group_atoms.setter
     def group_atoms(self, value: int | None) -> None:
