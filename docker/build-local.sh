@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Build docker/Dockerfile.cpu for real on a machine with no Docker engine and no
+# container registry: buildah (vfs storage, chroot isolation) on a local Debian
+# bookworm base made with debootstrap, then run the image's entrypoint and its
+# HEALTHCHECK command with podman (falling back to `buildah run`).
+#
+#   sudo docker/build-local.sh            # from the repository root; rerunnable
+#
+# Needs root, Debian's buildah, debootstrap and podman packages (installed with apt
+# if missing), and PyPI (pip inside the build fetches cace-server's dependencies).
+# torch is not fetched from PyPI (its Linux wheel there is the multi-GB CUDA build) or
+# from PyTorch's index (unreachable here): this machine's CPU wheel is copied into
+# docker/wheels/ and passed as TORCH_SPEC. Steps that are done already are skipped.
+#
+# Environment:
+#   WORK=/var/tmp/cace-build   debootstrap rootfs, logs, the test model
+#   BASE=localhost/debian-python:bookworm
+#   IMAGE=localhost/cace-server:cpu-local
+#   TORCH_WHEEL=PATH           a torch CPU wheel for the base's Python (default: the one
+#                              `pip download torch==2.13.0` resolves to here)
+#   MIRROR=http://deb.debian.org/debian
+#   SKIP_RUN=1                 build only
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+WORK=${WORK:-/var/tmp/cace-build}
+BASE=${BASE:-localhost/debian-python:bookworm}
+IMAGE=${IMAGE:-localhost/cace-server:cpu-local}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+BUILDAH=(buildah --storage-driver vfs)
+PODMAN=(podman --storage-driver vfs)
+mkdir -p "$WORK"
+
+log() { printf '\n== %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "run as root (debootstrap and buildah's vfs storage need it)" >&2
+    exit 2
+fi
+
+missing=()
+for tool in buildah debootstrap podman; do
+    command -v "$tool" > /dev/null || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# ------------------------------------------------------------------ base image
+if "${BUILDAH[@]}" inspect --type image "$BASE" > /dev/null 2>&1; then
+    log "base $BASE exists"
+else
+    rootfs="$WORK/rootfs"
+    if [ ! -x "$rootfs/usr/bin/python3" ]; then
+        log "debootstrap bookworm (minbase + python3) into $rootfs"
+        rm -rf "$rootfs"
+        debootstrap --variant=minbase \
+            --include=python3,python3-venv,python3-pip,ca-certificates \
+            bookworm "$rootfs" "$MIRROR"
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    fi
+    log "importing $rootfs as $BASE"
+    ctr=$("${BUILDAH[@]}" from scratch)
+    mnt=$("${BUILDAH[@]}" mount "$ctr")
+    cp -a "$rootfs"/. "$mnt"/
+    "${BUILDAH[@]}" umount "$ctr"
+    "${BUILDAH[@]}" config \
+        --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        --env LANG=C.UTF-8 --cmd /bin/bash "$ctr"
+    "${BUILDAH[@]}" commit --format docker "$ctr" "$BASE"
+    "${BUILDAH[@]}" rm "$ctr"
+fi
+
+# ------------------------------------------------------------------ torch wheel
+if [ -z "${TORCH_WHEEL:-}" ]; then
+    log "locating the local torch==2.13.0 CPU wheel"
+    # the base's Python is Debian bookworm's 3.11, the same ABI tag as this pip's
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "torch==2.13.0"
+    TORCH_WHEEL=$(ls "$tmp"/torch-*.whl)
+fi
+case "$(basename "$TORCH_WHEEL")" in
+    *+cpu*) ;;
+    *) echo "warning: $TORCH_WHEEL does not look like a CPU build" >&2 ;;
+esac
+wheel_name=$(basename "$TORCH_WHEEL")
+if ! cmp -s "$TORCH_WHEEL" "docker/wheels/$wheel_name"; then
+    rm -f docker/wheels/*.whl
+    cp "$TORCH_WHEEL" "docker/wheels/$wheel_name"
+fi
+[ -n "${tmp:-}" ] && rm -rf "$tmp"
+
+# ------------------------------------------------------------------ build
+log "building $IMAGE from docker/Dockerfile.cpu"
+# --format docker keeps HEALTHCHECK (the OCI image format has no such field).
+"${BUILDAH[@]}" bud --isolation chroot --format docker --layers \
+    --build-arg "BASE_IMAGE=$BASE" \
+    --build-arg "TORCH_SPEC=./wheels/$wheel_name" \
+    --build-arg "TORCH_INDEX_URL=https://pypi.org/simple" \
+    -f docker/Dockerfile.cpu -t "$IMAGE" . 2>&1 | tee "$WORK/build.log"
+"${BUILDAH[@]}" images "$IMAGE"
+"${BUILDAH[@]}" inspect --type image --format \
+    'user={{.Docker.Config.User}} entrypoint={{.Docker.Config.Entrypoint}} healthcheck={{.Docker.Config.Healthcheck.Test}}' \
+    "$IMAGE"
+
+[ "${SKIP_RUN:-0}" = 1 ] && exit 0
+
+# ------------------------------------------------------------------ run
+model_dir="$WORK/models"
+mkdir -p "$model_dir"
+if [ ! -f "$model_dir/water.safetensors" ]; then
+    log "writing a small random H/O test model to $model_dir/water.safetensors"
+    "${BUILDAH[@]}" run --isolation chroot -v "$model_dir:/out" \
+        "$("${BUILDAH[@]}" from --quiet "$IMAGE")" -- python -c \
+        "from cace_server.model.build import random_model; from cace_server.model.io import save_model; save_model(random_model((1, 8)), '/out/water.safetensors')"
+fi
+chmod a+r "$model_dir/water.safetensors"
+
+run_podman() {
+    # A private network namespace with only loopback: the image's own
+    # CACE_SERVER_HOST=0.0.0.0 then reaches nothing outside the container.
+    local name=cace-local-test
+    "${PODMAN[@]}" rm -f "$name" > /dev/null 2>&1 || true
+    "${PODMAN[@]}" run -d --name "$name" --network none \
+        -v "$model_dir:/models:ro" -e CACE_SERVER_MODEL=/models/water.safetensors \
+        "$IMAGE" || return 1
+    local ok=1
+    for _ in $(seq 60); do
+        sleep 2
+        if "${PODMAN[@]}" healthcheck run "$name"; then ok=0; break; fi
+        # healthcheck run needs the image's HEALTHCHECK; try the command itself too
+        if "${PODMAN[@]}" exec "$name" python /opt/cace/healthcheck.py; then ok=0; break; fi
+    done
+    "${PODMAN[@]}" logs "$name" 2>&1 | tail -20
+    "${PODMAN[@]}" stop -t 20 "$name" > /dev/null
+    "${PODMAN[@]}" inspect --format 'exit code {{.State.ExitCode}}' "$name"
+    "${PODMAN[@]}" rm -f "$name" > /dev/null
+    return $ok
+}
+
+run_buildah() {
+    # chroot isolation shares this machine's network namespace: bind loopback only.
+    local ctr port=18765 pid ok=1
+    ctr=$("${BUILDAH[@]}" from --quiet "$IMAGE")
+    "${BUILDAH[@]}" run --isolation chroot -v "$model_dir:/models:ro" \
+        --env CACE_SERVER_MODEL=/models/water.safetensors \
+        --env CACE_SERVER_HOST=127.0.0.1 --env CACE_SERVER_PORT=$port \
+        "$ctr" -- cace-server serve > "$WORK/run.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 60); do
+        sleep 2
+        if "${BUILDAH[@]}" run --isolation chroot --env CACE_SERVER_HOST=127.0.0.1 \
+            --env CACE_SERVER_PORT=$port "$ctr" -- python /opt/cace/healthcheck.py; then
+            ok=0
+            break
+        fi
+        kill -0 "$pid" 2> /dev/null || break
+    done
+    tail -20 "$WORK/run.log"
+    # `buildah run` forwards SIGTERM to the server, which exits 0 on it
+    kill -TERM "$pid" 2> /dev/null || true
+    wait "$pid" && echo "server exited 0" || echo "server exited $?"
+    "${BUILDAH[@]}" rm "$ctr" > /dev/null
+    return $ok
+}
+
+log "running the entrypoint and the HEALTHCHECK command with podman"
+if run_podman; then
+    log "OK: podman ran $IMAGE; /healthz answered ok"
+else
+    log "podman did not work here; trying buildah run (host network, loopback bind)"
+    run_buildah
+    log "OK: buildah run ran $IMAGE; /healthz answered ok"
+fi
