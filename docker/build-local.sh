@@ -61,6 +61,9 @@ else
             bookworm "$rootfs" "$MIRROR"
         rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     fi
+    # This machine reaches PyPI through a TLS proxy whose CA is only in the host's
+    # bundle: give the base the host's extra CAs, as a site's own base image would.
+    python3 docker/site_ca.py /etc/ssl/certs/ca-certificates.crt "$rootfs"
     log "importing $rootfs as $BASE"
     ctr=$("${BUILDAH[@]}" from scratch)
     mnt=$("${BUILDAH[@]}" mount "$ctr")
