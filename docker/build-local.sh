@@ -115,7 +115,7 @@ model_dir="$WORK/models"
 mkdir -p "$model_dir"
 if [ ! -f "$model_dir/water.safetensors" ]; then
     log "writing a small random H/O test model to $model_dir/water.safetensors"
-    "${BUILDAH[@]}" run --isolation chroot -v "$model_dir:/out" \
+    "${BUILDAH[@]}" run --isolation chroot --user 0:0 -v "$model_dir:/out" \
         "$("${BUILDAH[@]}" from --quiet "$IMAGE")" -- python -c \
         "from cace_server.model.build import random_model; from cace_server.model.io import save_model; save_model(random_model((1, 8)), '/out/water.safetensors')"
 fi
