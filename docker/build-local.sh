@@ -2,11 +2,11 @@
 # Build docker/Dockerfile.cpu for real on a machine with no Docker engine and no
 # container registry: buildah (vfs storage, chroot isolation) on a local Debian
 # bookworm base made with debootstrap, then run the image's entrypoint and its
-# HEALTHCHECK command with podman (falling back to `buildah run`).
+# HEALTHCHECK with podman (runc runtime, no network), falling back to `buildah run`.
 #
 #   sudo docker/build-local.sh            # from the repository root; rerunnable
 #
-# Needs root, Debian's buildah, debootstrap and podman packages (installed with apt
+# Needs root, Debian's buildah, debootstrap, podman and runc packages (installed with apt
 # if missing), and PyPI (pip inside the build fetches cace-server's dependencies).
 # torch is not fetched from PyPI (its Linux wheel there is the multi-GB CUDA build) or
 # from PyTorch's index (unreachable here): this machine's CPU wheel is copied into
@@ -20,6 +20,7 @@
 #                              `pip download torch==2.13.0` resolves to here)
 #   MIRROR=http://deb.debian.org/debian
 #   SKIP_RUN=1                 build only
+#   RUNNER=auto|podman|buildah what runs the built image (auto: podman, else buildah)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ BASE=${BASE:-localhost/debian-python:bookworm}
 IMAGE=${IMAGE:-localhost/cace-server:cpu-local}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 BUILDAH=(buildah --storage-driver vfs)
-PODMAN=(podman --storage-driver vfs)
+PODMAN=(podman --storage-driver vfs --runtime runc)
 mkdir -p "$WORK"
 
 log() { printf '\n== %s\n' "$*"; }
@@ -39,7 +40,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 missing=()
-for tool in buildah debootstrap podman; do
+for tool in buildah debootstrap podman runc; do
     command -v "$tool" > /dev/null || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -122,33 +123,41 @@ fi
 chmod a+r "$model_dir/water.safetensors"
 
 run_podman() {
-    # A private network namespace with only loopback: the image's own
-    # CACE_SERVER_HOST=0.0.0.0 then reaches nothing outside the container.
-    local name=cace-local-test
+    # A private network namespace with only loopback (--network none): the image's
+    # own CACE_SERVER_HOST=0.0.0.0 then reaches nothing outside the container.
+    # On this kind of machine (itself a container: hybrid cgroups, no
+    # CAP_SYS_RESOURCE) crun refuses hybrid cgroups and both runtimes fail to raise
+    # rlimits, hence runc and rlimits within the current hard limits.
+    local name=cace-local-test ok=1 status
     "${PODMAN[@]}" rm -f "$name" > /dev/null 2>&1 || true
     "${PODMAN[@]}" run -d --name "$name" --network none \
+        --ulimit "nofile=1024:$(ulimit -Hn)" --ulimit nproc=4096:4096 \
         -v "$model_dir:/models:ro" -e CACE_SERVER_MODEL=/models/water.safetensors \
         "$IMAGE" || return 1
-    local ok=1
     for _ in $(seq 60); do
         sleep 2
+        # runs the image's HEALTHCHECK command in the container (exit 0: healthy)
         if "${PODMAN[@]}" healthcheck run "$name"; then ok=0; break; fi
-        # healthcheck run needs the image's HEALTHCHECK; try the command itself too
-        if "${PODMAN[@]}" exec "$name" python /opt/cace/healthcheck.py; then ok=0; break; fi
+        [ "$("${PODMAN[@]}" inspect --format '{{.State.Running}}' "$name")" = true ] || break
     done
-    "${PODMAN[@]}" logs "$name" 2>&1 | tail -20
-    "${PODMAN[@]}" stop -t 20 "$name" > /dev/null
-    "${PODMAN[@]}" inspect --format 'exit code {{.State.ExitCode}}' "$name"
+    status=$("${PODMAN[@]}" inspect --format '{{.State.Health.Status}}' "$name")
+    echo "podman health status: $status"
+    [ "$status" = healthy ] || ok=1
+    "${PODMAN[@]}" logs "$name" 2>&1 | tail -12
+    "${PODMAN[@]}" stop -t 30 "$name" > /dev/null  # SIGTERM
+    "${PODMAN[@]}" inspect --format 'server exit code after SIGTERM: {{.State.ExitCode}}' "$name"
+    [ "$("${PODMAN[@]}" inspect --format '{{.State.ExitCode}}' "$name")" = 0 ] || ok=1
     "${PODMAN[@]}" rm -f "$name" > /dev/null
     return $ok
 }
 
 run_buildah() {
     # chroot isolation shares this machine's network namespace: bind loopback only.
+    # The image's VOLUME /models hides a bind mount there, so the model goes elsewhere.
     local ctr port=18765 pid ok=1
     ctr=$("${BUILDAH[@]}" from --quiet "$IMAGE")
-    "${BUILDAH[@]}" run --isolation chroot -v "$model_dir:/models:ro" \
-        --env CACE_SERVER_MODEL=/models/water.safetensors \
+    "${BUILDAH[@]}" run --isolation chroot -v "$model_dir:/mnt/models:ro" \
+        --env CACE_SERVER_MODEL=/mnt/models/water.safetensors \
         --env CACE_SERVER_HOST=127.0.0.1 --env CACE_SERVER_PORT=$port \
         "$ctr" -- cace-server serve > "$WORK/run.log" 2>&1 &
     pid=$!
@@ -161,19 +170,27 @@ run_buildah() {
         fi
         kill -0 "$pid" 2> /dev/null || break
     done
-    tail -20 "$WORK/run.log"
-    # `buildah run` forwards SIGTERM to the server, which exits 0 on it
+    tail -12 "$WORK/run.log"
     kill -TERM "$pid" 2> /dev/null || true
-    wait "$pid" && echo "server exited 0" || echo "server exited $?"
+    if wait "$pid"; then echo "server exited 0"; else echo "server exited $?"; fi
     "${BUILDAH[@]}" rm "$ctr" > /dev/null
     return $ok
 }
 
-log "running the entrypoint and the HEALTHCHECK command with podman"
-if run_podman; then
-    log "OK: podman ran $IMAGE; /healthz answered ok"
+RUNNER=${RUNNER:-auto}
+if [ "$RUNNER" != buildah ]; then
+    log "running the entrypoint and the HEALTHCHECK with podman"
+    if run_podman; then
+        log "OK: podman ran $IMAGE; its HEALTHCHECK passed (healthy), SIGTERM exit 0"
+        exit 0
+    fi
+    [ "$RUNNER" = podman ] && { log "FAILED: podman"; exit 1; }
+    log "podman did not work here; trying buildah run"
+fi
+log "running the entrypoint and the HEALTHCHECK command with buildah run (loopback bind)"
+if run_buildah; then
+    log "OK: buildah run ran $IMAGE; its HEALTHCHECK command passed"
 else
-    log "podman did not work here; trying buildah run (host network, loopback bind)"
-    run_buildah
-    log "OK: buildah run ran $IMAGE; /healthz answered ok"
+    log "FAILED: the image did not become healthy"
+    exit 1
 fi
