@@ -171,8 +171,10 @@ run_buildah() {
         kill -0 "$pid" 2> /dev/null || break
     done
     tail -12 "$WORK/run.log"
+    # Seen here: buildah run exits 1 on SIGTERM and the server does not log its
+    # graceful "stopped" (podman's stop does: exit 0); nothing is left running.
     kill -TERM "$pid" 2> /dev/null || true
-    if wait "$pid"; then echo "server exited 0"; else echo "server exited $?"; fi
+    if wait "$pid"; then echo "buildah run exited 0"; else echo "buildah run exited $?"; fi
     "${BUILDAH[@]}" rm "$ctr" > /dev/null
     return $ok
 }
