@@ -168,7 +168,11 @@ def test_runtime_stage_runs_the_server_as_a_non_root_user(
 ) -> None:
     _, df = dockerfile
     user = df.last("USER").args
-    assert user.split(":")[0] not in ("root", "0"), user
+    uid, _, gid = user.partition(":")
+    assert uid not in ("root", "0") and gid not in ("root", "0"), user
+    # the numeric USER is the account the runtime stage creates
+    creates = " ".join(i.args for i in df.stage(df.final) if i.keyword == "RUN")
+    assert f"useradd --no-log-init --uid {uid} " in creates and f"--gid {gid} " in creates
     assert df.last("ENTRYPOINT").json_args() == ["cace-server", "serve"]
     env = df.env()
     assert env["CACE_SERVER_HOST"] == "0.0.0.0"
