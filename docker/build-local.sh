@@ -21,6 +21,8 @@
 #   MIRROR=http://deb.debian.org/debian
 #   SKIP_RUN=1                 build only
 #   RUNNER=auto|podman|buildah what runs the built image (auto: podman, else buildah)
+#   CUDA_STANDIN=1             also build Dockerfile.cuda on a CPU stand-in base and run
+#                              that image instead (see the section below)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,6 +32,7 @@ IMAGE=${IMAGE:-localhost/cace-server:cpu-local}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 BUILDAH=(buildah --storage-driver vfs)
 PODMAN=(podman --storage-driver vfs --runtime runc)
+EXTRA_ENV=()  # KEY=VALUE settings for the run of the built image
 mkdir -p "$WORK"
 
 log() { printf '\n== %s\n' "$*"; }
@@ -109,6 +112,34 @@ log "building $IMAGE from docker/Dockerfile.cpu"
     'user={{.Docker.Config.User}} entrypoint={{.Docker.Config.Entrypoint}} healthcheck={{.Docker.Config.Healthcheck.Test}}' \
     "$IMAGE"
 
+# ------------------------------------------------------------------ CUDA stand-in
+# CUDA_STANDIN=1: build docker/Dockerfile.cuda on a stand-in for the pytorch/pytorch
+# base (the Debian base with the CPU torch wheel in its system site-packages), with
+# the build's "torch is a CUDA build" check relaxed to "torch is the base's". This
+# checks the CUDA Dockerfile's mechanics (venv over the base's torch, pip leaving
+# torch alone, user, entrypoint, HEALTHCHECK), not CUDA.
+if [ "${CUDA_STANDIN:-0}" = 1 ]; then
+    standin=localhost/torch-standin:bookworm
+    if ! "${BUILDAH[@]}" inspect --type image "$standin" > /dev/null 2>&1; then
+        log "making $standin"
+        ctr=$("${BUILDAH[@]}" from --quiet "$BASE")
+        "${BUILDAH[@]}" copy "$ctr" "docker/wheels/$wheel_name" "/tmp/$wheel_name"
+        "${BUILDAH[@]}" run --isolation chroot "$ctr" -- python3 -m pip install --no-cache-dir \
+            --break-system-packages --index-url https://pypi.org/simple "/tmp/$wheel_name"
+        "${BUILDAH[@]}" run --isolation chroot "$ctr" -- rm "/tmp/$wheel_name"
+        "${BUILDAH[@]}" commit --format docker "$ctr" "$standin"
+        "${BUILDAH[@]}" rm "$ctr"
+    fi
+    sed 's/torch.version.cuda is None or //' docker/Dockerfile.cuda > "$WORK/Dockerfile.cuda-standin"
+    log "building localhost/cace-server:cuda-standin (Dockerfile.cuda, CUDA check relaxed)"
+    "${BUILDAH[@]}" bud --isolation chroot --format docker --layers \
+        --build-arg "BASE_IMAGE=$standin" \
+        -f "$WORK/Dockerfile.cuda-standin" -t localhost/cace-server:cuda-standin . 2>&1 \
+        | tee "$WORK/build-cuda-standin.log"
+    IMAGE=localhost/cace-server:cuda-standin
+    EXTRA_ENV=(CACE_SERVER_DEVICE=cpu)
+fi
+
 [ "${SKIP_RUN:-0}" = 1 ] && exit 0
 
 # ------------------------------------------------------------------ run
@@ -128,12 +159,13 @@ run_podman() {
     # On this kind of machine (itself a container: hybrid cgroups, no
     # CAP_SYS_RESOURCE) crun refuses hybrid cgroups and both runtimes fail to raise
     # rlimits, hence runc and rlimits within the current hard limits.
-    local name=cace-local-test ok=1 status
+    local name=cace-local-test ok=1 status env_flags=() kv
+    for kv in "${EXTRA_ENV[@]}"; do env_flags+=(-e "$kv"); done
     "${PODMAN[@]}" rm -f "$name" > /dev/null 2>&1 || true
     "${PODMAN[@]}" run -d --name "$name" --network none \
         --ulimit "nofile=1024:$(ulimit -Hn)" --ulimit nproc=4096:4096 \
         -v "$model_dir:/models:ro" -e CACE_SERVER_MODEL=/models/water.safetensors \
-        "$IMAGE" || return 1
+        "${env_flags[@]}" "$IMAGE" || return 1
     for _ in $(seq 60); do
         sleep 2
         # runs the image's HEALTHCHECK command in the container (exit 0: healthy)
@@ -154,11 +186,12 @@ run_podman() {
 run_buildah() {
     # chroot isolation shares this machine's network namespace: bind loopback only.
     # The image's VOLUME /models hides a bind mount there, so the model goes elsewhere.
-    local ctr port=18765 pid ok=1
+    local ctr port=18765 pid ok=1 env_flags=() kv
+    for kv in "${EXTRA_ENV[@]}"; do env_flags+=(--env "$kv"); done
     ctr=$("${BUILDAH[@]}" from --quiet "$IMAGE")
     "${BUILDAH[@]}" run --isolation chroot -v "$model_dir:/mnt/models:ro" \
         --env CACE_SERVER_MODEL=/mnt/models/water.safetensors \
-        --env CACE_SERVER_HOST=127.0.0.1 --env CACE_SERVER_PORT=$port \
+        --env CACE_SERVER_HOST=127.0.0.1 --env CACE_SERVER_PORT=$port "${env_flags[@]}" \
         "$ctr" -- cace-server serve > "$WORK/run.log" 2>&1 &
     pid=$!
     for _ in $(seq 60); do
