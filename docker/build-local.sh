@@ -147,9 +147,10 @@ model_dir="$WORK/models"
 mkdir -p "$model_dir"
 if [ ! -f "$model_dir/water.safetensors" ]; then
     log "writing a small random H/O test model to $model_dir/water.safetensors"
-    "${BUILDAH[@]}" run --isolation chroot --user 0:0 -v "$model_dir:/out" \
-        "$("${BUILDAH[@]}" from --quiet "$IMAGE")" -- python -c \
+    ctr=$("${BUILDAH[@]}" from --quiet "$IMAGE")
+    "${BUILDAH[@]}" run --isolation chroot --user 0:0 -v "$model_dir:/out" "$ctr" -- python -c \
         "from cace_server.model.build import random_model; from cace_server.model.io import save_model; save_model(random_model((1, 8)), '/out/water.safetensors')"
+    "${BUILDAH[@]}" rm "$ctr" > /dev/null
 fi
 chmod a+r "$model_dir/water.safetensors"
 
@@ -161,7 +162,7 @@ run_podman() {
     # rlimits, hence runc and rlimits within the current hard limits.
     local name=cace-local-test ok=1 status env_flags=() kv
     for kv in "${EXTRA_ENV[@]}"; do env_flags+=(-e "$kv"); done
-    "${PODMAN[@]}" rm -f "$name" > /dev/null 2>&1 || true
+    "${PODMAN[@]}" rm -f -v "$name" > /dev/null 2>&1 || true
     "${PODMAN[@]}" run -d --name "$name" --network none \
         --ulimit "nofile=1024:$(ulimit -Hn)" --ulimit nproc=4096:4096 \
         -v "$model_dir:/models:ro" -e CACE_SERVER_MODEL=/models/water.safetensors \
@@ -179,7 +180,7 @@ run_podman() {
     "${PODMAN[@]}" stop -t 30 "$name" > /dev/null  # SIGTERM
     "${PODMAN[@]}" inspect --format 'server exit code after SIGTERM: {{.State.ExitCode}}' "$name"
     [ "$("${PODMAN[@]}" inspect --format '{{.State.ExitCode}}' "$name")" = 0 ] || ok=1
-    "${PODMAN[@]}" rm -f "$name" > /dev/null
+    "${PODMAN[@]}" rm -f -v "$name" > /dev/null  # -v: the VOLUMEs' anonymous volumes too
     return $ok
 }
 

@@ -25,7 +25,9 @@ model_dir="$WORK/models"
 }
 
 cleanup() {
-    "${PODMAN[@]}" rm -f cace-example-server cace-example-ipi > /dev/null 2>&1 || true
+    # the server first (it joins i-PI's IPC namespace); -v: anonymous VOLUMEs too
+    "${PODMAN[@]}" rm -f -v cace-example-server > /dev/null 2>&1 || true
+    "${PODMAN[@]}" rm -f -v cace-example-ipi > /dev/null 2>&1 || true
     "${PODMAN[@]}" volume rm -f cace-example-sockets > /dev/null 2>&1 || true
 }
 trap cleanup EXIT
