@@ -132,6 +132,17 @@ def read_labelled(paths: Iterable[str | Path], keys: DataKeys) -> list[LabelledS
     return out
 
 
+def check_elements(data: Iterable[LabelledStructure], known: Iterable[int], whose: str) -> None:
+    """Refuse structures with elements outside ``known``, naming file and frame."""
+    allowed = {int(z) for z in known}
+    for d in data:
+        unknown = sorted({int(z) for z in d.structure.numbers} - allowed)
+        if unknown:
+            raise ValueError(
+                f"{d.source}: elements {unknown} are not among {whose} elements {sorted(allowed)}"
+            )
+
+
 def files_digest(paths: Sequence[str | Path]) -> str:
     """SHA-256 over the bytes of the data files, in order (recorded in the model)."""
     h = hashlib.sha256()

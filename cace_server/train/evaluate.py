@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cace_server.model.potential import CACEPotential
-from cace_server.train.data import LabelledStructure
+from cace_server.train.data import LabelledStructure, check_elements
 from cace_server.train.metrics import ErrorAccumulator
 
 
@@ -16,14 +16,7 @@ def evaluate(
     model: CACEPotential, data: Sequence[LabelledStructure], *, batch_size: int = 16
 ) -> ErrorAccumulator:
     """Energy, force and stress errors of ``model`` on ``data`` (kept for plotting)."""
-    known = set(model.elements)
-    for d in data:
-        unknown = sorted({int(z) for z in d.structure.numbers} - known)
-        if unknown:
-            raise ValueError(
-                f"{d.source}: elements {unknown} are unknown to the model "
-                f"(it knows {sorted(known)})"
-            )
+    check_elements(data, model.elements, "the model's")
     errors = ErrorAccumulator(keep=True)
     for k in range(0, len(data), batch_size):
         chunk = data[k : k + batch_size]

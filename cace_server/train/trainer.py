@@ -30,7 +30,7 @@ from cace_server.model.io import save_model
 from cace_server.model.neighbors import PreparedStructure, collate
 from cace_server.model.potential import CACEPotential
 from cace_server.train.config import TrainConfig
-from cace_server.train.data import LabelledStructure, fit_reference_energies
+from cace_server.train.data import LabelledStructure, check_elements, fit_reference_energies
 from cace_server.train.metrics import ErrorAccumulator, table_header, table_row
 
 CHECKPOINT_FORMAT = "cace-server-training"
@@ -143,17 +143,8 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------
     def _examples(self, data: Sequence[LabelledStructure]) -> list[Example]:
-        known = set(self.model.elements)
-        out = []
-        for d in data:
-            unknown = sorted({int(z) for z in d.structure.numbers} - known)
-            if unknown:
-                raise ValueError(
-                    f"{d.source}: elements {unknown} are not in the training set's elements "
-                    f"{sorted(known)}"
-                )
-            out.append(Example(self.model.prepare(d.structure), d))
-        return out
+        check_elements(data, self.model.elements, "the training set's")
+        return [Example(self.model.prepare(d.structure), d) for d in data]
 
     def _batches(self, examples: list[Example], shuffle: bool) -> list[list[Example]]:
         order = (
