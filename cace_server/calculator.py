@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from cace_server.model.io import load_model
 from cace_server.model.potential import CACEPotential
-from cace_server.structures import Structure
+from cace_server.structures import Structure, voigt
 
 
 class CACECalculator(Calculator):
@@ -46,15 +45,12 @@ class CACECalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         structure = Structure.from_ase(self.atoms)
         want_stress = "stress" in properties and bool(structure.pbc.all())
-        with torch.inference_mode(False):
-            prediction = self.model.predict([structure], forces=True, stress=want_stress)[0]
+        prediction = self.model.predict([structure], forces=True, stress=want_stress)[0]
         self.results = {"energy": prediction.energy, "free_energy": prediction.energy}
         self.results["forces"] = prediction.forces
         if prediction.energies is not None:
             self.results["energies"] = prediction.energies
         if prediction.stress is not None:
-            self.results["stress"] = prediction.stress.reshape(3, 3)[
-                [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]
-            ]
+            self.results["stress"] = voigt(prediction.stress)
         if prediction.charges is not None:
             self.results["charges"] = prediction.charges

@@ -121,3 +121,10 @@ class Prediction:
     energies: npt.NDArray[np.float64] | None = None
     charges: npt.NDArray[np.float64] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def voigt(stress: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """A 3x3 stress in ASE's Voigt order xx yy zz yz xz xy (off-diagonals symmetrised)."""
+    s = np.asarray(stress, dtype=np.float64).reshape(3, 3)
+    s = 0.5 * (s + s.T)
+    return s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]

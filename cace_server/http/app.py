@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import numpy as np
 from ase.data import chemical_symbols
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,7 +51,7 @@ from cace_server.http.validate import (
     read_species,
 )
 from cace_server.ipi import DriverPool
-from cace_server.structures import Prediction, Structure
+from cace_server.structures import Prediction, Structure, voigt
 
 logger = logging.getLogger("cace_server.http")
 
@@ -65,24 +64,12 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
-def _voigt(s: np.ndarray) -> list[float]:
-    """ASE's Voigt order xx yy zz yz xz xy (off-diagonals symmetrised)."""
-    return [
-        float(s[0, 0]),
-        float(s[1, 1]),
-        float(s[2, 2]),
-        float(0.5 * (s[1, 2] + s[2, 1])),
-        float(0.5 * (s[0, 2] + s[2, 0])),
-        float(0.5 * (s[0, 1] + s[1, 0])),
-    ]
-
-
 def result_dict(pred: Prediction, n: int, props: frozenset[Property], binary: bool) -> dict:
     out: dict[str, Any] = {"n_atoms": n, "energy": pred.energy, "free_energy": pred.energy}
     if "forces" in props:
         out["forces"] = codec.array_out(pred.forces, binary)
     if "stress" in props and pred.stress is not None:
-        out["stress"] = _voigt(pred.stress)
+        out["stress"] = voigt(pred.stress).tolist()
         out["stress_tensor"] = pred.stress.tolist()
         out["virial"] = None if pred.virial is None else pred.virial.tolist()
     if "energies" in props:

@@ -27,7 +27,7 @@ import torch
 from cace_server.model.build import build_model
 from cace_server.model.config import ModelConfig, ReadoutConfig
 from cace_server.model.io import save_model
-from cace_server.model.neighbors import PreparedStructure, collate
+from cace_server.model.neighbors import PreparedStructure, collate, prepare_structure
 from cace_server.model.potential import CACEPotential
 from cace_server.train.config import TrainConfig
 from cace_server.train.data import LabelledStructure, check_elements, fit_reference_energies
@@ -55,13 +55,8 @@ def model_config_for(config: TrainConfig, data: Sequence[LabelledStructure]) -> 
             raise ValueError(f"atomic_energies lacks elements {missing}")
     else:
         references = fit_reference_energies(data, elements)
-    probe = ModelConfig(elements=elements, cutoff=config.cutoff)
-    from cace_server.model.neighbors import prepare_structure
-
     sample = list(data)[:: max(1, len(data) // 50)]
-    pairs = sum(
-        prepare_structure(d.structure, probe.elements, config.cutoff).n_pairs for d in sample
-    )
+    pairs = sum(prepare_structure(d.structure, elements, config.cutoff).n_pairs for d in sample)
     atoms = sum(d.n_atoms for d in sample)
     return ModelConfig(
         elements=elements,
