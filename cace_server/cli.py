@@ -24,23 +24,34 @@ def convert(
     ),
     target: Path = typer.Argument(..., help="native model file to write (.safetensors)"),
     dtype: str = typer.Option("float64", help="dtype to store the weights in: float32 or float64"),
+    architecture: Path = typer.Option(
+        None,
+        help="for a training checkpoint (checkpoint.pt, weights only): the model file "
+        "(e.g. best_model.pth) whose architecture the weights belong to",
+    ),
 ) -> None:
     """Convert an original CACE checkpoint to the native safetensors format.
 
     The checkpoint is read without the original package and without running any
-    code from the pickle: anything off the allow-list is refused.
+    code from the pickle: anything off the allow-list is refused. Models of the
+    CACE package (plain, CombinePotential, CACE-LR, LES, dipole/BEC) and bare
+    representations are supported; a training checkpoint needs --architecture.
     """
     from cace_server.model import convert_original, save_model
     from cace_server.model.checkpoint import UnsafeCheckpointError, UnsupportedCheckpointError
 
     try:
-        model = convert_original(source, dtype=dtype)
+        model = convert_original(source, dtype=dtype, architecture=architecture)
     except (UnsafeCheckpointError, UnsupportedCheckpointError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    save_model(model, target, {"converted_from": source.name})
+    extra = {"converted_from": source.name}
+    if architecture is not None:
+        extra["architecture_from"] = architecture.name
+    save_model(model, target, extra)
     typer.echo(
-        f"wrote {target} ({model.n_parameters:,} parameters, elements {list(model.elements)})"
+        f"wrote {target} ({model.n_parameters:,} parameters, elements {list(model.elements)}, "
+        f"outputs {', '.join(model.outputs)})"
     )
 
 

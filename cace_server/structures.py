@@ -111,7 +111,10 @@ class Prediction:
 
     ``stress`` and ``virial`` are present for 3-D periodic structures when
     requested; ``virial = -stress * volume`` (eV), the convention of ASE and i-PI.
-    ``charges`` holds the latent charges of long-range (CACE-LR) models.
+    ``charges`` holds the latent charges of long-range (CACE-LR, LES) and dipole
+    models in elementary charges, shape (N,) or (N, n_channels). ``dipole`` (e·Å)
+    and ``bec`` (Born effective charges, e, shape (N, 3, 3) with
+    ``bec[i, a, b] = d dipole_b / d r_ia``) come from dipole models.
     """
 
     energy: float
@@ -120,6 +123,10 @@ class Prediction:
     virial: npt.NDArray[np.float64] | None = None
     energies: npt.NDArray[np.float64] | None = None
     charges: npt.NDArray[np.float64] | None = None
+    dipole: npt.NDArray[np.float64] | None = None
+    bec: npt.NDArray[np.float64] | None = None
+    # Per-atom descriptors (the node features the heads read), when asked for.
+    descriptors: npt.NDArray[np.float64] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

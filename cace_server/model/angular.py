@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from math import factorial
-from typing import cast
+from typing import Any, cast
 
 import torch
 
@@ -131,6 +131,21 @@ def symmetrizer_terms(max_l: int, nu: int) -> list[SymmetrizerTerm]:
     return terms
 
 
+def explicit_terms(table: dict[str, list[Any]]) -> dict[int, list[SymmetrizerTerm]]:
+    """Symmetriser terms stored in a model config ({nu: [[key, components, prefactor]]})."""
+    return {
+        int(nu): [
+            SymmetrizerTerm(
+                tuple(int(k) for k in key),
+                tuple((int(c[0]), int(c[1]), int(c[2])) for c in components),
+                int(prefactor),
+            )
+            for key, components, prefactor in rows
+        ]
+        for nu, rows in table.items()
+    }
+
+
 def invariant_keys(max_l: int, nu: int) -> list[tuple[int, ...]]:
     """Invariant labels of order nu, in order of first appearance."""
     keys: dict[tuple[int, ...], None] = {}
@@ -183,7 +198,12 @@ class Symmetrizer(torch.nn.Module):
     the terms into their invariants.
     """
 
-    def __init__(self, max_l: int, max_nu: int) -> None:
+    def __init__(
+        self,
+        max_l: int,
+        max_nu: int,
+        explicit: dict[int, list[SymmetrizerTerm]] | None = None,
+    ) -> None:
         super().__init__()
         self.max_l = max_l
         self.max_nu = max_nu
@@ -191,10 +211,10 @@ class Symmetrizer(torch.nn.Module):
         self.orders: list[int] = []
         self.n_out = 1
         for nu in range(2, max_nu + 1):
-            terms = symmetrizer_terms(max_l, nu)
+            terms = (explicit or {}).get(nu) or symmetrizer_terms(max_l, nu)
             if not terms:
                 continue
-            keys = invariant_keys(max_l, nu)
+            keys = list(dict.fromkeys(t.key for t in terms))
             key_index = {k: i for i, k in enumerate(keys)}
             factors = torch.tensor(
                 [[index[c] for c in t.components] for t in terms], dtype=torch.long

@@ -97,6 +97,17 @@ ALLOWED_CLASSES: frozenset[str] = frozenset(
         "cace.modules.feature_mix.FeatureAdd",
         "cace.modules.forces.Forces",
         "cace.modules.preprocess.Preprocess",
+        "cace.models.combined.CombinePotential",
+        "cace.modules.les_wrapper.LesWrapper",
+        "cace.modules.polarization.Polarization",
+        "cace.modules.polarization.Dephase",
+        "cace.modules.grad.Grad",
+        # The external LES package (github ChengUCB/les), used through LesWrapper.
+        "les.les.Les",
+        "les.module.atomwise.Atomwise",
+        "les.module.ewald.Ewald",
+        "les.module.bec.BEC",
+        "les.module.blocks.Dense",
         "torch.nn.modules.linear.Linear",
         "torch.nn.modules.linear.Identity",
         "torch.nn.modules.container.Sequential",
@@ -124,6 +135,103 @@ ALLOWED_FUNCTIONS: dict[str, Any] = {
     "torch.device": torch.device,
 }
 
+
+class MethodReference:
+    """A bound method of a pickled object, recorded by name (never looked up or called).
+
+    Pickles store ``obj.method`` as ``getattr(obj, "method")``; only the names in
+    :data:`ALLOWED_METHODS` are accepted, and only on inert :class:`PickledObject` s.
+    """
+
+    def __init__(self, owner: PickledObject, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"MethodReference({self.owner!r}, {self.name!r})"
+
+
+class FunctionReference:
+    """A module-level function of the original package, recorded by its dotted path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"FunctionReference({self.path!r})"
+
+
+# Methods that CombinePotential pickles as its ``operation`` (a sum of the sub-models).
+ALLOWED_METHODS: frozenset[str] = frozenset({"default_operation"})
+# The module-level form of the same operation in older versions of the original.
+ALLOWED_ORIGINAL_FUNCTIONS: frozenset[str] = frozenset({"cace.models.combined.default_operation"})
+
+
+def _safe_getattr(obj: Any, name: Any) -> MethodReference:
+    if isinstance(obj, PickledObject) and isinstance(name, str) and name in ALLOWED_METHODS:
+        return MethodReference(obj, name)
+    owner = obj.__class_path__ if isinstance(obj, PickledObject) else type(obj).__name__
+    raise UnsafeCheckpointError(
+        f"checkpoint asks for getattr({owner}, {name!r}), which is not on the allow-list"
+    )
+
+
+# numpy scalars (e.g. numpy.int64 element numbers) are pickled as
+# scalar(dtype, raw bytes); only plain numeric dtypes are rebuilt.
+_NUMERIC_KINDS = frozenset("biufc")
+
+
+def _safe_numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> Any:
+    import numpy as np
+
+    if not isinstance(spec, str):
+        raise UnsafeCheckpointError(f"numpy dtype from {type(spec).__name__} is refused")
+    try:
+        dtype = np.dtype(spec)
+    except TypeError as exc:
+        raise UnsafeCheckpointError(f"numpy dtype {spec!r} is refused") from exc
+    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype:
+        raise UnsafeCheckpointError(f"numpy dtype {spec!r} is not a plain numeric type; refused")
+    return dtype
+
+
+def _safe_numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS:
+        raise UnsafeCheckpointError("numpy scalar of a non-numeric dtype is refused")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise UnsafeCheckpointError("numpy scalar with malformed data is refused")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _safe_codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # How protocol-2 pickles write bytes (numpy scalar data among them).
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError("_codecs.encode is allowed only for latin-1 text")
+    return text.encode("latin-1")
+
+
+ALLOWED_FUNCTIONS.update(
+    {
+        "builtins.getattr": _safe_getattr,
+        "__builtin__.getattr": _safe_getattr,
+        "numpy.dtype": _safe_numpy_dtype,
+        "numpy.core.multiarray.scalar": _safe_numpy_scalar,
+        "numpy._core.multiarray.scalar": _safe_numpy_scalar,
+        "_codecs.encode": _safe_codecs_encode,
+    }
+)
+
+# Packages whose models are not CACE models; named so the user knows what they have.
+FOREIGN_PACKAGES: dict[str, str] = {
+    "mace": "a MACE model",
+    "nequip": "a NequIP model",
+    "allegro": "an Allegro model",
+    "e3nn": "an e3nn-based model (MACE, NequIP, ...)",
+    "schnetpack": "a SchNetPack model",
+}
+
 _stub_classes: dict[str, type[PickledObject]] = {}
 
 
@@ -146,7 +254,15 @@ class RestrictedUnpickler(pickle.Unpickler):
             return Activation(ALLOWED_ACTIVATIONS[path])
         if path in ALLOWED_CLASSES:
             return _stub_class(path)
-        if module.split(".")[0] == "cace":
+        if path in ALLOWED_ORIGINAL_FUNCTIONS:
+            return FunctionReference(path)
+        package = module.split(".")[0]
+        if package in FOREIGN_PACKAGES:
+            raise UnsupportedCheckpointError(
+                f"this file is {FOREIGN_PACKAGES[package]} (it refers to {path}), not a CACE "
+                "model; cace-server serves CACE models only"
+            )
+        if package in ("cace", "les"):
             raise UnsupportedCheckpointError(
                 f"checkpoint uses {path}, which cace-server does not support"
             )
@@ -163,13 +279,40 @@ restricted_pickle.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()  # 
 restricted_pickle.__name__ = "restricted_pickle"
 
 
-def read_original_checkpoint(path: str | Path) -> PickledObject:
-    """Unpickle an original CACE checkpoint into a tree of :class:`PickledObject`.
+def _refuse_torchscript(path: str | Path) -> None:
+    """TorchScript archives carry code (their own Python-like programs): never loaded."""
+    import zipfile
 
-    Raises :class:`UnsafeCheckpointError` for a pickle that references anything off
-    the allow-list, and :class:`UnsupportedCheckpointError` for a CACE module we do
-    not implement.
-    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except OSError:
+        return
+    if any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in names):
+        raise UnsupportedCheckpointError(
+            f"{path}: a TorchScript archive (it carries compiled code, which cace-server "
+            "never runs); convert the model saved with torch.save(model) instead"
+        )
+
+
+def describe_foreign_object(path: str | Path, obj: Any) -> str:
+    """Why an unpickled object that is not a model cannot be converted."""
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        return (
+            f"{path}: a training checkpoint (model_state_dict and optimizer state, keys "
+            f"{sorted(map(str, obj))[:6]}): it holds weights but no architecture. Convert "
+            "the best_model.pth written next to it, or give the model file whose "
+            "architecture it was trained with: `cace-server convert CHECKPOINT OUT "
+            "--architecture best_model.pth`"
+        )
+    return f"{path}: expected a pickled CACE model, found {type(obj).__name__}"
+
+
+def load_restricted(path: str | Path) -> Any:
+    """Unpickle any torch file with the allow-list (tensors, dicts, inert modules)."""
+    _refuse_torchscript(path)
     try:
         obj = torch.load(
             str(path), map_location="cpu", pickle_module=restricted_pickle, weights_only=False
@@ -180,8 +323,68 @@ def read_original_checkpoint(path: str | Path) -> PickledObject:
         raise UnsupportedCheckpointError(
             f"{path}: not a readable torch checkpoint ({exc})"
         ) from exc
-    if not isinstance(obj, PickledObject):
-        raise UnsupportedCheckpointError(
-            f"{path}: expected a pickled CACE model, found {type(obj).__name__}"
-        )
     return obj
+
+
+def read_original_checkpoint(path: str | Path) -> PickledObject:
+    """Unpickle an original CACE checkpoint into a tree of :class:`PickledObject`.
+
+    Raises :class:`UnsafeCheckpointError` for a pickle that references anything off
+    the allow-list, and :class:`UnsupportedCheckpointError` for a CACE module we do
+    not implement, a TorchScript archive, a training checkpoint or a foreign model.
+    """
+    obj = load_restricted(path)
+    if not isinstance(obj, PickledObject):
+        raise UnsupportedCheckpointError(describe_foreign_object(path, obj))
+    return obj
+
+
+def read_training_checkpoint(path: str | Path, architecture: str | Path) -> PickledObject:
+    """An original model tree (from ``architecture``) with the weights of a training
+    checkpoint (``{"model_state_dict": ..., "optimizer_state_dict": ...}``).
+
+    This is how users of the original pick another epoch than the best one: the
+    checkpoint has weights but no architecture, the model file has both.
+    """
+    data = load_restricted(path)
+    if not isinstance(data, dict) or not isinstance(data.get("model_state_dict"), dict):
+        raise UnsupportedCheckpointError(f"{path}: not a training checkpoint (no model_state_dict)")
+    root = read_original_checkpoint(architecture)
+    state: dict[str, Any] = data["model_state_dict"]
+    slots = _tensor_slots(root)
+    missing = sorted(set(slots) - set(state))
+    unexpected = sorted(set(state) - set(slots))
+    if missing or unexpected:
+        raise UnsupportedCheckpointError(
+            f"{path} does not fit the architecture of {architecture}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, (table, name) in slots.items():
+        old, new = table[name], state[key]
+        if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(old.shape):
+            raise UnsupportedCheckpointError(f"{path}: {key} has the wrong shape")
+        table[name] = new.to(old.dtype)
+    return root
+
+
+def _tensor_slots(root: PickledObject) -> dict[str, tuple[dict[str, Any], str]]:
+    """state_dict key -> (the parameter/buffer table holding it, name), as torch names them."""
+    slots: dict[str, tuple[dict[str, Any], str]] = {}
+    seen: set[int] = set()
+
+    def walk(obj: PickledObject, prefix: str) -> None:
+        if id(obj) in seen:  # shared submodules appear once in a state_dict
+            return
+        seen.add(id(obj))
+        non_persistent = obj.__dict__.get("_non_persistent_buffers_set") or set()
+        for store in ("_parameters", "_buffers"):
+            table = obj.__dict__.get(store) or {}
+            for name, value in table.items():
+                if value is not None and not (store == "_buffers" and name in non_persistent):
+                    slots[prefix + name] = (table, name)
+        for name, child in (obj.__dict__.get("_modules") or {}).items():
+            if isinstance(child, PickledObject):
+                walk(child, f"{prefix}{name}.")
+
+    walk(root, "")
+    return slots

@@ -30,6 +30,12 @@ class ReadoutConfig:
     activation: str = "silu"
     bias: bool = True
     linear_branch: bool = True
+    # Outputs per atom: 1 for energies; latent charges may have several channels.
+    n_out: int = 1
+    # Factor applied to the head's output (the LES package scales its charges by 0.1).
+    scale: float = 1.0
+    # Energy heads: coefficient of this head in the total energy (CombinePotential weights).
+    weight: float = 1.0
 
 
 @dataclass
@@ -60,6 +66,37 @@ class EwaldConfig:
     exponent: int = 1
     remove_self_interaction: bool = False
     norm_factor: float = 1.0
+    # Coefficient of the long-range energy in the total (CombinePotential weights).
+    weight: float = 1.0
+    # Open boundaries: the pair kernel is erf(r / (sigma sqrt 2)) / (r + pair_epsilon);
+    # CACE's own Ewald uses 1e-6, the LES package none.
+    pair_epsilon: float = 1e-6
+    # Latent charge units per elementary charge: CACE's Ewald works with norm_factor 1
+    # and charges scaled by sqrt(90.0474) = 9.48933; the LES package with charges in e
+    # and norm_factor 90.0474 (e^2 / (2 eps0) in eV Å).
+    charge_unit: float = 9.48933
+    # CACE's periodic Ewald with several charge channels subtracts the self energy of
+    # all channels from each channel (n_q times in all); the LES package once.
+    self_energy_every_channel: bool = False
+
+
+@dataclass
+class PolarizationConfig:
+    """Dipole (polarization) of the latent charges and its position derivative (BEC).
+
+    The dipole is ``normalization * sum_i (q_i - <q>) r_i``; in a periodic cell, with
+    ``periodic``, the original's Berry-phase form ``normalization * cell @ S / (2 pi i)``
+    with ``S_b = sum_i (q_i - <q>) exp(2 pi i s_ib)`` (s: fractional coordinates), of
+    which the real part is reported. The Born effective charges are the derivative of
+    the dipole with respect to the positions (in a periodic cell: dephased by each
+    atom's phase factor, as the original does).
+    """
+
+    charge_readout: str = "q"
+    normalization: float = 1.0 / 9.48933
+    remove_mean: bool = True
+    periodic: bool = True
+    bec: bool = True
 
 
 @dataclass
@@ -79,11 +116,17 @@ class ModelConfig:
     message_passing: MessagePassingConfig = field(default_factory=MessagePassingConfig)
     readouts: list[ReadoutConfig] = field(default_factory=lambda: [ReadoutConfig(name="energy")])
     ewald: EwaldConfig | None = None
+    polarization: PolarizationConfig | None = None
+    # Symmetriser invariants stored verbatim for models whose original formed other
+    # invariants than ours ({nu: [[key, [components], prefactor], ...]}); empty: ours.
+    symmetrizer_terms: dict[str, list[Any]] = field(default_factory=dict)
     atomic_energies: dict[int, float] = field(default_factory=dict)
     # Metadata that does not change the maths.
     dtype: str = "float64"
     units: dict[str, str] = field(default_factory=lambda: {"energy": "eV", "length": "Angstrom"})
     source: str = ""
+    # Which original families the model was imported from (e.g. "cace", "combine", "les").
+    family: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.elements:
@@ -97,6 +140,8 @@ class ModelConfig:
         for readout in self.readouts:
             if readout.kind not in ("energy", "charge"):
                 raise ValueError(f"unknown readout kind {readout.kind!r}")
+            if readout.n_out < 1 or (readout.kind == "energy" and readout.n_out != 1):
+                raise ValueError(f"readout {readout.name!r}: energy heads have one output")
             if readout.activation not in ACTIVATIONS:
                 raise ValueError(f"unknown activation {readout.activation!r}")
         if self.ewald is not None:
@@ -107,6 +152,13 @@ class ModelConfig:
                 )
             if self.ewald.exponent != 1:
                 raise ValueError("only exponent 1 (Coulomb) is supported for the Ewald term")
+        if self.polarization is not None:
+            names = [r.name for r in self.readouts if r.kind == "charge"]
+            if self.polarization.charge_readout not in names:
+                raise ValueError(
+                    f"polarization.charge_readout {self.polarization.charge_readout!r} "
+                    "is not a charge readout"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -120,6 +172,8 @@ class ModelConfig:
         data["readouts"] = [ReadoutConfig(**r) for r in data.get("readouts", [])]
         if data.get("ewald") is not None:
             data["ewald"] = EwaldConfig(**data["ewald"])
+        if data.get("polarization") is not None:
+            data["polarization"] = PolarizationConfig(**data["polarization"])
         data["atomic_energies"] = {
             int(k): float(v) for k, v in data.get("atomic_energies", {}).items()
         }

@@ -49,6 +49,7 @@ class EwaldSum(torch.nn.Module):
         self.sigma = float(cfg.sigma)
         self.remove_self_interaction = cfg.remove_self_interaction
         self.norm_factor = float(cfg.norm_factor)
+        self.pair_epsilon = float(cfg.pair_epsilon)
         self.k_max_sq = (2.0 * math.pi / self.dl) ** 2
         # Atoms per block of the structure-factor contraction.
         self.atom_block = 4096
@@ -141,7 +142,7 @@ class EwaldSum(torch.nn.Module):
         # Keep the diagonal away from |0| so the norm's gradient stays finite there.
         diff = torch.where(off_diagonal[:, :, None], diff, torch.ones_like(diff))
         dist = torch.linalg.vector_norm(diff, dim=-1).to(dtype)
-        pair = torch.special.erf(dist / (self.sigma * math.sqrt(2.0))) / (dist + 1e-6)
+        pair = torch.special.erf(dist / (self.sigma * math.sqrt(2.0))) / (dist + self.pair_epsilon)
         pair = torch.where(off_diagonal, pair, torch.zeros_like(pair))
         energy = (q[:, None] * q[None, :] * pair).sum() / (4.0 * math.pi)
         if not self.remove_self_interaction:

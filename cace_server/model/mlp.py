@@ -40,17 +40,31 @@ class MLP(torch.nn.Module):
 
 
 class AtomwiseReadout(torch.nn.Module):
-    """Per-atom scalar from node features: MLP(x) + optional linear(x)."""
+    """Per-atom outputs from node features: scale * (MLP(x) + optional linear(x)).
+
+    One output is returned as [n_atoms], several (multi-channel latent charges) as
+    [n_atoms, n_out].
+    """
 
     def __init__(
-        self, n_in: int, hidden: Sequence[int], activation: str, bias: bool, linear_branch: bool
+        self,
+        n_in: int,
+        hidden: Sequence[int],
+        activation: str,
+        bias: bool,
+        linear_branch: bool,
+        n_out: int = 1,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
-        self.mlp = MLP(n_in, [*hidden, 1], activation, bias=bias)
-        self.linear = torch.nn.Linear(n_in, 1, bias=bias) if linear_branch else None
+        self.mlp = MLP(n_in, [*hidden, n_out], activation, bias=bias)
+        self.linear = torch.nn.Linear(n_in, n_out, bias=bias) if linear_branch else None
+        self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.mlp(x)
         if self.linear is not None:
             y = y + self.linear(x)
-        return y.squeeze(-1)
+        if self.scale != 1.0:
+            y = y * self.scale
+        return y.squeeze(-1) if y.shape[-1] == 1 else y

@@ -7,6 +7,7 @@ model's dtype; the network runs in the model's dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from cace_server.model.config import ModelConfig
+from cace_server.model.dipole import DipoleOutput, PolarizationHead
 from cace_server.model.ewald import EwaldSum
 from cace_server.model.mlp import AtomwiseReadout
 from cace_server.model.neighbors import GraphBatch, PreparedStructure, collate, prepare_structure
@@ -27,9 +29,12 @@ class BatchOutput:
 
     energy: torch.Tensor  # [B]
     atom_energy: torch.Tensor  # [N] short-range + reference energies
-    charges: torch.Tensor | None  # [N]
+    charges: torch.Tensor | None  # [N] or [N, n_q], latent units
     forces: torch.Tensor | None  # [N, 3]
     virial: torch.Tensor | None  # [B, 3, 3] = -dE/d(strain)
+    descriptors: torch.Tensor | None = None  # [N, features]: the heads' input
+    dipole: torch.Tensor | None = None  # [B, 3] e·Å
+    bec: torch.Tensor | None = None  # [N, 3, 3], [i, a, b] = d dipole_b / d r_ia
 
 
 class CACEPotential(torch.nn.Module):
@@ -42,12 +47,18 @@ class CACEPotential(torch.nn.Module):
         n_in = self.representation.n_features
         self.readouts = torch.nn.ModuleDict(
             {
-                r.name: AtomwiseReadout(n_in, r.hidden, r.activation, r.bias, r.linear_branch)
+                r.name: AtomwiseReadout(
+                    n_in, r.hidden, r.activation, r.bias, r.linear_branch, r.n_out, r.scale
+                )
                 for r in config.readouts
             }
         )
-        self.energy_readouts = [r.name for r in config.readouts if r.kind == "energy"]
+        # Energy heads and their coefficients in the total energy.
+        self.energy_readouts = {r.name: r.weight for r in config.readouts if r.kind == "energy"}
         self.ewald = EwaldSum(config.ewald) if config.ewald is not None else None
+        self.polarization = (
+            PolarizationHead(config.polarization) if config.polarization is not None else None
+        )
         self._group_atoms: int | None = None
         reference = torch.tensor(
             [config.atomic_energies.get(z, 0.0) for z in config.elements],
@@ -74,7 +85,82 @@ class CACEPotential(torch.nn.Module):
 
     @property
     def has_charges(self) -> bool:
-        return self.ewald is not None
+        return self.charge_readout is not None
+
+    @property
+    def charge_readout(self) -> str | None:
+        """The head whose latent charges the model reports (long range, else dipole)."""
+        if self.config.ewald is not None:
+            return self.config.ewald.charge_readout
+        if self.config.polarization is not None:
+            return self.config.polarization.charge_readout
+        return None
+
+    @property
+    def charge_unit(self) -> float:
+        """Latent charge units per elementary charge of the reported charges."""
+        if self.config.ewald is not None:
+            return float(self.config.ewald.charge_unit)
+        return 9.48933
+
+    @property
+    def has_bec(self) -> bool:
+        return self.polarization is not None and self.polarization.bec
+
+    @property
+    def has_energy(self) -> bool:
+        return bool(self.energy_readouts) or self.ewald is not None
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What :meth:`predict` can return for this model."""
+        if not self.has_energy:
+            return ("descriptors",)
+        names = ["energy", "forces", "stress", "descriptors"]
+        if self.ewald is None:
+            names.append("energies")
+        if self.has_charges:
+            names.append("charges")
+        if self.polarization is not None:
+            names.append("dipole")
+        if self.has_bec:
+            names.append("bec")
+        return tuple(names)
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        """Per-atom input arrays the model needs besides the structure (none so far)."""
+        return ()
+
+    def describe(self) -> dict[str, object]:
+        """What the model offers, for `cace-server info` and GET /v1/models."""
+        c = self.config
+        long_range = None
+        if c.ewald is not None:
+            long_range = {
+                "kind": "ewald",
+                "charges": c.ewald.charge_readout,
+                "charge_channels": next(
+                    r.n_out for r in c.readouts if r.name == c.ewald.charge_readout
+                ),
+                "weight": c.ewald.weight,
+                "norm_factor": c.ewald.norm_factor,
+                "charge_unit": c.ewald.charge_unit,
+                "sigma": c.ewald.sigma,
+                "dl": c.ewald.dl,
+            }
+        return {
+            "family": list(c.family) or ["cace"],
+            "outputs": list(self.outputs),
+            "required_inputs": list(self.required_inputs),
+            "long_range": long_range,
+            "elements": list(c.elements),
+            "cutoff": c.cutoff,
+            "message_passing_layers": c.num_message_passing,
+            "max_l": c.max_l,
+            "max_nu": c.max_nu,
+            "energy_heads": dict(self.energy_readouts),
+        }
 
     @property
     def n_parameters(self) -> int:
@@ -92,12 +178,19 @@ class CACEPotential(torch.nn.Module):
         forces: bool = True,
         virial: bool = True,
         create_graph: bool = False,
+        bec: bool = False,
+        descriptors: bool = False,
     ) -> BatchOutput:
-        """Evaluate a collated batch; ``create_graph`` keeps forces differentiable (training)."""
+        """Evaluate a collated batch; ``create_graph`` keeps forces differentiable (training).
+
+        ``bec`` also returns the Born effective charges of dipole models (three or six
+        more backward passes).
+        """
         dtype = self.dtype
         positions = batch.positions
         cell = batch.cell
-        if forces:
+        bec = bec and self.has_bec
+        if forces or bec:
             positions = positions.detach().requires_grad_(True)
         strain = None
         if virial:
@@ -116,13 +209,19 @@ class CACEPotential(torch.nn.Module):
             vectors.to(dtype), batch.species, batch.receivers, batch.senders
         )
         atom_energy = self.atomic_energies.to(dtype)[batch.species]
-        for name in self.energy_readouts:
-            atom_energy = atom_energy + self.readouts[name](features)
+        for name, weight in self.energy_readouts.items():
+            contribution = self.readouts[name](features)
+            atom_energy = atom_energy + (contribution if weight == 1.0 else weight * contribution)
         energy = atom_energy.new_zeros(batch.n_systems).index_add(0, batch.system, atom_energy)
-        charges = None
-        if self.ewald is not None:
-            charges = self.readouts[self.ewald_charge_key](features)
-            energy = energy + self.ewald(deformed, charges, cell, batch.pbc, batch.n_atoms)
+        charge_key = self.charge_readout
+        charges = self.readouts[charge_key](features) if charge_key is not None else None
+        if self.ewald is not None and charges is not None:
+            energy = energy + self._long_range(deformed, charges, cell, batch)
+        dipole = None
+        if self.polarization is not None and charges is not None:
+            dipole = self.polarization(
+                deformed, charges, cell, batch.pbc, batch.system, batch.n_systems
+            )
 
         force_out = virial_out = None
         inputs = [t for t in (positions if forces else None, strain) if t is not None]
@@ -134,7 +233,11 @@ class CACEPotential(torch.nn.Module):
                 virial_out = torch.zeros_like(batch.cell)
         elif inputs:
             grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=create_graph, allow_unused=True
+                energy.sum(),
+                inputs,
+                create_graph=create_graph,
+                retain_graph=create_graph or bec,
+                allow_unused=True,
             )
             k = 0
             if forces:
@@ -144,7 +247,62 @@ class CACEPotential(torch.nn.Module):
             if virial:
                 g = grads[k]
                 virial_out = -g if g is not None else torch.zeros_like(batch.cell)
-        return BatchOutput(energy, atom_energy, charges, force_out, virial_out)
+        bec_out = self._born_charges(dipole, positions) if bec and dipole is not None else None
+        return BatchOutput(
+            energy,
+            atom_energy,
+            charges,
+            force_out,
+            virial_out,
+            features if descriptors else None,
+            dipole.real if dipole is not None else None,
+            bec_out,
+        )
+
+    def _long_range(
+        self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, batch: GraphBatch
+    ) -> torch.Tensor:
+        """Weighted Ewald energy [B]; several charge channels add up, as in the original."""
+        assert self.ewald is not None and self.config.ewald is not None
+        channels = [charges] if charges.dim() == 1 else list(charges.unbind(1))
+        energy = sum(self.ewald(positions, q, cell, batch.pbc, batch.n_atoms) for q in channels)
+        assert isinstance(energy, torch.Tensor)
+        cfg = self.config.ewald
+        if len(channels) > 1 and cfg.remove_self_interaction and cfg.self_energy_every_channel:
+            # The original removes the self energy of all channels from each channel of
+            # a periodic structure; the sum above removed each channel's own once.
+            q_sq = torch.zeros_like(energy).index_add(0, batch.system, (charges**2).sum(1))
+            periodic = batch.pbc.all(dim=1).to(q_sq.dtype)
+            self_energy = q_sq / (self.ewald.sigma * (2.0 * math.pi) ** 1.5)
+            energy = energy - (len(channels) - 1) * periodic * self_energy * self.ewald.norm_factor
+        weight = cfg.weight
+        return energy if weight == 1.0 else weight * energy
+
+    @staticmethod
+    def _born_charges(dipole: DipoleOutput, positions: torch.Tensor) -> torch.Tensor:
+        """Z[i, a, b] = d dipole_b / d r_ia, dephased by each atom's phase in periodic cells.
+
+        The original differentiates the complex polarization P and forms
+        Re(dP_b/dr_ia * conj(exp(i phase_ib))) = dRe(P_b)/dr_ia cos + dIm(P_b)/dr_ia sin.
+        """
+        cos, sin = torch.cos(dipole.phase), torch.sin(dipole.phase)  # [N, 3]
+        periodic = bool(dipole.imag.requires_grad)
+        columns = []
+        for b in range(3):
+            last = b == 2
+            d_re = torch.autograd.grad(
+                dipole.real[:, b].sum(), positions, retain_graph=True, allow_unused=True
+            )[0]
+            d_re = torch.zeros_like(positions) if d_re is None else d_re
+            column = d_re * cos[:, b : b + 1]
+            if periodic:
+                d_im = torch.autograd.grad(
+                    dipole.imag[:, b].sum(), positions, retain_graph=not last, allow_unused=True
+                )[0]
+                if d_im is not None:
+                    column = column + d_im * sin[:, b : b + 1]
+            columns.append(column)
+        return torch.stack(columns, dim=2)
 
     @staticmethod
     def _images(batch: GraphBatch, cell: torch.Tensor) -> torch.Tensor:
@@ -174,8 +332,15 @@ class CACEPotential(torch.nn.Module):
         *,
         forces: bool = True,
         stress: bool = True,
+        bec: bool = False,
+        descriptors: bool = False,
     ) -> list[Prediction]:
         """Energies (and forces, virial, stress) of several structures.
+
+        Dipoles and latent charges come with every prediction of a model that has
+        them; Born effective charges only with ``bec`` (they cost extra backward passes),
+        the per-atom descriptors (node features) only with ``descriptors``. A model
+        without energy heads (a bare representation) gives descriptors only.
 
         Structures are independent, so they are evaluated in groups of up to
         ``group_atoms`` atoms, one forward and backward pass per group: one group
@@ -183,11 +348,16 @@ class CACEPotential(torch.nn.Module):
         cache, groups of a few thousand atoms are faster than one pass.
         """
         prepared = [s if isinstance(s, PreparedStructure) else self.prepare(s) for s in structures]
+        if not self.has_energy:
+            forces = stress = False
+            descriptors = True
         results: list[Prediction] = []
         for group in self._groups(prepared):
             batch = collate(group, self.device)
             with torch.enable_grad():
-                out = self.compute(batch, forces=forces, virial=stress)
+                out = self.compute(
+                    batch, forces=forces, virial=stress, bec=bec, descriptors=descriptors
+                )
             results.extend(self._to_predictions(group, out))
         return results
 
@@ -226,14 +396,17 @@ class CACEPotential(torch.nn.Module):
         forces = np64(out.forces) if out.forces is not None else None
         virial = np64(out.virial) if out.virial is not None else None
         atom_energy = np64(out.atom_energy)
-        charges = np64(out.charges) if out.charges is not None else None
+        charges = np64(out.charges) / self.charge_unit if out.charges is not None else None
+        dipole = np64(out.dipole) if out.dipole is not None else None
+        bec = np64(out.bec) if out.bec is not None else None
+        descriptors = np64(out.descriptors) if out.descriptors is not None else None
         results = []
         start = 0
         for b, p in enumerate(prepared):
             n = p.n_atoms
             sl = slice(start, start + n)
             start += n
-            pred = Prediction(energy=float(energy[b]))
+            pred = Prediction(energy=float(energy[b]) if self.has_energy else math.nan)
             if forces is not None:
                 pred.forces = forces[sl]
             if virial is not None:
@@ -245,5 +418,11 @@ class CACEPotential(torch.nn.Module):
                 pred.energies = atom_energy[sl]
             if charges is not None:
                 pred.charges = charges[sl]
+            if dipole is not None:
+                pred.dipole = dipole[b]
+            if bec is not None:
+                pred.bec = bec[sl]
+            if descriptors is not None:
+                pred.descriptors = descriptors[sl]
             results.append(pred)
         return results

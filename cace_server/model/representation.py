@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from cace_server.model.angular import AngularBasis, Symmetrizer, l_slices
+from cace_server.model.angular import AngularBasis, Symmetrizer, explicit_terms, l_slices
 from cace_server.model.config import ModelConfig
 from cace_server.model.mlp import MLP
 from cace_server.model.radial import BesselBasis, PolynomialCutoff
@@ -107,7 +107,7 @@ class CACERepresentation(torch.nn.Module):
         self.radial_mixing = torch.nn.Parameter(
             torch.rand(cfg.max_l + 1, cfg.n_rbf, cfg.n_radial, self.channels)
         )
-        self.symmetrizer = Symmetrizer(cfg.max_l, cfg.max_nu)
+        self.symmetrizer = Symmetrizer(cfg.max_l, cfg.max_nu, explicit_terms(cfg.symmetrizer_terms))
         self.layers = torch.nn.ModuleList(
             MessagePassingLayer(cfg, self.symmetrizer.n_out) for _ in range(cfg.num_message_passing)
         )
