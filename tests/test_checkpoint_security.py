@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import types
@@ -127,4 +128,54 @@ def test_plain_state_dict_is_not_a_model(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"w": torch.zeros(3)}, path)
     with pytest.raises(UnsupportedCheckpointError, match="expected a pickled CACE model"):
+        read_original_checkpoint(path)
+
+
+def test_numeric_numpy_scalars_load(tmp_path):
+    """Published checkpoints hold numpy.int64 element numbers: numeric scalars load."""
+    import numpy as np
+
+    from cace_server.model.checkpoint import load_restricted
+
+    path = tmp_path / "scalars.pth"
+    torch.save({"z": np.int64(8), "x": np.float64(1.5), "b": np.bool_(True)}, path)
+    data = load_restricted(path)
+    assert data["z"] == 8 and isinstance(data["z"], np.integer)
+    assert data["x"] == 1.5 and data["b"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(lambda np: np.dtype("O"), id="object-dtype"),
+        pytest.param(lambda np: np.array([1, 2, 3]), id="ndarray"),
+        pytest.param(lambda np: np.array([object()], dtype=object), id="object-array"),
+        pytest.param(lambda np: np.dtype([("a", "<i8")]), id="structured-dtype"),
+    ],
+)
+def test_anything_else_numpy_is_refused(tmp_path, payload):
+    import numpy as np
+
+    path = tmp_path / "numpy.pth"
+    torch.save({"x": payload(np)}, path)
+    with pytest.raises(UnsafeCheckpointError):
+        read_original_checkpoint(path)
+
+
+def test_getattr_is_only_for_the_combine_operation(tmp_path):
+    class Reduce:
+        def __reduce__(self):
+            return (getattr, (collections.OrderedDict, "fromkeys"))
+
+    path = tmp_path / "getattr.pth"
+    torch.save(Reduce(), path)
+    with pytest.raises(UnsafeCheckpointError, match="getattr"):
+        read_original_checkpoint(path)
+
+
+def test_torchscript_archives_are_refused(tmp_path):
+    module = torch.jit.script(torch.nn.Linear(2, 2))
+    path = tmp_path / "scripted.pt"
+    module.save(str(path))
+    with pytest.raises(UnsupportedCheckpointError, match="TorchScript"):
         read_original_checkpoint(path)
