@@ -92,7 +92,7 @@ def speed(repeats: int) -> None:
         for reps in ((1, 1, 1), (2, 2, 2)):
             structure = Structure.from_ase(atoms.repeat(reps))
             t = [
-                timed(lambda m=m: m.predict([structure]), repeats) * 1e3
+                timed(lambda m=m, s=structure: m.predict([s]), repeats) * 1e3
                 for m in (model, short, long)
             ]
             print(
