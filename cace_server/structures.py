@@ -8,7 +8,9 @@ Frontends convert from their own units (i-PI: Bohr/Hartree) before building a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -24,13 +26,18 @@ class Structure:
     """One atomic configuration.
 
     ``cell`` rows are the lattice vectors (Å); ``pbc`` says which of them are
-    periodic. A non-periodic structure may have a zero cell.
+    periodic. A non-periodic structure may have a zero cell. ``arrays`` holds extra
+    per-atom model inputs by name (float64, shape (N,) or (N, k)), e.g.
+    ``charge_states`` for models that read them.
     """
 
     numbers: npt.NDArray[np.int64]
     positions: npt.NDArray[np.float64]
     cell: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((3, 3)))
     pbc: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(3, dtype=bool))
+    arrays: Mapping[str, npt.NDArray[np.float64]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @classmethod
     def create(
@@ -39,6 +46,7 @@ class Structure:
         positions: Any,
         cell: Any = None,
         pbc: Any = None,
+        arrays: Mapping[str, Any] | None = None,
     ) -> Structure:
         """Build and validate a structure from array-likes."""
         try:
@@ -49,11 +57,15 @@ class Structure:
                 pbc_arr = np.zeros(3, dtype=bool)
             else:
                 pbc_arr = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+            extra = {
+                str(name): np.asarray(value, dtype=np.float64)
+                for name, value in (arrays or {}).items()
+            }
         except (TypeError, ValueError) as exc:
             raise StructureError(f"cannot read structure arrays: {exc}") from exc
         if cell_arr.shape == (3,):
             cell_arr = np.diag(cell_arr)
-        structure = cls(numbers_arr, positions_arr, cell_arr, pbc_arr)
+        structure = cls(numbers_arr, positions_arr, cell_arr, pbc_arr, MappingProxyType(extra))
         structure.validate()
         return structure
 
@@ -92,6 +104,13 @@ class Structure:
                 raise StructureError("a periodic direction has a zero cell vector")
             if abs(np.linalg.det(self.cell)) < 1e-8 and self.pbc.all():
                 raise StructureError("cell is singular (zero volume)")
+        for name, value in self.arrays.items():
+            if value.ndim not in (1, 2) or value.shape[0] != n:
+                raise StructureError(
+                    f"per-atom input {name!r} must have shape ({n},) or ({n}, k), got {value.shape}"
+                )
+            if not np.all(np.isfinite(value)):
+                raise StructureError(f"per-atom input {name!r} contains NaN or infinity")
 
     def __len__(self) -> int:
         return int(self.numbers.shape[0])

@@ -27,6 +27,7 @@ from cace_server.engine.errors import (
     OutOfMemory,
     Overloaded,
     UnknownModel,
+    UnsupportedOutput,
     is_out_of_memory,
 )
 from cace_server.engine.models import ModelInfo, ServedModel
@@ -49,5 +50,6 @@ __all__ = [
     "ServedModel",
     "StatsSnapshot",
     "UnknownModel",
+    "UnsupportedOutput",
     "is_out_of_memory",
 ]

@@ -29,6 +29,7 @@ class WorkItem:
     structure: Structure
     index: int  # position within its request
     stress: bool
+    bec: bool = False  # Born effective charges asked for (extra backward passes)
     future: Future[Prediction] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     prepared: Any = None  # the model's prepared structure (neighbour list), set before queueing

@@ -27,8 +27,9 @@ from cace_server.engine.errors import (
     NotReady,
     Overloaded,
     UnknownModel,
+    UnsupportedOutput,
 )
-from cace_server.engine.models import ModelInfo, ModelSource, default_name
+from cace_server.engine.models import ModelInfo, ModelSource, check_inputs, default_name
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats, StatsSnapshot
 from cace_server.engine.worker import Worker
@@ -238,8 +239,12 @@ class Engine:
         model: str | None = None,
         *,
         stress: bool = True,
+        bec: bool = False,
     ) -> list[Future[Prediction]]:
         """Queue structures for evaluation; one future per structure, in order.
+
+        ``bec`` asks for Born effective charges (models that offer them); a batch
+        computes them when any of its structures asked.
 
         Raises UnknownModel, Overloaded, NotReady or EngineClosed for the whole
         request; a structure that cannot be evaluated gets its error in its future.
@@ -248,10 +253,12 @@ class Engine:
         structures = [structures] if isinstance(structures, Structure) else list(structures)
         try:
             name = self._check_accepting(model)
+            if bec and "bec" not in self._worker.infos[name].outputs:
+                raise UnsupportedOutput(f"model {name!r} computes no Born effective charges")
         except EngineError as exc:
             self.stats.error(exc.kind)
             raise
-        items = [WorkItem(name, s, i, stress) for i, s in enumerate(structures)]
+        items = [WorkItem(name, s, i, stress, bec) for i, s in enumerate(structures)]
         if not items:
             return []
         n_atoms = sum(len(s) for s in structures if isinstance(s, Structure))
@@ -289,6 +296,7 @@ class Engine:
         model: str | None = ...,
         *,
         stress: bool = ...,
+        bec: bool = ...,
         return_exceptions: Literal[False] = ...,
     ) -> list[Prediction]: ...
 
@@ -299,6 +307,7 @@ class Engine:
         model: str | None = ...,
         *,
         stress: bool = ...,
+        bec: bool = ...,
         return_exceptions: Literal[True],
     ) -> list[Outcome]: ...
 
@@ -308,6 +317,7 @@ class Engine:
         model: str | None = None,
         *,
         stress: bool = True,
+        bec: bool = False,
         return_exceptions: bool = False,
     ) -> list[Prediction] | list[Outcome]:
         """Evaluate structures with ``model`` (default: the default model).
@@ -316,7 +326,7 @@ class Engine:
         its EngineError (after all structures of the call are done), or with
         ``return_exceptions`` takes its place in the list.
         """
-        futures = self.submit(structures, model, stress=stress)
+        futures = self.submit(structures, model, stress=stress, bec=bec)
         if not futures:
             return []
         outcomes = await asyncio.gather(
@@ -331,6 +341,7 @@ class Engine:
         model: str | None = ...,
         *,
         stress: bool = ...,
+        bec: bool = ...,
         timeout: float | None = ...,
         return_exceptions: Literal[False] = ...,
     ) -> list[Prediction]: ...
@@ -342,6 +353,7 @@ class Engine:
         model: str | None = ...,
         *,
         stress: bool = ...,
+        bec: bool = ...,
         timeout: float | None = ...,
         return_exceptions: Literal[True],
     ) -> list[Outcome]: ...
@@ -352,13 +364,14 @@ class Engine:
         model: str | None = None,
         *,
         stress: bool = True,
+        bec: bool = False,
         timeout: float | None = None,
         return_exceptions: bool = False,
     ) -> list[Prediction] | list[Outcome]:
         """Blocking :meth:`evaluate` for threads (not for the event loop's thread)."""
         if threading.current_thread() is self._worker.thread:
             raise RuntimeError("evaluate_sync on the engine worker thread would deadlock")
-        futures = self.submit(structures, model, stress=stress)
+        futures = self.submit(structures, model, stress=stress, bec=bec)
         _, not_done = concurrent.futures.wait(futures, timeout)
         if not_done:
             for f in not_done:
@@ -393,6 +406,7 @@ class Engine:
     def _prepare(self, items: list[WorkItem], group: _PreparedGroup) -> None:
         """Neighbour lists of (part of) one request, on a prepare thread."""
         model = self._worker.models[items[0].model]
+        required = self._worker.infos[items[0].model].required_inputs
         ready: list[WorkItem] = []
         for item in items:
             if self._closing and not self._draining:
@@ -405,6 +419,7 @@ class Engine:
                         raise StructureError(
                             f"expected a Structure, got {type(item.structure).__name__}"
                         )
+                    check_inputs(item.structure, required)
                     item.prepared = model.prepare(item.structure)
                 except StructureError as exc:
                     reject(item, InvalidStructure(str(exc), index=item.index), self.stats)

@@ -35,6 +35,12 @@ class UnknownModel(EngineError, LookupError):
     kind = "unknown_model"
 
 
+class UnsupportedOutput(EngineError, ValueError):
+    """The request asks for an output the model does not compute (e.g. BEC)."""
+
+    kind = "unsupported_output"
+
+
 class NonFiniteResult(EngineError, ArithmeticError):
     """The model produced NaN or infinity for this structure."""
 

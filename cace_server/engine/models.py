@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cace_server.structures import Prediction, Structure
+from cace_server.structures import Prediction, Structure, StructureError
 
 
 @runtime_checkable
@@ -38,7 +39,15 @@ class ServedModel(Protocol):
 
     def prepare(self, structure: Structure) -> Any: ...
 
-    def predict(self, structures: Sequence[Any], *, stress: bool = True) -> list[Prediction]: ...
+    # The worker passes ``bec`` only as True, and only to a model that lists "bec"
+    # among its outputs: a model without BEC need not take the keyword.
+    def predict(
+        self, structures: Sequence[Any], *, stress: bool = True, bec: bool = False
+    ) -> list[Prediction]: ...
+
+
+#: Every output a served model may offer, in the order they are listed.
+OUTPUTS = ("energy", "forces", "stress", "energies", "charges", "dipole", "bec")
 
 
 ModelSource = ServedModel | str | os.PathLike[str]
@@ -58,6 +67,20 @@ class ModelInfo:
     has_charges: bool
     source: str | None
     config: dict[str, Any]
+    #: what the model computes (a subset of :data:`OUTPUTS`).
+    outputs: tuple[str, ...] = ("energy", "forces", "stress", "energies")
+    #: per-atom inputs each structure must carry in ``Structure.arrays``.
+    required_inputs: tuple[str, ...] = ()
+    #: the model's own description (family, long range, ...), from ``model.describe()``.
+    description: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return str(self.description.get("family", "cace"))
+
+    @property
+    def long_range(self) -> bool:
+        return bool(self.description.get("long_range", self.has_charges))
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,7 +101,7 @@ def materialize(source: ModelSource, device: str | None, dtype: str | None) -> S
     if isinstance(source, (str, os.PathLike)):
         from cace_server.model import load_model  # torch-heavy; import where used
 
-        return load_model(str(source), device=device or "cpu", dtype=dtype)  # type: ignore[no-any-return]
+        return load_model(str(source), device=device or "cpu", dtype=dtype)  # type: ignore[no-any-return,return-value]
     to = getattr(source, "to", None)
     if to is not None and (device is not None or dtype is not None):
         import torch
@@ -103,6 +126,17 @@ def describe(name: str, model: ServedModel, *, default: bool, source: str | None
         config_dict = dict(config)
     else:
         config_dict = {}
+    has_charges = bool(getattr(model, "has_charges", False))
+    outputs = getattr(model, "outputs", None)
+    if outputs is None:  # a model older than the outputs list: what CACEPotential had
+        outputs = ("energy", "forces", "stress", "charges" if has_charges else "energies")
+    describe_model = getattr(model, "describe", None)
+    # JSON-safe (it is served as is by /v1/models): anything else becomes its str().
+    description = (
+        json.loads(json.dumps(dict(describe_model()), default=str))
+        if callable(describe_model)
+        else {}
+    )
     return ModelInfo(
         name=name,
         default=default,
@@ -111,17 +145,38 @@ def describe(name: str, model: ServedModel, *, default: bool, source: str | None
         dtype=str(getattr(model, "dtype", "unknown")).removeprefix("torch."),
         device=str(getattr(model, "device", "unknown")),
         n_parameters=int(getattr(model, "n_parameters", 0)),
-        has_charges=bool(getattr(model, "has_charges", False)),
+        has_charges=has_charges or "charges" in outputs,
         source=source,
         config=config_dict,
+        outputs=tuple(o for o in OUTPUTS if o in outputs),
+        required_inputs=tuple(str(k) for k in getattr(model, "required_inputs", ())),
+        description=description,
     )
 
 
-def warmup_structure(elements: Sequence[int], cutoff: float) -> Structure:
-    """A small non-periodic cluster with two atoms of every element, all neighbours."""
-    numbers = [z for z in elements for _ in range(2)]
+def check_inputs(structure: Structure, required: Sequence[str]) -> None:
+    """Raise StructureError when a per-atom input the model reads is missing."""
+    missing = [name for name in required if name not in structure.arrays]
+    if missing:
+        raise StructureError(
+            f"the model needs the per-atom input(s) {', '.join(map(repr, missing))}, "
+            "which the structure does not carry"
+        )
+
+
+def warmup_structure(info: ModelInfo) -> Structure:
+    """A small cluster with two atoms of every element, all neighbours.
+
+    Open, unless the model has a dipole (periodic polarization needs a cell): then the
+    same atoms in a cubic box. Per-atom inputs the model needs are zeros (the warm-up
+    checks only that it runs).
+    """
+    numbers = [z for z in info.elements for _ in range(2)]
     side = math.ceil(len(numbers) ** (1 / 3))
-    spacing = min(1.5, 0.4 * cutoff)
+    spacing = min(1.5, 0.4 * info.cutoff)
     grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)])
     positions = grid[: len(numbers)] * spacing
-    return Structure.create(numbers, positions)
+    arrays = {name: np.zeros(len(numbers)) for name in info.required_inputs}
+    if "dipole" in info.outputs:
+        return Structure.create(numbers, positions, np.eye(3) * side * spacing, True, arrays)
+    return Structure.create(numbers, positions, arrays=arrays)

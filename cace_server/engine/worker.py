@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from cace_server.structures import Prediction
 
 logger = logging.getLogger("cace_server.engine")
 
-_CHECKED_ARRAYS = ("forces", "stress", "virial", "energies", "charges")
+_CHECKED_ARRAYS = ("forces", "stress", "virial", "energies", "charges", "dipole", "bec")
 
 
 def non_finite_fields(prediction: Prediction) -> list[str]:
@@ -55,6 +56,12 @@ def _first_line(text: str, limit: int = 300) -> str:
     """Out-of-memory messages run to many lines of allocator advice; keep the gist."""
     lines = text.strip().splitlines()
     return lines[0][:limit] if lines else ""
+
+
+def _predict(model: ServedModel, prepared: list[Any], stress: bool, bec: bool) -> list[Prediction]:
+    if bec:
+        return model.predict(prepared, stress=stress, bec=True)
+    return model.predict(prepared, stress=stress)
 
 
 class Worker:
@@ -140,9 +147,10 @@ class Worker:
         self._sources.clear()
 
     def _warm_up(self, name: str, model: ServedModel) -> None:
-        structure = warmup_structure(model.elements, model.cutoff)
+        info = self.infos[name]
+        structure = warmup_structure(info)
         start = time.monotonic()
-        prediction = model.predict([model.prepare(structure)], stress=True)[0]
+        prediction = _predict(model, [model.prepare(structure)], True, "bec" in info.outputs)[0]
         bad = non_finite_fields(prediction)
         if bad:
             logger.warning("warm-up of model %r gave NaN/inf in %s", name, ", ".join(bad))
@@ -187,10 +195,11 @@ class Worker:
         name = items[0].model
         model = self.models[name]
         stress = any(item.stress for item in items)
+        bec = any(item.bec for item in items)
         parts = [items]
         while parts:
             part = parts.pop()
-            predictions, failure, oom = self._call(model, part, stress)
+            predictions, failure, oom = self._call(model, part, stress, bec)
             if predictions is not None:
                 self._deliver(name, part, predictions)
                 continue
@@ -219,12 +228,12 @@ class Worker:
             reject(item, error, self._stats)
 
     def _call(
-        self, model: ServedModel, part: list[WorkItem], stress: bool
+        self, model: ServedModel, part: list[WorkItem], stress: bool, bec: bool
     ) -> tuple[list[Prediction] | None, str, bool]:
         """One forward pass: (predictions, "", False) or (None, failure message, is_oom)."""
         self._stats.model_call()
         try:
-            predictions = model.predict([item.prepared for item in part], stress=stress)
+            predictions = _predict(model, [item.prepared for item in part], stress, bec)
         except Exception as exc:
             # Only the message leaves this block: the traceback would keep the
             # failed pass's tensors alive while the halves are retried.
@@ -248,6 +257,8 @@ class Worker:
             if not item.stress:
                 prediction.stress = None
                 prediction.virial = None
+            if not item.bec:
+                prediction.bec = None
             prediction.extras.setdefault("model", name)
             resolve(item, prediction)
 

@@ -76,6 +76,10 @@ def result_dict(pred: Prediction, n: int, props: frozenset[Property], binary: bo
         out["energies"] = codec.array_out(pred.energies, binary)
     if "charges" in props:
         out["charges"] = codec.array_out(pred.charges, binary)
+    if "dipole" in props:
+        out["dipole"] = None if pred.dipole is None else pred.dipole.tolist()
+    if "bec" in props:
+        out["bec"] = codec.array_out(pred.bec, binary)
     return out
 
 
@@ -115,11 +119,13 @@ class _Api:
         return work()
 
     async def evaluate(
-        self, structures: list[Structure], model: str, stress: bool, batch: bool
+        self, structures: list[Structure], model: str, props: frozenset[Property], batch: bool
     ) -> list[Prediction]:
         try:
             return await asyncio.wait_for(
-                self.engine.evaluate(structures, model, stress=stress),
+                self.engine.evaluate(
+                    structures, model, stress="stress" in props, bec="bec" in props
+                ),
                 self.settings.request_timeout_s,
             )
         except EngineError as exc:
@@ -307,6 +313,11 @@ def create_app(
                     "n_parameters": info.n_parameters,
                     "has_charges": info.has_charges,
                     "per_atom_energies": per_atom_energies(info),
+                    "family": info.family,
+                    "long_range": info.long_range,
+                    "outputs": list(info.outputs),
+                    "required_inputs": list(info.required_inputs),
+                    "description": info.description,
                     "source": info.source,
                     "sha256": await api.digest(info),
                 }
@@ -340,7 +351,7 @@ def create_app(
 
         _req, info, structure, props = await api.parse(request, build)
         _count(request, [structure], binary)
-        (pred,) = await api.evaluate([structure], info.name, "stress" in props, batch=False)
+        (pred,) = await api.evaluate([structure], info.name, props, batch=False)
         out = result_dict(pred, len(structure), props, binary)
         out["model"] = info.name
         fmt = "msgpack" if binary else "json"
@@ -395,7 +406,7 @@ def create_app(
 
         info, structures, props = await api.parse(request, build)
         _count(request, structures, binary)
-        preds = await api.evaluate(structures, info.name, "stress" in props, batch=True)
+        preds = await api.evaluate(structures, info.name, props, batch=True)
         results = [
             result_dict(p, len(s), props, binary) for p, s in zip(preds, structures, strict=True)
         ]

@@ -81,6 +81,7 @@ def from_validation_error(exc: ValidationError, prefix: tuple[object, ...] = ())
 _ENGINE_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.InvalidStructure: 422,
     engine_errors.UnknownModel: 422,
+    engine_errors.UnsupportedOutput: 422,
     engine_errors.NonFiniteResult: 422,
     # The structure does not fit in device memory even alone: the request is too large.
     engine_errors.OutOfMemory: 413,

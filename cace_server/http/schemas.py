@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-Property = Literal["energy", "forces", "stress", "energies", "charges"]
+Property = Literal["energy", "forces", "stress", "energies", "charges", "dipole", "bec"]
 DEFAULT_PROPERTIES: tuple[Property, ...] = ("energy", "forces", "stress")
 
 _NUMBER = {"type": "number"}
@@ -54,6 +54,25 @@ Numbers = Annotated[
     ),
 ]
 
+PerAtomArrays = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "object",
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "array", "items": _NUMBER},
+                    {"type": "array", "items": {"type": "array", "items": _NUMBER}},
+                ]
+            },
+            "description": "Extra per-atom inputs of models that read them, by the model's "
+            "name for them (GET /v1/models lists a model's required_inputs), e.g. "
+            '{"charge_states": [0, 1, -1]}: one value (or one row of k values) per atom, '
+            "in atom order." + _PACKED_NOTE,
+        }
+    ),
+]
+
 _strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -72,6 +91,7 @@ class StructureIn(BaseModel):
         None,
         description="Periodicity: one flag or three. Default: not periodic (as in ASE).",
     )
+    arrays: PerAtomArrays | None = None
 
 
 class CalculateRequest(StructureIn):
@@ -80,7 +100,8 @@ class CalculateRequest(StructureIn):
     properties: list[Property] | None = Field(
         None,
         description="What to return. Default: energy, forces and stress (stress only for "
-        "periodic structures). 'energies' (per atom) and 'charges' depend on the model.",
+        "periodic structures). 'energies' (per atom), 'charges', 'dipole' and 'bec' depend "
+        "on the model (GET /v1/models lists its outputs).",
     )
     model: str | None = Field(None, max_length=200, description="Model name (default model).")
 
@@ -108,7 +129,19 @@ class Result(BaseModel):
     stress_tensor: list[list[float]] | None = Field(None, description="eV/Å^3, 3x3")
     virial: list[list[float]] | None = Field(None, description="eV, -stress x volume")
     energies: list[float] | None = Field(None, description="eV per atom")
-    charges: list[float] | None = Field(None, description="latent charges (CACE-LR)")
+    charges: list[float] | list[list[float]] | None = Field(
+        None,
+        description="latent charges of long-range models in elementary charges, one per atom "
+        "(one row of n_q channels per atom for multi-channel models)",
+    )
+    dipole: list[float] | None = Field(
+        None, description="electric dipole moment (e·Å), x y z, of dipole/BEC models"
+    )
+    bec: list[list[list[float]]] | None = Field(
+        None,
+        description="Born effective charges (e), [atom][a][b] = d dipole_b / d position_a "
+        "of that atom",
+    )
 
 
 class CalculateResponse(Result):
@@ -138,6 +171,15 @@ class ModelOut(BaseModel):
     n_parameters: int
     has_charges: bool
     per_atom_energies: bool
+    family: str = Field(..., description="model family, e.g. cace, combine, les, polarization")
+    long_range: bool
+    outputs: list[str] = Field(
+        ..., description="properties this model computes (values of 'properties')"
+    )
+    required_inputs: list[str] = Field(
+        ..., description="per-atom inputs every structure must bring in 'arrays'"
+    )
+    description: dict[str, Any] = Field(..., description="the model's own description")
     source: str | None
     sha256: str | None = Field(None, description="SHA-256 of the model file, when from a file")
 

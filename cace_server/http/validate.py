@@ -129,6 +129,49 @@ def read_geometry(
     return positions, cell, pbc
 
 
+def read_inputs(
+    value: object, n: int, prefix: str, info: ModelInfo
+) -> dict[str, npt.NDArray[np.float64]]:
+    """The per-atom inputs ``arrays`` of a structure: exactly those the model reads."""
+    field = join_path(prefix, "arrays")
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise invalid(
+            f"arrays must be an object of per-atom arrays, got {type(value).__name__}", field
+        )
+    out: dict[str, npt.NDArray[np.float64]] = {}
+    for name, raw in value.items():
+        afield = join_path(field, name)
+        if name not in info.required_inputs:
+            reads = ", ".join(info.required_inputs) or "none"
+            raise invalid(
+                f"model {info.name!r} reads no per-atom input {str(name)[:100]!r} "
+                f"(it reads: {reads})",
+                afield,
+            )
+        arr = read_floats(raw, afield)
+        if arr.ndim not in (1, 2) or arr.shape[0] != n:
+            raise invalid(
+                f"per-atom input {name!r} must have shape [{n}] or [{n}, k] for {n} atoms, "
+                f"got {list(arr.shape)}",
+                afield,
+            )
+        row = _first_non_finite(arr)
+        if row is not None:
+            raise invalid(f"per-atom input {name!r} is NaN or infinite", join_path(afield, row))
+        out[name] = arr
+    missing = [name for name in info.required_inputs if name not in out]
+    if missing:
+        raise invalid(
+            f"model {info.name!r} needs the per-atom input {missing[0]!r} for every structure "
+            f"(give it as arrays.{missing[0]}: one value per atom)",
+            join_path(field, missing[0]),
+            kind="missing_input",
+        )
+    return out
+
+
 def check_cell_list(structure: Structure, cutoff: float, field: str) -> None:
     """Refuse geometries the neighbour list cannot handle, as a 422 naming ``field``."""
     try:
@@ -217,8 +260,9 @@ def build_structure(
         )
     check_elements(numbers, info.elements, species_field, info.name)
     positions, cell, pbc = read_geometry(s, n, prefix)
+    arrays = read_inputs(s.arrays, n, prefix, info)
     try:
-        structure = Structure.create(numbers, positions, cell, pbc)
+        structure = Structure.create(numbers, positions, cell, pbc, arrays)
     except StructureError as exc:
         raise invalid(str(exc), prefix or None) from None
     pfield = join_path(prefix, "positions")
@@ -240,7 +284,16 @@ def build_structure(
 
 def per_atom_energies(info: ModelInfo) -> bool:
     """Long-range (Ewald) models do not split their energy into atomic terms."""
-    return not info.config.get("ewald")
+    return "energies" in info.outputs
+
+
+# Why a model may lack an output, for the refusal's message.
+_WHY_MISSING = {
+    "charges": "not a long-range model",
+    "energies": "its long-range term is not split into atoms",
+    "dipole": "not a dipole/polarization model",
+    "bec": "not a dipole/polarization model",
+}
 
 
 def check_properties(
@@ -249,15 +302,17 @@ def check_properties(
     """The properties to return, and whether stress was asked for explicitly."""
     if requested is None:
         return frozenset(DEFAULT_PROPERTIES), False
+    for i, prop in enumerate(requested):
+        if prop not in info.outputs:
+            why = _WHY_MISSING.get(prop)
+            raise invalid(
+                f"model {info.name!r} does not compute {prop!r}"
+                + (f" ({why})" if why else "")
+                + f"; it offers {', '.join(info.outputs)}",
+                join_path(field, i),
+                kind="unsupported_property",
+            )
     props = frozenset(requested)
-    if "charges" in props and not info.has_charges:
-        raise invalid(f"model {info.name!r} has no charges (not a long-range model)", field)
-    if "energies" in props and not per_atom_energies(info):
-        raise invalid(
-            f"model {info.name!r} gives no per-atom energies (its long-range term is not "
-            "split into atoms)",
-            field,
-        )
     return props, "stress" in props
 
 
