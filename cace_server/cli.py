@@ -293,6 +293,11 @@ def serve(
         ),
     ),
     ipi_model: str = typer.Option(None, help="model for i-PI connections [default model]"),
+    ipi_bec: bool = typer.Option(
+        None,
+        "--ipi-bec/--no-ipi-bec",
+        help="send i-PI Born effective charges (extra BEC) when the model has them [yes]",
+    ),
     max_batch_atoms: int = typer.Option(None, help="most atoms in one engine batch [8192]"),
     max_batch_pairs: int = typer.Option(
         None, help="most neighbour pairs in one engine batch [600000]"

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import numpy as np
 
 from cace_server.engine import Engine, EngineSettings
 from cace_server.ipi import DriverOptions, DriverPool
+from cace_server.ipi.evaluate import ipi_evaluator
 from cace_server.settings import ServerSettings
-from cace_server.structures import Prediction, Structure
 
 logger = logging.getLogger("cace_server")
 
@@ -82,21 +83,31 @@ def build_engine(settings: ServerSettings) -> Engine:
     )
 
 
-def species_template(path: str) -> np.ndarray:
-    """Atomic numbers, in order, from any structure file ASE reads."""
+def species_template(
+    path: str, inputs: Sequence[str] = ()
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Atomic numbers, in order, from any structure file ASE reads, and the per-atom
+    arrays named ``inputs`` (a model's per-atom inputs, e.g. extxyz columns)."""
     import ase.io
 
     atoms = ase.io.read(path, index=0)
     assert isinstance(atoms, ase.Atoms)
-    return np.asarray(atoms.get_atomic_numbers(), dtype=np.int64)
+    arrays = {}
+    for name in inputs:
+        if name not in atoms.arrays:
+            raise ValueError(
+                f"the i-PI template {path} has no per-atom array {name!r}, which the model "
+                f"needs (it has: {', '.join(sorted(atoms.arrays))})"
+            )
+        arrays[name] = np.asarray(atoms.arrays[name], dtype=np.float64)
+    return np.asarray(atoms.get_atomic_numbers(), dtype=np.int64), arrays
 
 
 def build_driver_pool(settings: ServerSettings, engine: Engine) -> DriverPool:
     """Connections to every --ipi address; more can be added later (HTTP API)."""
     model = settings.ipi_model
-
-    async def evaluate(structures: list[Structure]) -> list[Prediction]:
-        return await engine.evaluate(structures, model)
+    evaluate = ipi_evaluator(engine, model, settings.ipi_bec)
+    required = engine.model_info(model).required_inputs
 
     per_address = []
     if settings.ipi:
@@ -104,11 +115,13 @@ def build_driver_pool(settings: ServerSettings, engine: Engine) -> DriverPool:
         if len(templates) == 1:
             templates = templates * len(settings.ipi)
         for address, template in zip(settings.ipi, templates, strict=True):
+            numbers, arrays = species_template(template, required)
             per_address.append(
                 (
                     address,
                     DriverOptions(
-                        numbers=species_template(template).tolist(),
+                        numbers=numbers.tolist(),
+                        arrays=arrays,
                         reconnect=settings.ipi_reconnect,
                         model_name=model or engine.default_model,
                     ),
@@ -135,7 +148,11 @@ async def serve(settings: ServerSettings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
 
-    pool = build_driver_pool(settings, engine)
+    try:
+        pool = build_driver_pool(settings, engine)
+    except BaseException:  # e.g. a template without the model's per-atom inputs
+        await engine.aclose()
+        raise
     await pool.start()
     http_server = None
     http_task = None

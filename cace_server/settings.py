@@ -47,6 +47,9 @@ class ServerSettings:
     ipi_template: list[str] = field(default_factory=list)
     ipi_reconnect: bool = True
     ipi_model: str | None = None
+    # Born effective charges for i-PI (its field-driven MD reads them from the extras):
+    # computed when the model has them, unless this is off (they cost backward passes).
+    ipi_bec: bool = True
     # Engine
     max_batch_atoms: int = 8192
     max_batch_pairs: int = 600_000

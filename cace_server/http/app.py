@@ -48,6 +48,7 @@ from cace_server.http.validate import (
     check_properties,
     check_stress,
     per_atom_energies,
+    read_inputs,
     read_species,
 )
 from cace_server.ipi import DriverPool
@@ -439,14 +440,17 @@ def create_app(
             if numbers.size == 0:
                 raise invalid("i-PI runs need at least one atom", field)
             check_elements(numbers, info.elements, field, info.name)
-            return req, info, numbers
+            arrays = read_inputs(req.arrays, len(numbers), "", info)
+            return req, info, (numbers, arrays)
 
-        req, info, numbers = await api.parse(request, build)
+        req, info, (numbers, arrays) = await api.parse(request, build)
         group = await groups.add(
             req.address,
             req.clients,
             info.name,
             numbers,
+            arrays=arrays,
+            bec=req.bec,
             pbc=req.pbc,
             reconnect=req.reconnect,
             connect_timeout=req.connect_timeout,

@@ -21,7 +21,7 @@ from cace_server.engine import Engine
 from cace_server.http.errors import ApiError, invalid
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, parse_address
-from cace_server.structures import Prediction, Structure
+from cace_server.ipi.evaluate import ipi_evaluator
 
 logger = logging.getLogger("cace_server.http")
 
@@ -105,6 +105,8 @@ class IpiGroups:
         model: str,
         numbers: npt.NDArray[np.int64],
         *,
+        arrays: dict[str, npt.NDArray[np.float64]] | None = None,
+        bec: bool = True,
         pbc: bool | None,
         reconnect: bool,
         connect_timeout: float,
@@ -138,20 +140,16 @@ class IpiGroups:
                 f"(got host {parsed.host!r})",
                 field="address",
             )
-        engine = self.engine
-
-        async def evaluate(structures: list[Structure]) -> list[Prediction]:
-            return await engine.evaluate(structures, model)
-
         options = DriverOptions(
             numbers=[int(z) for z in numbers],
+            arrays=arrays or {},
             pbc=pbc,
             model_name=model,
             reconnect=reconnect,
             connect_timeout=connect_timeout,
             sockets_prefix=sockets_prefix,
         )
-        pool = DriverPool(evaluate, options)
+        pool = DriverPool(ipi_evaluator(self.engine, model, bec), options)
         group_id = f"g{next(self._ids)}"
         pool.add(parsed, clients)
         for i, connection in enumerate(pool.connections):

@@ -206,6 +206,11 @@ class IpiConnectRequest(BaseModel):
         None, description="species of i-PI's atoms, in order (i-PI does not send them)"
     )
     pbc: bool | None = Field(None, description="default: periodic unless i-PI's cell is zero")
+    arrays: PerAtomArrays | None = None
+    bec: bool = Field(
+        True,
+        description="send i-PI Born effective charges (extra 'BEC') when the model has them",
+    )
     reconnect: bool = Field(False, description="wait for the next i-PI at the same address")
     connect_timeout: float = Field(60.0, gt=0, le=86400, description="seconds to wait for i-PI")
     sockets_prefix: str = Field("/tmp/ipi_", max_length=200)

@@ -7,8 +7,16 @@ The ``extras`` string returned with every structure is a JSON object with these 
 ``energy_eV``
     the potential energy in eV, as the model returned it (the wire carries Hartree).
 ``charges``
-    per-atom latent charges of long-range (CACE-LR) models, in the model's units;
-    only present when the model produced them.
+    per-atom latent charges of long-range models in elementary charges (a list, or a
+    list of n_q-channel rows); only present when the model produced them.
+``dipole``
+    the electric dipole (x, y, z) in atomic units, e·Bohr, as i-PI's driven dynamics
+    reads it (``ipi/engine/motion/driven_dynamics.py``, ``ElectricDipole``); dipole
+    models only.
+``BEC``
+    the Born effective charges in e as i-PI's ``<bec mode="driver">`` reads them: a
+    (3N, 3) list of rows, ``BEC[3i + a][b] = d dipole_b / d R_{i,a}`` (same module,
+    ``BEC._get_driver_BEC``); only when the connection computes BEC.
 any other key of :attr:`Prediction.extras`
     passed through when its value is JSON-serialisable (numpy arrays become lists).
 
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +38,7 @@ import numpy.typing as npt
 from cace_server.structures import Prediction, Structure
 from cace_server.units import (
     ANGSTROM_PER_BOHR,
+    BOHR_PER_ANGSTROM,
     FORCE_AU_PER_EV_ANGSTROM,
     HARTREE_PER_EV,
 )
@@ -43,11 +52,13 @@ def structures_from_wire(
     positions: npt.NDArray[np.float64],
     numbers: npt.NDArray[np.int64],
     pbc: bool | None = None,
+    arrays: Mapping[str, npt.NDArray[np.float64]] | None = None,
 ) -> list[Structure]:
     """Build structures (Å) from i-PI cells ``h`` (batch, 3, 3) and positions (batch, n, 3) in Bohr.
 
     i-PI's ``h`` has the lattice vectors as columns, ASE's cell as rows: cell = h.T.
-    ``pbc=None`` makes a structure periodic in 3-D unless its cell is zero.
+    ``pbc=None`` makes a structure periodic in 3-D unless its cell is zero. ``arrays``:
+    per-atom model inputs (i-PI sends none; they come from the species template).
     """
     out = []
     for h, pos in zip(cells_h, positions, strict=True):
@@ -58,6 +69,7 @@ def structures_from_wire(
                 pos * ANGSTROM_PER_BOHR,
                 h.T * ANGSTROM_PER_BOHR,
                 periodic,
+                arrays,
             )
         )
     return out
@@ -133,5 +145,11 @@ def extras_json(prediction: Prediction, model_name: str | None = None) -> str:
     if math.isfinite(energy):
         extras["energy_eV"] = energy
     if prediction.charges is not None:
-        extras["charges"] = np.asarray(prediction.charges, dtype=np.float64).reshape(-1).tolist()
+        extras["charges"] = np.asarray(prediction.charges, dtype=np.float64).tolist()
+    if prediction.dipole is not None:
+        dipole = np.asarray(prediction.dipole, dtype=np.float64).reshape(3)
+        extras["dipole"] = (dipole * BOHR_PER_ANGSTROM).tolist()
+    if prediction.bec is not None:
+        bec = np.asarray(prediction.bec, dtype=np.float64)
+        extras["BEC"] = bec.reshape(-1, 3).tolist()  # (N, 3, 3) -> rows 3i + a
     return json.dumps(extras, separators=(",", ":"))

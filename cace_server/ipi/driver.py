@@ -20,7 +20,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -53,6 +53,9 @@ class DriverOptions:
     """How connections behave. ``numbers`` is required: i-PI never sends species."""
 
     numbers: Sequence[int]
+    #: per-atom model inputs (``Structure.arrays``) of every structure: i-PI sends
+    #: none, so they come from the species template.
+    arrays: Mapping[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     #: periodicity of the structures; None: periodic unless i-PI's cell is zero.
     pbc: bool | None = None
     #: name reported in the extras (``model`` key); None leaves it to the evaluator.
@@ -313,7 +316,7 @@ class DriverConnection:
             self._check_idle(session)
             numbers = self._numbers_for(message.natoms)
             structures = structures_from_wire(
-                message.cells, message.positions, numbers, self.options.pbc
+                message.cells, message.positions, numbers, self.options.pbc, self.options.arrays
             )
             predictions = await self._evaluate(structures)
             energies, forces, virials = results_to_wire(predictions, structures)
@@ -332,7 +335,11 @@ class DriverConnection:
                 raise p.ProtocolError("shm POSDATA before the segments were named")
             cells, positions = session.shm.read()
             structures = structures_from_wire(
-                cells, positions, self._numbers_for(message.natoms), self.options.pbc
+                cells,
+                positions,
+                self._numbers_for(message.natoms),
+                self.options.pbc,
+                self.options.arrays,
             )
             predictions = await self._evaluate(structures)
             session.shm_results = results_to_wire(predictions, structures)
