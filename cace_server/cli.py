@@ -55,12 +55,21 @@ def convert(
     )
 
 
+# Config entries shown by ``info`` (as the key) when the model's config has them (value).
+_ARCHITECTURE_KEYS = {
+    "max_l": "max_l",
+    "max_nu": "max_nu",
+    "message_passing_layers": "num_message_passing",
+}
+
+
 @app.command()
 def info(
     model: Path = typer.Argument(None, help="native model file [the bundled water model]"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """Show what a model file contains (without a file: the bundled default model)."""
+    from cace_server.engine.models import describe as describe_model
     from cace_server.model import ModelFileError, load_model
     from cace_server.model.io import file_digest, read_metadata
     from cace_server.server import default_model_path
@@ -74,21 +83,25 @@ def info(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     cfg = meta["config"]
+    offers = describe_model(model.stem, loaded, default=True, source=str(model))
     summary = {
         "file": str(model),
         "sha256": file_digest(model),
         "format_version": int(meta["format_version"]),
+        "family": offers.family,
         "elements": cfg["elements"],
         "cutoff": cfg["cutoff"],
         "dtype": cfg["dtype"],
         "parameters": loaded.n_parameters,
-        "max_l": cfg["max_l"],
-        "max_nu": cfg["max_nu"],
-        "message_passing_layers": cfg["num_message_passing"],
-        "long_range": cfg["ewald"] is not None,
-        "readouts": [r["name"] for r in cfg["readouts"]],
+        "outputs": list(offers.outputs),
+        "long_range": offers.long_range,
+        "required_inputs": list(offers.required_inputs),
+        **{shown: cfg[key] for shown, key in _ARCHITECTURE_KEYS.items() if key in cfg},
+        "readouts": [r["name"] for r in cfg.get("readouts", ())],
         "extra": meta["extra"],
     }
+    for key, value in offers.description.items():
+        summary.setdefault(key, value)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

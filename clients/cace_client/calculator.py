@@ -12,15 +12,23 @@ from typing import Any
 
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from cace_client.client import CACEClient
+from cace_client.client import CACEClient, CACEServerError
 
 
 class RemoteCACE(Calculator):
-    """Energy, free energy, forces, stress (periodic systems) and per-atom energies.
+    """Energy, free energy, forces, stress (periodic systems) and per-atom energies;
+    for models that have them, latent ``charges`` (e), the ``dipole`` (e·Å; ASE's
+    ``atoms.get_dipole_moment()``) and Born effective charges as ``results["bec"]``
+    (e, shape (N, 3, 3), ``bec[i, a, b] = d dipole_b / d R_{i,a}``; ask with
+    ``calc.get_property("bec", atoms)``).
 
     ``binary=True`` sends positions and receives forces as raw float64 bytes
     (msgpack), the fast form for large systems; it falls back to JSON when msgpack
     is not installed. Numbers are exact either way.
+
+    ``inputs``: names of per-atom arrays (``atoms.arrays``) the model reads, e.g.
+    ``("charge_states",)``; by default the server is asked once which ones the model
+    needs.
     """
 
     implemented_properties = [  # noqa: RUF012 - ASE declares it a mutable instance attribute
@@ -29,6 +37,9 @@ class RemoteCACE(Calculator):
         "forces",
         "stress",
         "energies",
+        "charges",
+        "dipole",
+        "bec",
     ]
 
     def __init__(
@@ -41,14 +52,25 @@ class RemoteCACE(Calculator):
         timeout: float = 120.0,
         retries: int = 3,
         client: CACEClient | None = None,
+        inputs: tuple[str, ...] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.url = url
         self.model = model
+        self.inputs = inputs
         self.client = client or CACEClient(
             url, token, timeout=timeout, retries=retries, binary=binary, model=model
         )
+
+    def _inputs(self) -> tuple[str, ...]:
+        """The per-atom inputs of the model (asked once from ``GET /v1/models``)."""
+        if self.inputs is None:
+            listing = self.client.models()
+            name = self.model or listing["default"]
+            found = [m for m in listing["models"] if m["name"] == name]
+            self.inputs = tuple(found[0].get("required_inputs", ())) if found else ()
+        return self.inputs
 
     def calculate(
         self,
@@ -65,9 +87,13 @@ class RemoteCACE(Calculator):
         wanted = ["energy", "forces"]
         if periodic:
             wanted.append("stress")
-        if "energies" in properties:
-            wanted.append("energies")
-        out = self.client.calculate(self.atoms, properties=wanted)
+        wanted += [p for p in ("energies", "charges", "dipole", "bec") if p in properties]
+        try:
+            out = self.client.calculate(self.atoms, properties=wanted, inputs=self._inputs())
+        except CACEServerError as exc:
+            if exc.kind == "unsupported_property":
+                raise PropertyNotImplementedError(exc.message) from exc
+            raise
         self.results = {
             "energy": float(out["energy"]),
             "free_energy": float(out.get("free_energy", out["energy"])),
@@ -75,8 +101,9 @@ class RemoteCACE(Calculator):
         }
         if out.get("stress") is not None:
             self.results["stress"] = out["stress"]
-        if out.get("energies") is not None:
-            self.results["energies"] = out["energies"]
+        for key in ("energies", "charges", "dipole", "bec"):
+            if out.get(key) is not None:
+                self.results[key] = out[key]
 
     def close(self) -> None:
         self.client.close()

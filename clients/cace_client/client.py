@@ -53,9 +53,13 @@ def _raise_for(response: httpx.Response) -> None:
 
 
 def _single_body(
-    item: Any, properties: Sequence[str] | None, model: str | None, binary: bool
+    item: Any,
+    properties: Sequence[str] | None,
+    model: str | None,
+    binary: bool,
+    inputs: Sequence[str] = (),
 ) -> dict[str, Any]:
-    body = wire.structure_body(item, binary)
+    body = wire.structure_body(item, binary, inputs)
     if properties is not None:
         body["properties"] = list(properties)
     if model is not None:
@@ -102,13 +106,23 @@ class _Common:
         _raise_for(response)
         return wire.decode(response.content, response.headers.get("content-type", ""))
 
-    def _calc_body(self, item: Any, properties: Sequence[str] | None, model: str | None) -> Any:
-        return _single_body(item, properties, model or self.model, self.binary)
+    def _calc_body(
+        self,
+        item: Any,
+        properties: Sequence[str] | None,
+        model: str | None,
+        inputs: Sequence[str] = (),
+    ) -> Any:
+        return _single_body(item, properties, model or self.model, self.binary, inputs)
 
     def _batch_body(
-        self, items: Sequence[Any], properties: Sequence[str] | None, model: str | None
+        self,
+        items: Sequence[Any],
+        properties: Sequence[str] | None,
+        model: str | None,
+        inputs: Sequence[str] = (),
     ) -> dict[str, Any]:
-        return wire.batch_body(items, properties, model or self.model, self.binary)
+        return wire.batch_body(items, properties, model or self.model, self.binary, inputs)
 
     @staticmethod
     def _ipi_body(address: str, species: Any, clients: int, model: str | None, **options: Any):
@@ -161,10 +175,15 @@ class CACEClient(_Common):
         atoms_or_dict: Any,
         properties: Sequence[str] | None = None,
         model: str | None = None,
+        inputs: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """One structure (``ase.Atoms`` or a request dict); arrays come back as numpy."""
+        """One structure (``ase.Atoms`` or a request dict); arrays come back as numpy.
+
+        ``inputs``: per-atom arrays of the atoms that the model reads (its
+        ``required_inputs`` in :meth:`models`), sent as the request's ``arrays``.
+        """
         raw = self._request(
-            "POST", "/v1/calculate", self._calc_body(atoms_or_dict, properties, model)
+            "POST", "/v1/calculate", self._calc_body(atoms_or_dict, properties, model, inputs)
         )
         return wire.result(raw)
 
@@ -173,10 +192,11 @@ class CACEClient(_Common):
         items: Sequence[Any],
         properties: Sequence[str] | None = None,
         model: str | None = None,
+        inputs: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
         """Several structures in one request, evaluated together on the server."""
         raw = self._request(
-            "POST", "/v1/calculate/batch", self._batch_body(items, properties, model)
+            "POST", "/v1/calculate/batch", self._batch_body(items, properties, model, inputs)
         )
         return [wire.result(r) for r in raw["results"]]
 
@@ -276,8 +296,9 @@ class AsyncCACEClient(_Common):
         atoms_or_dict: Any,
         properties: Sequence[str] | None = None,
         model: str | None = None,
+        inputs: Sequence[str] = (),
     ) -> dict[str, Any]:
-        body = self._calc_body(atoms_or_dict, properties, model)
+        body = self._calc_body(atoms_or_dict, properties, model, inputs)
         return wire.result(await self._request("POST", "/v1/calculate", body))
 
     async def calculate_batch(
@@ -285,8 +306,9 @@ class AsyncCACEClient(_Common):
         items: Sequence[Any],
         properties: Sequence[str] | None = None,
         model: str | None = None,
+        inputs: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
-        body = self._batch_body(items, properties, model)
+        body = self._batch_body(items, properties, model, inputs)
         raw = await self._request("POST", "/v1/calculate/batch", body)
         return [wire.result(r) for r in raw["results"]]
 

@@ -15,8 +15,8 @@ except ImportError:  # pragma: no cover - exercised only without msgpack
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
-PER_ATOM = ("forces", "energies", "charges")
-MATRICES = ("stress", "stress_tensor", "virial")
+PER_ATOM = ("forces", "energies", "charges", "bec")
+MATRICES = ("stress", "stress_tensor", "virial", "dipole")
 
 
 def have_msgpack() -> bool:
@@ -28,8 +28,12 @@ def _packed(array: Any) -> dict[str, Any]:
     return {"shape": list(arr.shape), "dtype": "<f8", "data": arr.tobytes()}
 
 
-def structure_body(item: Any, binary: bool) -> dict[str, Any]:
-    """The structure fields of a request from ``ase.Atoms`` or a ready dict."""
+def structure_body(item: Any, binary: bool, inputs: Sequence[str] = ()) -> dict[str, Any]:
+    """The structure fields of a request from ``ase.Atoms`` or a ready dict.
+
+    ``inputs``: names of per-atom arrays of the atoms (``atoms.arrays``) that the model
+    reads; they are sent as the request's ``arrays``.
+    """
     if isinstance(item, Mapping):
         return dict(item)
     if not hasattr(item, "get_positions"):
@@ -43,6 +47,17 @@ def structure_body(item: Any, binary: bool) -> dict[str, Any]:
     cell = np.asarray(item.get_cell())
     if cell.any():
         body["cell"] = cell.tolist()
+    if inputs:
+        arrays = {}
+        for name in inputs:
+            if name not in item.arrays:
+                raise ValueError(
+                    f"the model needs the per-atom input {name!r}: set atoms.arrays[{name!r}] "
+                    "(one value per atom)"
+                )
+            value = np.asarray(item.arrays[name], dtype=np.float64)
+            arrays[name] = _packed(value) if binary else value.tolist()
+        body["arrays"] = arrays
     return body
 
 
@@ -80,9 +95,13 @@ def result(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def batch_body(
-    items: Sequence[Any], properties: Sequence[str] | None, model: str | None, binary: bool
+    items: Sequence[Any],
+    properties: Sequence[str] | None,
+    model: str | None,
+    binary: bool,
+    inputs: Sequence[str] = (),
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"structures": [structure_body(i, binary) for i in items]}
+    body: dict[str, Any] = {"structures": [structure_body(i, binary, inputs) for i in items]}
     if properties is not None:
         body["properties"] = list(properties)
     if model is not None:
