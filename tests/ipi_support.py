@@ -172,6 +172,30 @@ class IpiRun:
         path = self.workdir / f"sim.{what}_{bead:0{width}d}.extxyz"
         return ase.io.read(path, index=":", format="extxyz")
 
+    def binary_frames(self, what: str, bead: int, natoms: int) -> tuple[np.ndarray, np.ndarray]:
+        """A ``format="bin"`` trajectory, exact: i-PI's cells ``h`` (frames, 3, 3; lattice
+        vectors as columns, Bohr) and the per-atom values (frames, natoms, 3).
+
+        i-PI writes each frame as the cell (9 doubles), the atom count (int64), 3N
+        doubles, then names and a title whose lengths are the same in every frame.
+        """
+        path = self.workdir / f"sim.{what}_{bead:0{self._width}d}.bin"
+        raw = path.read_bytes()
+        frames = self.steps + 1
+        assert len(raw) % frames == 0, (path, len(raw), frames)
+        size = len(raw) // frames
+        cells = np.empty((frames, 3, 3))
+        out = np.empty((frames, natoms, 3))
+        for k in range(frames):
+            cells[k] = np.frombuffer(raw, np.float64, 9, k * size).reshape(3, 3)
+            start = k * size + 10 * 8
+            out[k] = np.frombuffer(raw, np.float64, 3 * natoms, start).reshape(natoms, 3)
+        return cells, out
+
+    @property
+    def _width(self) -> int:
+        return len(str(self.nbeads - 1)) if self.nbeads > 1 else 1
+
     def extras(self, bead: int) -> list[str]:
         width = len(str(self.nbeads - 1)) if self.nbeads > 1 else 1
         path = self.workdir / f"sim.xtra_{bead:0{width}d}"

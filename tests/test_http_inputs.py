@@ -110,7 +110,7 @@ def test_models_lists_required_inputs(client: httpx.Client) -> None:
     (info,) = client.get("/v1/models").json()["models"]
     assert info["required_inputs"] == [KEY]
     assert info["outputs"] == ["energy", "forces", "stress", "energies"]
-    assert info["family"] == "cace" and info["long_range"] is False
+    assert info["family"] == ["cace"] and info["long_range"] is False
 
 
 def test_inputs_arrive_in_order_json_and_msgpack(

@@ -75,11 +75,14 @@ class ModelInfo:
     description: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
-    def family(self) -> str:
-        return str(self.description.get("family", "cace"))
+    def family(self) -> list[str]:
+        """The model families it is built of, e.g. ["cace", "combine"]."""
+        value = self.description.get("family", "cace")
+        return [str(f) for f in value] if isinstance(value, list) else [str(value)]
 
     @property
     def long_range(self) -> bool:
+        """Whether it has a long-range term (its description says which)."""
         return bool(self.description.get("long_range", self.has_charges))
 
     def as_dict(self) -> dict[str, Any]:

@@ -171,7 +171,9 @@ class ModelOut(BaseModel):
     n_parameters: int
     has_charges: bool
     per_atom_energies: bool
-    family: str = Field(..., description="model family, e.g. cace, combine, les, polarization")
+    family: list[str] = Field(
+        ..., description="the model families it is built of, e.g. cace, combine, les, polarization"
+    )
     long_range: bool
     outputs: list[str] = Field(
         ..., description="properties this model computes (values of 'properties')"
