@@ -28,6 +28,22 @@ def reference_file(name: str) -> Path:
     return path
 
 
+def converted_published(name: str, directory: Path) -> Path:
+    """A checkpoint of ``published/`` converted to our format (float64) by our importer.
+
+    Skips when the reference data is absent, or while the importer refuses the file.
+    """
+    from cace_server.model import convert_original, save_model
+    from cace_server.model.checkpoint import UnsupportedCheckpointError
+
+    path = reference_file(f"published/{name}")
+    try:
+        model = convert_original(path, dtype="float64")
+    except UnsupportedCheckpointError as exc:
+        pytest.skip(f"{name}: the importer refuses it: {exc}")
+    return save_model(model, directory / f"{Path(name).stem}.safetensors")
+
+
 @pytest.fixture(scope="session")
 def water_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference water CACE-LR model converted to our native format (float64)."""

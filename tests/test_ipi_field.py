@@ -31,7 +31,7 @@ from cace_server.units import (
     FORCE_AU_PER_EV_ANGSTROM,
     HARTREE_PER_EV,
 )
-from tests.conftest import reference_file
+from tests.conftest import converted_published
 from tests.ipi_support import (
     IPI_SCRIPT,
     IpiRun,
@@ -201,19 +201,6 @@ def test_field_md_reads_our_born_charges(tmp_path: Path, socket_dir: str, ipi_ru
 # ------------------------------------------------------------ published models
 
 
-def converted(name: str, directory: Path) -> Path:
-    """A published checkpoint converted to our format (float64) by our importer."""
-    from cace_server.model import convert_original, save_model
-    from cace_server.model.checkpoint import UnsupportedCheckpointError
-
-    path = reference_file(f"published/{name}")
-    try:
-        model = convert_original(path, dtype="float64")
-    except UnsupportedCheckpointError as exc:
-        pytest.skip(f"{name}: the importer refuses it: {exc}")
-    return save_model(model, directory / f"{Path(name).stem}.safetensors")
-
-
 @pytest.fixture(scope="module")
 def liquid(liquid_water: ase.Atoms) -> ase.Atoms:
     return liquid_water
@@ -227,7 +214,7 @@ def test_field_md_of_published_les_bec_water_through_the_server(
     the Born charges and dipoles i-PI records are the model's (float64)."""
     from cace_server.model import load_model
 
-    model_file = converted(LES_BEC_WATER, tmp_path)
+    model_file = converted_published(LES_BEC_WATER, tmp_path)
     model = load_model(model_file, dtype="float64")
     nbeads = 2
     run = start_ipi(
@@ -237,7 +224,11 @@ def test_field_md_of_published_les_bec_water_through_the_server(
         liquid,
         nbeads=nbeads,
         steps=2,
-        motion=eda_motion(),
+        # The model's Born charges break the acoustic sum rule by up to 0.035 e per atom
+        # on this box (the original's own values do: CACE_bec of the reference npz), far
+        # above i-PI's default tolerance (1e-8 x natoms); i-PI's threshold is per atom
+        # times natoms: 5e-4 x 192 = 0.096 e.
+        motion=eda_motion(asr_threshold=5e-4),
         outputs=field_outputs(nbeads),
     )
     run.wait_for_socket()
@@ -283,7 +274,7 @@ def test_pimd_of_published_combine_lr_water(
     i-PI's forces, bead potentials and charges are the model's on i-PI's positions."""
     from cace_server.model import load_model
 
-    model = load_model(converted(COMBINE_LR_WATER, tmp_path), dtype="float64")
+    model = load_model(converted_published(COMBINE_LR_WATER, tmp_path), dtype="float64")
     run = start_ipi(ipi_runs, tmp_path / "ipi", socket_dir, liquid, nbeads=4, steps=2)
     with Engine(model, settings=EngineSettings(batch_wait_ms=50.0, warmup=False)) as engine:
         pool = DriverPool(engine.evaluate, options(liquid, model_name="combine-lr"))
