@@ -101,6 +101,8 @@ def info(
         "extra": meta["extra"],
     }
     for key, value in offers.description.items():
+        if key == "long_range" and isinstance(value, dict):
+            key = "long_range_term"  # what the model's description says of it
         summary.setdefault(key, value)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

@@ -117,6 +117,9 @@ def test_health_ready_models_docs(client: httpx.Client, model_file: Path) -> Non
     assert info["dtype"] == "float64" and info["device"] == "cpu"
     assert info["sha256"] == file_digest(model_file)
     assert info["n_parameters"] > 0 and info["cutoff"] == pytest.approx(4.0)
+    assert info["outputs"] == ["energy", "forces", "stress", "energies"]
+    assert info["family"] == ["cace"] and info["long_range"] is False
+    assert info["required_inputs"] == [] and info["per_atom_energies"] is True
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/v1/calculate", "/v1/calculate/batch", "/v1/models", "/v1/ipi/connections"} <= set(

@@ -3,6 +3,7 @@ with the published LES-BEC water model (converted by our importer, float64)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,18 @@ def test_ase_calculator_dipole_charges_bec(
         got = c.calculate(atoms, properties=["dipole", "bec"])
         np.testing.assert_allclose(got["bec"], want.bec, rtol=TOL, atol=TOL)
         np.testing.assert_allclose(got["dipole"], want.dipole, rtol=TOL, atol=TOL)
+
+
+def test_info_says_what_the_model_offers(model_file: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cace_server.cli import app
+
+    result = CliRunner().invoke(app, ["info", str(model_file), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert {"charges", "dipole", "bec"} <= set(info["outputs"])
+    assert "polarization" in info["family"] and info["long_range"] is True
+    assert info["required_inputs"] == []
+    text = CliRunner().invoke(app, ["info", str(model_file)]).output
+    assert "outputs" in text and "bec" in text

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ase
+import ase.io
 import httpx
 import msgpack
 import numpy as np
@@ -23,7 +24,9 @@ import pytest
 from cace_server.engine import Engine, EngineSettings, InvalidStructure
 from cace_server.http import BackgroundServer, HttpSettings, create_app
 from cace_server.model import random_model
+from cace_server.server import species_template
 from cace_server.structures import Prediction, Structure
+from cace_server.units import HARTREE_PER_EV
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
 try:
@@ -33,6 +36,8 @@ except ImportError:  # not installed: use the source tree
     import cace_client  # noqa: F401
 
 from cace_client import CACEClient, RemoteCACE  # noqa: E402
+
+from tests.ipi_support import IPI_SCRIPT, start_ipi  # noqa: E402
 
 KEY = "charge_states"
 
@@ -56,7 +61,7 @@ class ReadsChargeStates:
     def predict(self, structures: Sequence[Any], *, stress: bool = True) -> list[Prediction]:
         out = self.inner.predict(structures, stress=stress)
         for p, prediction in zip(structures, out, strict=True):
-            prediction.energy += self.shift(p.structure)
+            prediction.energy += self.shift(getattr(p, "structure", p))
         return out
 
 
@@ -210,3 +215,48 @@ def test_client_and_ase_calculator_send_atoms_arrays(
     with pytest.raises(ValueError, match=r"atoms\.arrays"):
         RemoteCACE(server.url, inputs=(KEY,)).get_potential_energy(atoms)
     calc.close()
+
+
+def test_ipi_template_arrays(tmp_path: Path) -> None:
+    """--ipi-template: the model's per-atom inputs are columns of the structure file."""
+    s = water(2, seed=7)
+    atoms = ase.Atoms(numbers=s.numbers, positions=s.positions)
+    atoms.arrays[KEY] = s.arrays[KEY].copy()
+    path = tmp_path / "template.extxyz"
+    ase.io.write(path, atoms, format="extxyz")
+    numbers, arrays = species_template(str(path), (KEY,))
+    np.testing.assert_array_equal(numbers, s.numbers)
+    np.testing.assert_array_equal(arrays[KEY], s.arrays[KEY])
+    with pytest.raises(ValueError, match="no per-atom array 'spin'"):
+        species_template(str(path), ("spin",))
+
+
+@pytest.mark.ipi
+@pytest.mark.skipif(not IPI_SCRIPT.exists(), reason="the i-pi program is not installed")
+def test_ipi_run_attached_over_http_gets_the_inputs(
+    client: httpx.Client,
+    model: ReadsChargeStates,
+    tmp_path: Path,
+    socket_dir: str,
+    ipi_runs: list,
+) -> None:
+    s = water(2, seed=8)
+    atoms = ase.Atoms(numbers=s.numbers, positions=s.positions, cell=[9.0, 9.0, 9.0], pbc=True)
+    run = start_ipi(ipi_runs, tmp_path / "ipi", socket_dir, atoms, nbeads=2, steps=2)
+    run.wait_for_socket()
+    request = {"address": f"unix:{run.socket_path}", "clients": 2, "numbers": s.numbers.tolist()}
+    r = client.post("/v1/ipi/connections", json=request)
+    assert r.status_code == 422 and r.json()["field"] == "arrays.charge_states", r.text
+    request["arrays"] = {KEY: s.arrays[KEY].tolist()}
+    r = client.post("/v1/ipi/connections", json=request)
+    assert r.status_code == 201, r.text
+    assert run.wait() == 0, run.log()
+    props = run.properties()
+    for bead in range(2):
+        for step, frame in enumerate(run.frames("pos", bead)):
+            structure = Structure.create(
+                s.numbers, frame.positions, frame.cell, True, {KEY: s.arrays[KEY]}
+            )
+            want = expected(model, structure) * HARTREE_PER_EV
+            # i-PI's ASE trajectory has 8 decimals (Å): the energy agrees to ~1e-7
+            assert props[step, 2 + bead] == pytest.approx(want, rel=1e-6)
