@@ -300,6 +300,13 @@ def check_properties(
     requested: Sequence[Property] | None, info: ModelInfo, field: str
 ) -> tuple[frozenset[Property], bool]:
     """The properties to return, and whether stress was asked for explicitly."""
+    if "energy" not in info.outputs:  # a bare representation: descriptors only
+        raise invalid(
+            f"model {info.name!r} computes no energy (a representation without energy "
+            "heads): there is nothing to calculate with it",
+            "model",
+            kind="unsupported_property",
+        )
     if requested is None:
         return frozenset(DEFAULT_PROPERTIES), False
     for i, prop in enumerate(requested):
