@@ -83,7 +83,7 @@ def info(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     cfg = meta["config"]
-    offers = describe_model(model.stem, loaded, default=True, source=str(model))  # type: ignore[arg-type]
+    offers = describe_model(model.stem, loaded, default=True, source=str(model))
     summary = {
         "file": str(model),
         "sha256": file_digest(model),

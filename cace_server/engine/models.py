@@ -104,7 +104,7 @@ def materialize(source: ModelSource, device: str | None, dtype: str | None) -> S
     if isinstance(source, (str, os.PathLike)):
         from cace_server.model import load_model  # torch-heavy; import where used
 
-        return load_model(str(source), device=device or "cpu", dtype=dtype)  # type: ignore[no-any-return,return-value]
+        return load_model(str(source), device=device or "cpu", dtype=dtype)  # type: ignore[no-any-return]
     to = getattr(source, "to", None)
     if to is not None and (device is not None or dtype is not None):
         import torch
