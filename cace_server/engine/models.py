@@ -168,11 +168,9 @@ def check_inputs(structure: Structure, required: Sequence[str]) -> None:
 
 
 def warmup_structure(info: ModelInfo) -> Structure:
-    """A small cluster with two atoms of every element, all neighbours.
+    """A small non-periodic cluster with two atoms of every element, all neighbours.
 
-    Open, unless the model has a dipole (periodic polarization needs a cell): then the
-    same atoms in a cubic box. Per-atom inputs the model needs are zeros (the warm-up
-    checks only that it runs).
+    Per-atom inputs the model needs are zeros (the warm-up checks only that it runs).
     """
     numbers = [z for z in info.elements for _ in range(2)]
     side = math.ceil(len(numbers) ** (1 / 3))
@@ -180,6 +178,4 @@ def warmup_structure(info: ModelInfo) -> Structure:
     grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)])
     positions = grid[: len(numbers)] * spacing
     arrays = {name: np.zeros(len(numbers)) for name in info.required_inputs}
-    if "dipole" in info.outputs:
-        return Structure.create(numbers, positions, np.eye(3) * side * spacing, True, arrays)
     return Structure.create(numbers, positions, arrays=arrays)
