@@ -283,7 +283,7 @@ def build_structure(
 
 
 def per_atom_energies(info: ModelInfo) -> bool:
-    """Long-range (Ewald) models do not split their energy into atomic terms."""
+    """Whether the model splits its energy into atoms (long-range models do not)."""
     return "energies" in info.outputs
 
 
