@@ -71,41 +71,73 @@ def info(
     """Show what a model file contains (without a file: the bundled default model)."""
     from cace_server.engine.models import describe as describe_model
     from cace_server.model import ModelFileError, load_model
-    from cace_server.model.io import file_digest, read_metadata
+    from cace_server.model.io import check_integrity, file_digest, read_metadata
     from cace_server.server import default_model_path
 
     if model is None:
         model = default_model_path()
     try:
         meta = read_metadata(model)
-        loaded = load_model(model)
     except ModelFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    # A file that fails its checksums is still described (what its metadata claims),
+    # with the failure, and the command exits 1.
+    failure: str | None = None
+    loaded = None
+    try:
+        integrity = check_integrity(model)
+        loaded = load_model(model)
+        verifies = f"{integrity.status}: {integrity.detail}"
+    except ModelFileError as exc:
+        failure = str(exc)
+        verifies = f"FAILED: {exc}"
     cfg = meta["config"]
-    offers = describe_model(model.stem, loaded, default=True, source=str(model))
-    summary = {
+    summary: dict[str, Any] = {
         "file": str(model),
         "sha256": file_digest(model),
         "format_version": int(meta["format_version"]),
-        "family": offers.family,
-        "elements": cfg["elements"],
-        "cutoff": cfg["cutoff"],
-        "dtype": cfg["dtype"],
-        "parameters": loaded.n_parameters,
-        "outputs": list(offers.outputs),
-        "long_range": offers.long_range,
-        "required_inputs": list(offers.required_inputs),
-        **{shown: cfg[key] for shown, key in _ARCHITECTURE_KEYS.items() if key in cfg},
-        "readouts": [r["name"] for r in cfg.get("readouts", ())],
-        "extra": meta["extra"],
+        "verifies": verifies,
     }
-    for key, value in offers.description.items():
-        if key == "long_range" and isinstance(value, dict):
-            key = "long_range_term"  # what the model's description says of it
-        summary.setdefault(key, value)
+    if loaded is not None:
+        offers = describe_model(model.stem, loaded, default=True, source=str(model))
+        summary.update(
+            {
+                "family": offers.family,
+                "elements": cfg["elements"],
+                "cutoff": cfg["cutoff"],
+                "dtype": cfg["dtype"],
+                "parameters": loaded.n_parameters,
+                "outputs": list(offers.outputs),
+                "long_range": offers.long_range,
+                "required_inputs": list(offers.required_inputs),
+            }
+        )
+    else:
+        summary.update(
+            {
+                "elements": cfg.get("elements"),
+                "cutoff": cfg.get("cutoff"),
+                "dtype": cfg.get("dtype"),
+                "parameters": None,
+            }
+        )
+    summary.update(
+        {
+            **{shown: cfg[key] for shown, key in _ARCHITECTURE_KEYS.items() if key in cfg},
+            "readouts": [r["name"] for r in cfg.get("readouts", ())],
+            "extra": meta["extra"],
+        }
+    )
+    if loaded is not None:
+        for key, value in offers.description.items():
+            if key == "long_range" and isinstance(value, dict):
+                key = "long_range_term"  # what the model's description says of it
+            summary.setdefault(key, value)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
+        if failure is not None:
+            raise typer.Exit(1)
         return
     extra = summary.pop("extra")
     training = extra.get("training") if isinstance(extra, dict) else None
@@ -123,6 +155,9 @@ def info(
         )
     elif extra:
         typer.echo(f"{'extra':>24}: {extra}")
+    if failure is not None:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(1)
 
 
 def _data_keys(energy_key: str | None, forces_key: str | None, stress_key: str | None) -> Any:

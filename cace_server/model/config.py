@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT_NAME = "cace-server-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 ACTIVATIONS = ("silu", "relu", "tanh", "sigmoid", "identity")
 
