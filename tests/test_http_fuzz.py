@@ -79,6 +79,18 @@ def test_schemathesis_finds_no_server_error(server: BackgroundServer, mode: str)
 
 # ------------------------------------------------------------------- hand-written fuzz
 
+
+def fuzz_settings(examples: int) -> Any:
+    """Reproducible hypothesis settings for tests that talk to a server."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+
+
 FLOATS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(min_value=-6, max_value=6),
@@ -179,13 +191,7 @@ def post_fuzzed_body(server: BackgroundServer, body: Any, batch: bool, binary: b
 
 
 def _fuzz(server: BackgroundServer, examples: int) -> None:
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        derandomize=True,
-        database=None,
-    )
+    @fuzz_settings(examples)
     @given(**fuzz_strategies())
     def run(body: Any, batch: bool, binary: bool) -> None:
         post_fuzzed_body(server, body, batch, binary)
@@ -201,3 +207,139 @@ def test_fuzzed_bodies_get_4xx_or_200(server: BackgroundServer) -> None:
 def test_more_fuzzing_examples(server: BackgroundServer) -> None:
     """The same fuzzer with many more examples (``-m slow``)."""
     _fuzz(server, 2000)
+
+
+# ------------------------------------------------------------------- packed arrays, big ints
+
+WATER = {"numbers": [8, 1, 1], "positions": [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]}
+DTYPES = st.one_of(
+    st.sampled_from(
+        [
+            "<f8",
+            "<i8",
+            "<i4",
+            "|u1",
+            "<u1",
+            ">f8",
+            "<f4",
+            "<f2",
+            "|b1",
+            "O",
+            "V8",
+            "<U3",
+            "<c16",
+            "<M8[s]",
+            "f8",
+            "float64",
+            "",
+            "<i16",
+        ]
+    ),
+    VALUES,
+)
+SHAPES = st.one_of(
+    st.lists(
+        st.one_of(
+            st.integers(min_value=-4, max_value=12),
+            st.integers(min_value=0, max_value=2**64 - 1),
+            st.sampled_from([2**31, 2**32 + 3, 2**61, 2**62, 2**63 - 1, 2**63, 2**64 - 1]),
+            st.booleans(),
+            st.floats(min_value=0, max_value=10),
+        ),
+        max_size=4,
+    ),
+    VALUES,
+)
+
+
+@st.composite
+def packed_array(draw: st.DrawFn) -> dict[str, Any]:
+    """Arbitrary shape, dtype and data: consistent sometimes, absurd often."""
+    shape = draw(SHAPES)
+    dtype = draw(DTYPES)
+    size = draw(st.integers(min_value=0, max_value=96))
+    return {"shape": shape, "dtype": dtype, "data": draw(st.binary(min_size=size, max_size=size))}
+
+
+@st.composite
+def packed_body(draw: st.DrawFn) -> dict[str, Any]:
+    body: dict[str, Any] = dict(WATER)
+    for field in draw(st.sets(st.sampled_from(["numbers", "positions", "cell"]), min_size=1)):
+        body[field] = draw(packed_array())
+    if "cell" in body:
+        body["pbc"] = True
+    return body
+
+
+def test_packed_arrays_of_any_shape_and_dtype_get_4xx(server: BackgroundServer) -> None:
+    @fuzz_settings(EXAMPLES * 3)
+    @given(body=packed_body(), batch=st.booleans())
+    def run(body: dict[str, Any], batch: bool) -> None:
+        post_fuzzed_body(server, body, batch, binary=True)
+
+    run()
+
+
+def test_shape_overflowing_int64_is_a_422_naming_the_field(server: BackgroundServer) -> None:
+    """[2**61, 8] floats is 2**67 bytes: in int64 that wraps to 0, which empty data matched."""
+    body = dict(WATER, positions={"shape": [2**61, 8], "dtype": "<f8", "data": b""})
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post(
+            "/v1/calculate",
+            content=msgpack.packb(body, use_bin_type=True),
+            headers={"content-type": "application/msgpack"},
+        )
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "positions"
+
+
+@pytest.mark.parametrize(
+    ("template", "field"),
+    [
+        ('{"numbers": [8, 1, %s], "positions": [[0,0,0],[0.96,0,0],[-0.24,0.93,0]]}', "numbers"),
+        ('{"numbers": [8, 1, 1], "positions": [[0,0,0],[0.96,0,0],[-0.24,0.93,%s]]}', "positions"),
+        (
+            '{"numbers": [8,1,1], "positions": [[0,0,0],[0.96,0,0],[-0.24,0.93,0]], "model": %s}',
+            "model",
+        ),
+        ('{"structures": [{"numbers": [8,1,1], "positions": %s}]}', "structures.0.positions"),
+    ],
+)
+@pytest.mark.parametrize("digits", [4301, 20_000])
+def test_json_integers_beyond_pythons_digit_limit_get_a_422_naming_the_field(
+    server: BackgroundServer, template: str, field: str, digits: int
+) -> None:
+    content = (template % ("9" * digits)).encode()
+    path = "/v1/calculate/batch" if content.startswith(b'{"structures"') else "/v1/calculate"
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"].startswith(field), r.json()
+
+
+@st.composite
+def json_with_long_integers(draw: st.DrawFn) -> bytes:
+    """A valid request body as JSON text with integer literals of any length spliced in."""
+    text = encode(draw(st.one_of(near_valid(), st.just(WATER))), False)[0].decode()
+    literal = "-" * draw(st.booleans()) + "1" * draw(st.integers(min_value=1, max_value=9000))
+    at = [i for i, c in enumerate(text) if c in "0123456789"]
+    if not at:
+        return text.encode()
+    i = draw(st.sampled_from(at))
+    j = i
+    while j < len(text) and text[j] in "0123456789.e-+":
+        j += 1
+    return (text[:i] + literal + text[j:]).encode()
+
+
+def test_json_numbers_of_any_length_get_4xx_or_200(server: BackgroundServer) -> None:
+    @fuzz_settings(EXAMPLES)
+    @given(content=json_with_long_integers())
+    def run(content: bytes) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            r = client.post(
+                "/v1/calculate", content=content, headers={"content-type": "application/json"}
+            )
+            assert r.status_code < 500, (r.status_code, r.text)
+
+    run()

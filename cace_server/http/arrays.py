@@ -8,6 +8,7 @@ numpy array of a checked shape; errors name the field.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,8 +30,10 @@ def _unpack(value: Mapping[str, Any], field: str, allowed: frozenset[str]) -> np
             field,
         )
     shape, dtype, data = value["shape"], value["dtype"], value["data"]
-    if dtype not in allowed:
-        raise invalid(f"packed dtype must be one of {sorted(allowed)}, got {dtype!r}", field)
+    if not isinstance(dtype, str) or dtype not in allowed:
+        raise invalid(
+            f"packed dtype must be one of {sorted(allowed)}, got {str(dtype)[:40]!r}", field
+        )
     if not isinstance(data, bytes | bytearray | memoryview):
         raise invalid("packed data must be raw bytes (msgpack bin)", field)
     if (
@@ -40,7 +43,8 @@ def _unpack(value: Mapping[str, Any], field: str, allowed: frozenset[str]) -> np
     ):
         raise invalid("packed shape must be a list of at most 2 non-negative integers", field)
     dt = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python integers: a declared shape such as [2**61, 8] must not wrap around.
+    count = math.prod(shape)
     if count * dt.itemsize != len(data):
         raise invalid(
             f"packed data holds {len(data)} bytes, shape {list(shape)} of {dtype} "

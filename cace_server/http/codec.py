@@ -22,6 +22,7 @@ client uses msgpack when it is installed.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import msgpack
@@ -55,7 +56,7 @@ def decode(body: bytes, content_type: str | None, allow_binary: bool) -> dict[st
             raise ApiError(400, "bad_msgpack", f"body is not valid msgpack: {exc}") from None
     elif kind == JSON or kind.endswith("+json"):
         try:
-            obj = json.loads(body)
+            obj = json.loads(body, parse_int=_parse_int)
         except json.JSONDecodeError as exc:
             raise ApiError(
                 400, "bad_json", f"body is not valid JSON: {exc.msg} at char {exc.pos}"
@@ -72,6 +73,33 @@ def decode(body: bytes, content_type: str | None, allow_binary: bool) -> dict[st
     if not isinstance(obj, dict):
         raise ApiError(422, "invalid_input", f"the body must be an object, got {_name(obj)}")
     return obj
+
+
+class OversizedInt:
+    """A JSON integer literal longer than Python converts (``sys.get_int_max_str_digits``).
+
+    Kept as a marker instead of failing the whole parse, so that the field holding
+    it is named by the validation that refuses it (no field takes such a number).
+    """
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+# Python >= 3.10.7 limits int(str) to 4,300 digits by default (0: no limit).
+_int_max_str_digits = getattr(sys, "get_int_max_str_digits", lambda: 0)
+
+
+def _parse_int(literal: str) -> int | OversizedInt:
+    limit = _int_max_str_digits()
+    if limit and len(literal.lstrip("-")) > limit:
+        return OversizedInt(len(literal))
+    return int(literal)
 
 
 def _name(obj: Any) -> str:
