@@ -325,6 +325,20 @@ def serve(
     min_distance: float = typer.Option(
         None, help="refuse structures with atoms closer than this (A) [0.1]"
     ),
+    header_timeout_s: float = typer.Option(
+        None, help="seconds an HTTP request head may take to arrive [10]"
+    ),
+    body_timeout_s: float = typer.Option(
+        None, help="seconds an HTTP request body may pause before the client is dropped [30]"
+    ),
+    keep_alive_timeout_s: float = typer.Option(
+        None, help="seconds an idle HTTP keep-alive connection stays open [5]"
+    ),
+    shutdown_timeout_s: float = typer.Option(
+        None,
+        help="at shutdown, seconds open HTTP connections get after the requests already "
+        "received are answered [5]",
+    ),
     ipi: list[str] = typer.Option(
         None, "--ipi", help="i-PI address to drive: unix:NAME or HOST:PORT; repeatable"
     ),

@@ -1,9 +1,12 @@
 """One server process: the engine, the i-PI driver connections and the HTTP API.
 
 Start-up order: load and warm the models (the engine), then connect to i-PI and
-open the HTTP port. On SIGINT/SIGTERM: stop accepting HTTP requests, close the i-PI
-connections between messages (nothing half-written), let the engine finish what it
-accepted, exit 0.
+open the HTTP port. On SIGINT/SIGTERM: stop accepting HTTP connections, let the
+requests already received finish (each bounded by the request timeout), give the
+connections still open (idle, or a client still sending) ``shutdown_timeout_s``
+more, then close them; close the i-PI connections between messages (nothing
+half-written), let the engine finish what it accepted, exit 0. A second signal
+exits at once (status 128 + the signal number).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -144,9 +148,19 @@ async def serve(settings: ServerSettings) -> None:
     logger.info("engine ready")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            logger.info("%s: stopping (send it again to exit at once)", sig.name)
+            stop.set()
+            return
+        logger.warning("second %s: exiting now, without finishing", sig.name)
+        logging.shutdown()
+        os._exit(128 + sig.value)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
 
     try:
         pool = build_driver_pool(settings, engine)
@@ -154,10 +168,10 @@ async def serve(settings: ServerSettings) -> None:
         await engine.aclose()
         raise
     await pool.start()
-    http_server = None
+    http_server = http_app = None
     http_task = None
     if settings.http:
-        http_server = build_http_server(settings, engine, pool)
+        http_server, http_app = build_http_server(settings, engine, pool)
         http_task = asyncio.create_task(http_server.serve(), name="http")
     try:
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
@@ -169,20 +183,54 @@ async def serve(settings: ServerSettings) -> None:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         logger.info("shutting down")
-        if http_server is not None:
-            http_server.should_exit = True
-        if http_task is not None:
-            with contextlib.suppress(Exception):
-                await http_task
+        if http_server is not None and http_task is not None:
+            await stop_http(http_server, http_app, http_task, settings)
         await pool.stop()
         await engine.aclose(drain=True, timeout=30)
         logger.info("stopped")
 
 
-def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> Any:
+async def stop_http(
+    server: Any, app: Any, task: asyncio.Task[Any], settings: ServerSettings
+) -> None:
+    """Stop uvicorn within a bounded time (see the module docstring).
+
+    uvicorn alone waits for every open connection to finish, so one client that
+    stalls in the middle of a request body would keep the process alive forever.
+    """
+    server.should_exit = True  # uvicorn stops listening and closes idle connections
+    in_flight = app.state.in_flight
+    if not task.done() and not await in_flight.wait_idle(settings.request_timeout_s + 1.0):
+        logger.warning(
+            "%d HTTP request(s) still running after the request timeout", in_flight.count
+        )
+    done, _ = await asyncio.wait({task}, timeout=settings.shutdown_timeout_s)
+    if not done:
+        connections = list(server.server_state.connections)
+        logger.warning(
+            "closing %d HTTP connection(s) still open %g s after the last request was answered",
+            len(connections),
+            settings.shutdown_timeout_s,
+        )
+        server.force_exit = True  # uvicorn's wait loops end; its lifespan shutdown is skipped
+        for connection in connections:
+            connection.transport.abort()
+        for request in list(server.server_state.tasks):
+            request.cancel()
+        await asyncio.wait({task}, timeout=5.0)
+        # what uvicorn's lifespan shutdown would have done
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(app.state.shutdown(), 15.0)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        logger.error("the HTTP server failed: %s", task.exception())
+
+
+def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tuple[Any, Any]:
+    """The uvicorn server and the FastAPI app it serves."""
     import uvicorn
 
     from cace_server.http import HttpSettings, create_app
+    from cace_server.http.protocol import timed_protocol
 
     app = create_app(
         engine,
@@ -204,8 +252,10 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> An
         access_log=False,
         # "on": the app's shutdown hook stops the i-PI groups created over HTTP.
         lifespan="on",
+        http=timed_protocol(settings.header_timeout_s, settings.body_timeout_s),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # any number: call_later
     )
     server = uvicorn.Server(config)
     # Signals are ours (see serve); uvicorn must not install its own handlers.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    return server
+    return server, app

@@ -40,6 +40,14 @@ class ServerSettings:
     max_structures: int = 4096
     request_timeout_s: float = 600.0
     min_distance: float = 0.1
+    # HTTP connections: the request head must arrive within header_timeout_s, a body
+    # may pause at most body_timeout_s; idle keep-alive connections close after
+    # keep_alive_timeout_s. At shutdown, requests already received finish (each
+    # bounded by request_timeout_s), then the rest get shutdown_timeout_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
+    shutdown_timeout_s: float = 5.0
     # i-PI: addresses (unix:NAME or host:port), connections per address, and the
     # structure file giving the species of each address (one for all, or one each).
     ipi: list[str] = field(default_factory=list)
@@ -74,6 +82,13 @@ class ServerSettings:
             raise ValueError("ipi_clients must be at least 1")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(
+                f"shutdown_timeout_s must not be negative, got {self.shutdown_timeout_s}"
+            )
 
     def model_sources(self) -> dict[str, str]:
         """NAME -> PATH for the models to load (names default to the file stem)."""

@@ -108,6 +108,8 @@ def good_request_works(client: httpx.Client) -> None:
 
 def test_health_ready_models_docs(client: httpx.Client, model_file: Path) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
+    head = client.head("/healthz")
+    assert head.status_code == 200 and head.content == b""
     assert client.get("/readyz").status_code == 200
     models = client.get("/v1/models").json()
     assert models["default"] == "tiny"
@@ -353,6 +355,7 @@ def test_auth_on(engine: Engine) -> None:
     app = create_app(engine, settings=HttpSettings(token="s3cret"))
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         assert c.get("/healthz").status_code == 200
+        assert c.head("/healthz").status_code == 200
         body = body_of(water_cluster(1, seed=4))
         for path in ("/readyz", "/v1/models", "/metrics", "/v1/ipi/connections", "/docs"):
             r = c.get(path)

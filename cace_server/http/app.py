@@ -28,7 +28,7 @@ from cace_server.http import codec
 from cace_server.http.errors import ApiError, from_engine_error, from_validation_error, invalid
 from cace_server.http.ipi import IpiGroups
 from cace_server.http.metrics import HttpMetrics
-from cace_server.http.middleware import BearerAuth, BodyLimit, Observe
+from cace_server.http.middleware import BearerAuth, BodyLimit, InFlight, Observe
 from cace_server.http.schemas import (
     BatchRequest,
     BatchResponse,
@@ -277,7 +277,13 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     # -- health ----------------------------------------------------------------------------
-    @app.get("/healthz", tags=["health"], summary="The process is alive (no auth)")
+    # HEAD too: load balancers and `curl -I` probe with it.
+    @app.api_route(
+        "/healthz",
+        methods=["GET", "HEAD"],
+        tags=["health"],
+        summary="The process is alive (no auth)",
+    )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -484,7 +490,10 @@ def create_app(
         ipi_enabled()
         return (await groups.remove(group_id)).as_dict()
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.state.in_flight = InFlight()
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_request_bytes, in_flight=app.state.in_flight
+    )
     if settings.token is not None:
         app.add_middleware(BearerAuth, token=settings.token)
     app.add_middleware(Observe, metrics=api.metrics, access_log=settings.access_log)

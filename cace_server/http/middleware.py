@@ -6,6 +6,7 @@ and the body limit can refuse a request before a byte of it is parsed.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -34,16 +35,43 @@ async def _no_receive() -> Message:  # pragma: no cover - responses never read
     return {"type": "http.disconnect"}
 
 
+class InFlight:
+    """Requests whose body has arrived and that are not answered yet (shutdown waits)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is in flight; False if ``timeout`` came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
 class BodyLimit:
     """Refuse bodies over ``max_bytes`` (413) from Content-Length, or while streaming.
 
     The body is read here, bounded, and replayed to the app: whatever follows never
-    sees more than the limit.
+    sees more than the limit. Requests past this point are counted in ``in_flight``.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, in_flight: InFlight) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -68,7 +96,8 @@ class BodyLimit:
         size = 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # client went away
+            if message["type"] != "http.request":  # client went away (or timed out)
+                scope.setdefault("state", {})["error_kind"] = "client_disconnected"
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -89,7 +118,11 @@ class BodyLimit:
             return await receive()
 
         scope.setdefault("state", {})["body_bytes"] = size
-        await self.app(scope, replay, send)
+        self.in_flight.enter()
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.in_flight.leave()
 
 
 class BearerAuth:
@@ -166,6 +199,8 @@ class Observe:
                     ApiError(500, "internal_error", f"internal error: {type(exc).__name__}"),
                 )
         finally:
+            if not started and not error_kind:
+                status = 499  # nginx's "client closed request": nothing was answered
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             # unmatched paths share one label: label values must stay a bounded set
