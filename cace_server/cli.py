@@ -362,6 +362,25 @@ def serve(
         "--ipi-bec/--no-ipi-bec",
         help="send i-PI Born effective charges (extra BEC) when the model has them [yes]",
     ),
+    ipi_attach: bool = typer.Option(
+        None,
+        "--ipi-attach/--no-ipi-attach",
+        help="allow POST /v1/ipi/connections (attach to a new i-PI run) [no]",
+    ),
+    ipi_attach_socket_prefix: str = typer.Option(
+        None, help="UNIX sockets the attach route may use: real path prefix [/tmp/ipi_]"
+    ),
+    ipi_attach_hosts: list[str] = typer.Option(
+        None, "--ipi-attach-hosts", help="TCP hosts the attach route may use [loopback]"
+    ),
+    ipi_attach_ports: list[str] = typer.Option(
+        None,
+        "--ipi-attach-ports",
+        help="TCP ports (N or N-M) the attach route may use [31415-31514]",
+    ),
+    ipi_attach_connects_per_s: float = typer.Option(
+        None, help="connection attempts per second of attached i-PI connections [2]"
+    ),
     max_batch_atoms: int = typer.Option(None, help="most atoms in one engine batch [8192]"),
     max_batch_pairs: int = typer.Option(
         None, help="most neighbour pairs in one engine batch [600000]"

@@ -231,6 +231,7 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
 
     from cace_server.http import HttpSettings, create_app
     from cace_server.http.protocol import timed_protocol
+    from cace_server.http.settings import parse_port_ranges
 
     app = create_app(
         engine,
@@ -242,6 +243,11 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
             max_structures=settings.max_structures,
             request_timeout_s=settings.request_timeout_s,
             min_distance=settings.min_distance,
+            allow_ipi_control=settings.ipi_attach,
+            ipi_allowed_hosts=tuple(settings.ipi_attach_hosts),
+            ipi_allowed_ports=parse_port_ranges(settings.ipi_attach_ports),
+            ipi_socket_prefix=settings.ipi_attach_socket_prefix,
+            ipi_connects_per_s=settings.ipi_attach_connects_per_s,
         ),
     )
     config = uvicorn.Config(

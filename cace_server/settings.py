@@ -58,6 +58,13 @@ class ServerSettings:
     # Born effective charges for i-PI (its field-driven MD reads them from the extras):
     # computed when the model has them, unless this is off (they cost backward passes).
     ipi_bec: bool = True
+    # POST /v1/ipi/connections (attach to a new i-PI run): off unless enabled, and
+    # then only to these UNIX socket paths, hosts and ports, rate-limited.
+    ipi_attach: bool = False
+    ipi_attach_socket_prefix: str = "/tmp/ipi_"
+    ipi_attach_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
+    ipi_attach_ports: list[str] = field(default_factory=lambda: ["31415-31514"])
+    ipi_attach_connects_per_s: float = 2.0
     # Engine
     max_batch_atoms: int = 8192
     max_batch_pairs: int = 600_000

@@ -7,8 +7,11 @@ evaluated directly.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +41,8 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_file: Path) -> Iterator[BackgroundServer]:
-    settings = HttpSettings(max_ipi_groups=2)
+    # The attach route is off by default; these tests use it on their own socket dirs.
+    settings = HttpSettings(max_ipi_groups=2, allow_ipi_control=True, ipi_socket_prefix="/tmp/ipi")
     with (
         Engine(model_file, settings=EngineSettings(dtype="float64")) as engine,
         BackgroundServer(create_app(engine, settings=settings)) as srv,
@@ -175,16 +179,102 @@ def test_unknown_group(client: httpx.Client) -> None:
     assert client.get("/v1/ipi/connections/g999").json()["error"] == "not_found"
 
 
-def test_ipi_control_can_be_disabled(model_file: Path) -> None:
-    settings = HttpSettings(allow_ipi_control=False)
+def test_the_attach_route_is_off_by_default(model_file: Path) -> None:
     with (
         Engine(model_file) as engine,
-        BackgroundServer(create_app(engine, settings=settings)) as srv,
+        BackgroundServer(create_app(engine, settings=HttpSettings())) as srv,
         httpx.Client(base_url=srv.url) as c,
     ):
         r = c.post("/v1/ipi/connections", json={"address": "unix:x", "numbers": [1]})
-        assert r.status_code == 403
+        assert r.status_code == 403 and r.json()["error"] == "forbidden"
+        assert "--ipi-attach" in r.json()["message"]
         assert c.get("/v1/ipi/connections").json() == {"groups": []}
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix"),
+    [
+        ("unix:/var/run/docker.sock", "/tmp/ipi_"),
+        ("unix:/tmp/ipi/../../run/some.sock", "/tmp/ipi_"),  # .. out of the allowed prefix
+        ("unix:x", "/tmp/ipi_/../../run/"),  # the same through sockets_prefix
+        ("unix:link", None),  # a symlink inside the prefix to a socket outside it
+        ("127.0.0.1:22", "/tmp/ipi_"),  # a port outside the allowed ranges
+        ("localhost:31413", "/tmp/ipi_"),
+    ],
+)
+def test_addresses_outside_the_allow_list_are_refused(
+    client: httpx.Client, socket_dir: str, address: str, prefix: str | None
+) -> None:
+    if prefix is None:
+        Path(socket_dir, "link").symlink_to("/var/run/docker.sock")
+        prefix = socket_dir + "/"
+    body = {"address": address, "numbers": [8, 1, 1], "sockets_prefix": prefix}
+    r = client.post("/v1/ipi/connections", json=body)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"] == "address_not_allowed" and r.json()["field"] == "address"
+
+
+class BannerService:
+    """A TCP service on 127.0.0.1 that greets every connection with a banner and hangs up."""
+
+    BANNER = b"SSH-2.0-OpenSSH_9.6 secret-banner-bytes\r\n"
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            with contextlib.suppress(OSError):
+                conn.sendall(self.BANNER)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_attached_connections_are_rate_limited_and_never_echo_peer_bytes(
+    model_file: Path,
+) -> None:
+    service = BannerService()
+    settings = HttpSettings(
+        allow_ipi_control=True,
+        ipi_allowed_ports=((service.port, service.port),),
+        max_ipi_clients=8,
+        ipi_connects_per_s=1.0,
+    )
+    try:
+        with (
+            Engine(model_file) as engine,
+            BackgroundServer(create_app(engine, settings=settings)) as srv,
+            httpx.Client(base_url=srv.url, timeout=30) as c,
+        ):
+            body = {"address": f"127.0.0.1:{service.port}", "numbers": [8, 1, 1], "clients": 8}
+            r = c.post("/v1/ipi/connections", json={**body, "reconnect": True})
+            assert r.status_code == 201, r.text
+            t0 = time.monotonic()
+            time.sleep(4.0)
+            listing = c.get("/v1/ipi/connections").text
+            accepted, elapsed = service.accepted, time.monotonic() - t0
+            assert c.delete(f"/v1/ipi/connections/{r.json()['id']}").status_code == 200
+        # one burst of 8 (the group connecting), then 1 a second
+        assert 8 <= accepted <= 8 + elapsed * 1.0 + 2, accepted
+        assert "SSH" not in listing and "secret" not in listing, listing
+        assert "no i-PI message" in listing
+    finally:
+        service.close()
 
 
 def test_startup_pool_is_listed(model_file: Path) -> None:

@@ -425,7 +425,11 @@ def create_app(
     # -- i-PI --------------------------------------------------------------------------------
     def ipi_enabled() -> None:
         if not settings.allow_ipi_control:
-            raise ApiError(403, "forbidden", "i-PI control is disabled on this server")
+            raise ApiError(
+                403,
+                "forbidden",
+                "attaching to i-PI runs is disabled on this server (enable it with --ipi-attach)",
+            )
 
     @app.post(
         "/v1/ipi/connections",

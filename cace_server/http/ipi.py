@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import numpy.typing as npt
 from cace_server.engine import Engine
 from cace_server.http.errors import ApiError, invalid
 from cace_server.http.settings import HttpSettings
-from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, parse_address
+from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, IpiAddress, parse_address
 from cace_server.ipi.evaluate import ipi_evaluator
 
 logger = logging.getLogger("cace_server.http")
@@ -57,6 +58,28 @@ class Group:
         }
 
 
+class RateLimit:
+    """A token bucket: ``wait()`` returns at most ``rate`` times a second, after a burst."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(max(1, burst))
+        self._tokens = self.burst
+        self._last: float | None = None
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            if self._last is not None:
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - self._tokens) / self.rate)
+
+
 class IpiGroups:
     """The groups of this server; every method runs on the server's event loop."""
 
@@ -68,6 +91,7 @@ class IpiGroups:
         self.groups: dict[str, Group] = {}
         self._ids = itertools.count(1)
         self._startup = startup
+        self._connects = RateLimit(settings.ipi_connects_per_s, burst=settings.max_ipi_clients)
 
     def _register_startup(self) -> None:
         # Deferred: Group needs the running loop for its creation time.
@@ -131,15 +155,9 @@ class IpiGroups:
             parsed = parse_address(address, sockets_prefix)
         except ValueError as exc:
             raise invalid(str(exc), "address") from None
-        allowed = self.settings.ipi_allowed_hosts
-        if parsed.host is not None and allowed is not None and parsed.host not in allowed:
-            raise ApiError(
-                403,
-                "address_not_allowed",
-                f"this server connects only to i-PI on {', '.join(allowed)} "
-                f"(got host {parsed.host!r})",
-                field="address",
-            )
+        refusal = self.refusal(parsed)
+        if refusal is not None:
+            raise ApiError(403, "address_not_allowed", refusal, field="address")
         options = DriverOptions(
             numbers=[int(z) for z in numbers],
             arrays=arrays or {},
@@ -148,6 +166,7 @@ class IpiGroups:
             reconnect=reconnect,
             connect_timeout=connect_timeout,
             sockets_prefix=sockets_prefix,
+            before_connect=self._before_connect,
         )
         pool = DriverPool(ipi_evaluator(self.engine, model, bec), options)
         group_id = f"g{next(self._ids)}"
@@ -162,6 +181,36 @@ class IpiGroups:
             "i-PI group %s: %d connection(s) to %s, model %s", group_id, clients, parsed, model
         )
         return group
+
+    def refusal(self, address: IpiAddress) -> str | None:
+        """Why the allow-list refuses ``address`` (None: allowed)."""
+        settings = self.settings
+        if address.path is not None:
+            # Resolved now and again before every connection attempt (a symlink may
+            # be swapped in later).
+            real = os.path.realpath(address.path)
+            if not real.startswith(settings.ipi_socket_prefix):
+                return (
+                    f"this server connects only to UNIX sockets under "
+                    f"{settings.ipi_socket_prefix!r} (got {address.path[:200]!r})"
+                )
+            return None
+        hosts = settings.ipi_allowed_hosts
+        if hosts is not None and address.host not in hosts:
+            listed = ", ".join(hosts)
+            return f"this server connects only to i-PI on {listed} (got host {address.host!r})"
+        port = address.port or 0
+        if not any(lo <= port <= hi for lo, hi in settings.ipi_allowed_ports):
+            ranges = ", ".join(
+                f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in settings.ipi_allowed_ports
+            )
+            return f"this server connects only to i-PI ports {ranges} (got {port})"
+        return None
+
+    async def _before_connect(self, address: IpiAddress) -> bool:
+        """Every attempt of every attached connection: rate limit, then allow-list."""
+        await self._connects.wait()
+        return self.refusal(address) is None
 
     def _forget_old_closed(self) -> None:
         """Keep the listing bounded: only the newest closed groups stay listed."""

@@ -33,11 +33,21 @@ class HttpSettings:
     max_neighbors_per_atom: int = 4000
     #: accept and return ``application/msgpack`` next to JSON.
     allow_binary: bool = True
-    #: let clients attach the server to i-PI runs (``/v1/ipi/connections``).
-    allow_ipi_control: bool = True
+    #: let clients attach the server to i-PI runs (``POST /v1/ipi/connections``). Off
+    #: by default: the route makes the server connect where a client says.
+    allow_ipi_control: bool = False
     #: hosts a TCP i-PI address may name; None allows any (the server then connects
     #: wherever a client says: only for trusted networks).
     ipi_allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    #: TCP ports (inclusive ranges) an attached i-PI address may name.
+    ipi_allowed_ports: tuple[tuple[int, int], ...] = ((31415, 31514),)
+    #: UNIX sockets an attached i-PI address may name: their real path (symlinks and
+    #: ``..`` resolved) must start with this (i-PI's default ``sockets_prefix``; end
+    #: it with ``/`` to allow a whole directory).
+    ipi_socket_prefix: str = "/tmp/ipi_"
+    #: connection attempts per second, over all attached connections (reconnects
+    #: included); bursts up to ``max_ipi_clients`` (one group connecting at once).
+    ipi_connects_per_s: float = 2.0
     #: connection groups attached through the API at once, and connections per group.
     max_ipi_groups: int = 16
     max_ipi_clients: int = 64
@@ -57,9 +67,32 @@ class HttpSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.ipi_connects_per_s > 0:
+            raise ValueError(f"ipi_connects_per_s must be positive, got {self.ipi_connects_per_s}")
+        if not self.ipi_socket_prefix.startswith("/"):
+            raise ValueError(f"ipi_socket_prefix must be absolute, got {self.ipi_socket_prefix!r}")
+        for lo, hi in self.ipi_allowed_ports:
+            if not 0 < lo <= hi < 65536:
+                raise ValueError(f"bad i-PI port range {lo}-{hi}")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.min_distance < 0:
             raise ValueError(f"min_distance must not be negative, got {self.min_distance}")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be empty (use None for no authentication)")
+
+
+def parse_port_ranges(items: list[str]) -> tuple[tuple[int, int], ...]:
+    """``["31415", "40000-40010"]`` -> ``((31415, 31415), (40000, 40010))``."""
+    out = []
+    for item in items:
+        lo, sep, hi = item.strip().partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if sep else first
+        except ValueError:
+            raise ValueError(f"not a port or a port range: {item!r}") from None
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"port range {item!r} outside 1..65535")
+        out.append((first, last))
+    return tuple(out)

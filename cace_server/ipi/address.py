@@ -44,6 +44,8 @@ def parse_address(text: str, sockets_prefix: str = IPI_SOCKETS_PREFIX) -> IpiAdd
         if not rest:
             raise ValueError(f"i-PI address {text!r}: no socket name after '{scheme}:'")
         path = rest if rest.startswith("/") else sockets_prefix + rest
+        if "\x00" in path:
+            raise ValueError(f"i-PI address {text!r}: NUL in the socket path")
         if len(path.encode()) > _MAX_UNIX_PATH:
             raise ValueError(
                 f"i-PI address {text!r}: UNIX socket path {path!r} is longer than "

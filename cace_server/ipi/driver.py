@@ -76,6 +76,9 @@ class DriverOptions:
     dedupe: bool = True
     #: i-PI's ``sockets_prefix`` used for ``unix:NAME`` addresses.
     sockets_prefix: str = "/tmp/ipi_"
+    #: awaited before every connection attempt (rate limits, allow-lists); returning
+    #: False gives the connection up (it closes, with ``last_error`` saying why).
+    before_connect: Callable[[IpiAddress], Awaitable[bool]] | None = None
     max_atoms: int = p.DEFAULT_MAX_ATOMS
 
 
@@ -210,6 +213,11 @@ class DriverConnection:
         attempts = 0
         while True:
             attempts += 1
+            gate = self.options.before_connect
+            if gate is not None and not await gate(self.address):
+                self.last_error = f"connecting to {self.address} is not allowed (any more)"
+                logger.warning("%s: %s", self.name, self.last_error)
+                return None
             try:
                 streams = await asyncio.wait_for(self._open(), timeout=10.0)
             except (OSError, asyncio.TimeoutError) as exc:

@@ -200,7 +200,7 @@ def parse_batch_size(init_string: str) -> int:
             try:
                 size = int(value.strip())
             except ValueError:
-                raise ProtocolError(f"INIT string has a non-integer batch_size {value!r}") from None
+                raise ProtocolError("INIT string has a non-integer batch_size") from None
             if size < 1:
                 raise ProtocolError(f"INIT string has batch_size {size} < 1")
             return size
@@ -208,8 +208,15 @@ def parse_batch_size(init_string: str) -> int:
 
 
 def _show(header: bytes) -> str:
-    """A header for an error message: printable ASCII kept, the rest escaped."""
-    return repr(bytes(header))
+    """A header for an error message: a protocol word by name, anything else not at all.
+
+    Error messages reach logs and the HTTP status of connections; echoing what a
+    peer sent would let anyone who can attach the server to an address read the
+    first bytes of whatever service listens there.
+    """
+    if header in SERVER_HEADERS or header in DRIVER_HEADERS:
+        return repr(bytes(header).decode("ascii").strip())
+    return f"({len(header)} bytes that are no i-PI message)"
 
 
 # ---------------------------------------------------------------- decoding
@@ -435,7 +442,7 @@ class DriverDecoder(_Decoder):
             if name is None:
                 return None
             if not name or not name.isprintable() or "/" in name:
-                raise ProtocolError(f"invalid shared-memory segment name {name!r}")
+                raise ProtocolError(f"invalid shared-memory segment name ({len(name)} characters)")
             names.append(name)
         self._shm_names_seen = True
         return ShmPosData(natoms, tuple(names))
