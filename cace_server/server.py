@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from cace_server.engine import Engine, EngineSettings
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.ipi.evaluate import ipi_evaluator
 from cace_server.settings import ServerSettings
+from cace_server.validation import GeometryLimits, check_geometry
 
 logger = logging.getLogger("cace_server")
 
@@ -112,6 +114,10 @@ def build_driver_pool(settings: ServerSettings, engine: Engine) -> DriverPool:
     model = settings.ipi_model
     evaluate = ipi_evaluator(engine, model, settings.ipi_bec)
     required = engine.model_info(model).required_inputs
+    # i-PI structures get the geometry checks HTTP requests get.
+    cutoff = engine.model_info(model).cutoff if engine.ready else None
+    limits = GeometryLimits(min_distance=settings.min_distance)
+    validate = None if cutoff is None else partial(check_geometry, cutoff=cutoff, limits=limits)
 
     per_address = []
     if settings.ipi:
@@ -128,6 +134,7 @@ def build_driver_pool(settings: ServerSettings, engine: Engine) -> DriverPool:
                         arrays=arrays,
                         reconnect=settings.ipi_reconnect,
                         model_name=model or engine.default_model,
+                        validate=validate,
                     ),
                 )
             )

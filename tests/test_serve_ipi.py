@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -96,3 +97,42 @@ def test_serve_refuses_missing_model(tmp_path: Path) -> None:
     assert "error: engine failed to start: ModelFileError" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_ipi_structures_get_the_http_geometry_checks(
+    tmp_path: Path, socket_dir: str, ipi_runs: list
+) -> None:
+    """Two atoms 0.01 Bohr apart: refused as over HTTP, i-PI's connection closed with a reason."""
+    from ase.build import molecule
+
+    atoms = molecule("H2O", cell=[10.0, 10.0, 10.0], pbc=True)
+    atoms.positions += 5.0
+    atoms.positions[2] = atoms.positions[1] + [0.005, 0.0, 0.0]  # 0.0095 Bohr from atom 1
+    run = start_ipi(
+        ipi_runs, tmp_path / "run", socket_dir, atoms, nbeads=1, steps=2, velocities=False
+    )
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.run(
+            [
+                *CLI, "serve", "--no-http", "--no-ipi-reconnect", "--log-json",
+                "--ipi", f"unix:{run.socket_path}",
+                "--ipi-template", str(tmp_path / "run" / "init.extxyz"),
+            ],
+            stdout=log, stderr=subprocess.STDOUT, timeout=180,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+    text = log_path.read_text()
+    assert server.returncode == 0, text[-3000:]
+    refusals = [
+        json.loads(line)
+        for line in text.splitlines()
+        if line.startswith("{") and "refusing the structure" in line
+    ]
+    assert refusals, text[-3000:]
+    message = refusals[0]["message"]
+    assert refusals[0]["level"] == "warning"
+    assert "atom 1 is 0.005 Å from atom 2, closer than min_distance 0.1 Å" in message, message
+    assert message.endswith("closing the connection")
+    # i-PI never got forces for it
+    assert all(p.stat().st_size == 0 for p in (tmp_path / "run").glob("sim.frc*"))

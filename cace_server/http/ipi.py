@@ -14,6 +14,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +24,7 @@ from cace_server.http.errors import ApiError, invalid
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, IpiAddress, parse_address
 from cace_server.ipi.evaluate import ipi_evaluator
+from cace_server.validation import check_geometry
 
 logger = logging.getLogger("cace_server.http")
 
@@ -167,6 +169,11 @@ class IpiGroups:
             connect_timeout=connect_timeout,
             sockets_prefix=sockets_prefix,
             before_connect=self._before_connect,
+            validate=partial(
+                check_geometry,
+                cutoff=self.engine.model_info(model).cutoff,
+                limits=self.settings.geometry,
+            ),
         )
         pool = DriverPool(ipi_evaluator(self.engine, model, bec), options)
         group_id = f"g{next(self._ids)}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cace_server.validation import GeometryLimits
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -53,6 +55,11 @@ class HttpSettings:
     max_ipi_clients: int = 64
     #: one JSON line per request on the ``cace_server.http.access`` logger.
     access_log: bool = True
+
+    @property
+    def geometry(self) -> GeometryLimits:
+        """The geometry checks shared with the other frontends."""
+        return GeometryLimits(self.min_distance, self.max_neighbors_per_atom)
 
     def __post_init__(self) -> None:
         positive = (

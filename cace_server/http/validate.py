@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-import vesin
 from ase.data import atomic_numbers, chemical_symbols
 
 from cace_server.engine import ModelInfo
@@ -20,8 +19,8 @@ from cace_server.http.arrays import read_floats, read_ints
 from cace_server.http.errors import ApiError, invalid, join_path
 from cace_server.http.schemas import DEFAULT_PROPERTIES, Property, StructureIn
 from cace_server.http.settings import HttpSettings
-from cace_server.model.neighbors import check_neighbor_grid, plane_spacings
 from cace_server.structures import Structure, StructureError
+from cace_server.validation import GeometryError, check_geometry
 
 # Coordinates and cell lengths beyond this (Å, one micrometre) are a unit mistake, not
 # a structure; far larger spans also make neighbour lists slow (vesin).
@@ -172,78 +171,6 @@ def read_inputs(
     return out
 
 
-def check_cell_list(structure: Structure, cutoff: float, field: str) -> None:
-    """Refuse geometries the neighbour list cannot handle, as a 422 naming ``field``."""
-    try:
-        check_neighbor_grid(structure, cutoff)
-    except StructureError as exc:
-        raise invalid(str(exc), field, kind="unsupported_geometry") from None
-
-
-def check_overlap(structure: Structure, min_distance: float, prefix: str) -> None:
-    """Refuse atoms closer than ``min_distance`` (periodic images included)."""
-    if min_distance <= 0:
-        return
-    pbc = structure.pbc
-    if pbc.any():
-        spacing = plane_spacings(structure.cell)
-        thin = np.flatnonzero(pbc & (spacing < min_distance))
-        if thin.size:
-            raise invalid(
-                f"cell is {spacing[thin[0]]:.3g} Å thick along vector {thin[0]}: every atom "
-                f"overlaps its periodic image (min_distance {min_distance:g} Å)",
-                join_path(prefix, "cell"),
-                kind="overlapping_atoms",
-            )
-        box = structure.cell
-    else:
-        box = np.zeros((3, 3))
-    # A cutoff of 1 Å at least keeps vesin's cell grid coarse; closer pairs are kept.
-    calculator = vesin.NeighborList(cutoff=max(float(min_distance), 1.0), full_list=False)
-    i, j, d = calculator.compute(
-        points=structure.positions, box=box, periodic=[bool(p) for p in pbc], quantities="ijd"
-    )
-    close = d < min_distance
-    i, j, d = i[close], j[close], d[close]
-    if len(d):
-        k = int(np.argmin(d))
-        a, b = sorted((int(i[k]), int(j[k])))
-        what = "its own periodic image" if a == b else f"atom {b}"
-        raise invalid(
-            f"atom {a} is {d[k]:.3g} Å from {what}, closer than min_distance {min_distance:g} Å",
-            join_path(prefix, "positions", a),
-            kind="overlapping_atoms",
-        )
-
-
-def estimated_neighbors(structure: Structure, cutoff: float) -> float:
-    """An upper estimate of neighbours per atom within ``cutoff`` (about 6x the truth).
-
-    Atoms are binned in cubes of side ``cutoff``; every atom is counted against the
-    27 cubes around its own. Periodic structures also get the uniform-density count
-    of the same 27 cubes, which covers small cells whose images crowd every atom.
-    """
-    n = len(structure)
-    keys = np.floor(structure.positions / cutoff).astype(np.int64)
-    keys -= keys.min(axis=0)
-    dims = keys.max(axis=0) + 3
-    flat = ((keys[:, 0] + 1) * dims[1] + keys[:, 1] + 1) * dims[2] + keys[:, 2] + 1
-    cubes, counts = np.unique(flat, return_counts=True)
-    around = np.zeros(len(cubes), dtype=np.int64)
-    for dx in (-1, 0, 1):
-        for dy in (-1, 0, 1):
-            for dz in (-1, 0, 1):
-                shifted = cubes + (dx * dims[1] + dy) * dims[2] + dz
-                pos = np.searchsorted(cubes, shifted)
-                pos[pos == len(cubes)] = 0
-                hit = cubes[pos] == shifted
-                around[hit] += counts[pos[hit]]
-    estimate = float(np.dot(counts, around)) / n
-    if structure.pbc.all():
-        estimate = max(estimate, n / structure.volume * 27 * cutoff**3)
-    return estimate
-
-
 def build_structure(
     s: StructureIn, prefix: str, info: ModelInfo, settings: HttpSettings
 ) -> Structure:
@@ -265,20 +192,10 @@ def build_structure(
         structure = Structure.create(numbers, positions, cell, pbc, arrays)
     except StructureError as exc:
         raise invalid(str(exc), prefix or None) from None
-    pfield = join_path(prefix, "positions")
-    gfield = join_path(prefix, "cell") if structure.pbc.any() else pfield
-    for cutoff in (max(settings.min_distance, 1.0), info.cutoff):
-        check_cell_list(structure, cutoff, gfield)
-    check_overlap(structure, settings.min_distance, prefix)
-    density = estimated_neighbors(structure, info.cutoff)
-    if density > settings.max_neighbors_per_atom:
-        raise invalid(
-            f"atoms are packed too densely: about {density:.0f} neighbours per atom within "
-            f"the model cutoff {info.cutoff:g} Å (estimate; the limit is "
-            f"{settings.max_neighbors_per_atom})",
-            pfield,
-            kind="too_dense",
-        )
+    try:
+        check_geometry(structure, info.cutoff, settings.geometry)
+    except GeometryError as exc:
+        raise invalid(str(exc), join_path(prefix, *exc.where), kind=exc.kind) from None
     return structure
 
 

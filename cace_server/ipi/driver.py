@@ -31,7 +31,7 @@ from cace_server.ipi import protocol as p
 from cace_server.ipi.address import IpiAddress, parse_address
 from cace_server.ipi.convert import extras_json, results_to_wire, structures_from_wire
 from cace_server.ipi.shm import ShmSegments
-from cace_server.structures import Prediction, Structure
+from cace_server.structures import Prediction, Structure, StructureError
 
 logger = logging.getLogger("cace_server.ipi")
 
@@ -76,6 +76,10 @@ class DriverOptions:
     dedupe: bool = True
     #: i-PI's ``sockets_prefix`` used for ``unix:NAME`` addresses.
     sockets_prefix: str = "/tmp/ipi_"
+    #: checks every structure i-PI sends before it is evaluated (the same geometry
+    #: checks as HTTP: :func:`cace_server.validation.check_geometry`); a StructureError
+    #: ends the session with a logged reason.
+    validate: Callable[[Structure], None] | None = None
     #: awaited before every connection attempt (rate limits, allow-lists); returning
     #: False gives the connection up (it closes, with ``last_error`` saying why).
     before_connect: Callable[[IpiAddress], Awaitable[bool]] | None = None
@@ -106,6 +110,14 @@ class ConnectionStatus:
 
 class SessionEnd(Exception):
     """A session ended; the message is the reason (logged, kept as ``last_error``)."""
+
+
+class StructureRefused(Exception):
+    """i-PI sent a structure the server does not evaluate (the message says why)."""
+
+
+# Checking this many atoms or more per message moves to a thread (off the event loop).
+_THREAD_CHECK_ATOMS = 4096
 
 
 @dataclass
@@ -251,6 +263,9 @@ class DriverConnection:
             logger.info("%s: %s", self.name, end)
         except p.ProtocolError as exc:
             self._fail(f"protocol error, closing the connection: {exc}")
+        except StructureRefused as exc:
+            # i-PI has no error message: closing the connection is how a driver says no.
+            self._fail(f"{exc}; closing the connection")
         except (ConnectionError, BrokenPipeError) as exc:
             self._fail(f"connection lost: {exc}", level=logging.INFO)
         except Exception as exc:  # the evaluator's or a bug: never past this connection
@@ -323,9 +338,7 @@ class DriverConnection:
         if isinstance(message, p.PosData):
             self._check_idle(session)
             numbers = self._numbers_for(message.natoms)
-            structures = structures_from_wire(
-                message.cells, message.positions, numbers, self.options.pbc, self.options.arrays
-            )
+            structures = await self._structures(message.cells, message.positions, numbers)
             predictions = await self._evaluate(structures)
             energies, forces, virials = results_to_wire(predictions, structures)
             extras = self._extras(predictions)
@@ -342,13 +355,7 @@ class DriverConnection:
             if session.shm is None or session.shm.natoms != message.natoms:
                 raise p.ProtocolError("shm POSDATA before the segments were named")
             cells, positions = session.shm.read()
-            structures = structures_from_wire(
-                cells,
-                positions,
-                self._numbers_for(message.natoms),
-                self.options.pbc,
-                self.options.arrays,
-            )
+            structures = await self._structures(cells, positions, self._numbers_for(message.natoms))
             predictions = await self._evaluate(structures)
             session.shm_results = results_to_wire(predictions, structures)
             session.reply = p.encode_shm_forceready(self._extras(predictions))
@@ -365,6 +372,35 @@ class DriverConnection:
         if isinstance(message, p.Exit):
             raise SessionEnd("i-PI sent EXIT")
         raise p.ProtocolError(f"unexpected message {message!r}")  # pragma: no cover
+
+    async def _structures(
+        self,
+        cells: npt.NDArray[np.float64],
+        positions: npt.NDArray[np.float64],
+        numbers: npt.NDArray[np.int64],
+    ) -> list[Structure]:
+        """The message's structures, checked; raises StructureRefused."""
+
+        def build() -> list[Structure]:
+            structures = []
+            for k, (cell, pos) in enumerate(zip(cells, positions, strict=True)):
+                try:
+                    (structure,) = structures_from_wire(
+                        cell[None], pos[None], numbers, self.options.pbc, self.options.arrays
+                    )
+                    if self.options.validate is not None:
+                        self.options.validate(structure)
+                except StructureError as exc:
+                    where = f" {k} of {len(cells)}" if len(cells) > 1 else ""
+                    raise StructureRefused(
+                        f"refusing the structure{where} i-PI sent: {exc}"
+                    ) from None
+                structures.append(structure)
+            return structures
+
+        if positions.size // 3 >= _THREAD_CHECK_ATOMS and self.options.validate is not None:
+            return await asyncio.to_thread(build)
+        return build()
 
     def _check_idle(self, session: _Session) -> None:
         if session.reply is not None:
