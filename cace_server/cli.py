@@ -319,6 +319,9 @@ def serve(
         None, help="bearer token required by HTTP routes (prefer CACE_SERVER_TOKEN)"
     ),
     max_request_bytes: int = typer.Option(None, help="largest HTTP request body [256 MiB]"),
+    max_pending_bytes: int = typer.Option(
+        None, help="bytes of HTTP request bodies held at once, over all requests [512 MiB]"
+    ),
     max_atoms: int = typer.Option(None, help="most atoms in one structure [200000]"),
     max_structures: int = typer.Option(None, help="most structures in one batch request [4096]"),
     request_timeout_s: float = typer.Option(None, help="HTTP request timeout in seconds [600]"),
@@ -387,6 +390,12 @@ def serve(
     ),
     batch_wait_ms: float = typer.Option(None, help="wait this long for a batch to fill [2]"),
     max_queue: int = typer.Option(None, help="most structures waiting in the engine [4096]"),
+    max_queue_atoms: int = typer.Option(
+        None, help="most atoms accepted and not yet answered (i-PI steps exempt) [1000000]"
+    ),
+    small_request_atoms: int = typer.Option(
+        None, help="requests up to this many atoms take turns with larger ones [1024]"
+    ),
     torch_threads: int = typer.Option(None, help="torch intra-op threads [torch default]"),
     log_level: str = typer.Option(None, help="debug, info, warning, error [info]"),
     log_json: bool = typer.Option(None, "--log-json/--no-log-json", help="JSON-lines logs [no]"),

@@ -84,6 +84,8 @@ def build_engine(settings: ServerSettings) -> Engine:
             max_batch_pairs=settings.max_batch_pairs,
             batch_wait_ms=settings.batch_wait_ms,
             max_queue=settings.max_queue,
+            max_queue_atoms=settings.max_queue_atoms,
+            small_request_atoms=settings.small_request_atoms,
             torch_threads=settings.torch_threads,
         ),
     )
@@ -246,6 +248,7 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
         HttpSettings(
             token=settings.token,
             max_request_bytes=settings.max_request_bytes,
+            max_pending_bytes=settings.max_pending_bytes,
             max_atoms=settings.max_atoms,
             max_structures=settings.max_structures,
             request_timeout_s=settings.request_timeout_s,

@@ -36,6 +36,7 @@ class ServerSettings:
     port: int = 8000
     token: str | None = None
     max_request_bytes: int = 256 * 1024 * 1024
+    max_pending_bytes: int = 512 * 1024 * 1024
     max_atoms: int = 200_000
     max_structures: int = 4096
     request_timeout_s: float = 600.0
@@ -70,6 +71,8 @@ class ServerSettings:
     max_batch_pairs: int = 600_000
     batch_wait_ms: float = 2.0
     max_queue: int = 4096
+    max_queue_atoms: int = 1_000_000
+    small_request_atoms: int = 1024
     torch_threads: int | None = None
     # Logging
     log_level: str = "info"

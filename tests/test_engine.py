@@ -531,3 +531,104 @@ def test_model_file_and_dtype(tmp_path: Any, model: Any, structures: list[Struct
         assert g.energy == pytest.approx(w.energy, rel=1e-4, abs=1e-5)
         assert g.forces is not None and w.forces is not None
         np.testing.assert_allclose(g.forces, w.forces, rtol=1e-3, atol=1e-4)
+
+
+# -- scheduling: lanes and admission -----------------------------------------------------------
+
+
+def wait_queued(engine: Engine, n: int) -> None:
+    """Until ``n`` items are prepared and waiting for the worker (order is then fixed)."""
+    deadline = time.monotonic() + 30
+    while len(engine._queue) < n:
+        assert time.monotonic() < deadline, len(engine._queue)
+        time.sleep(0.005)
+
+
+def completion_order(futures: dict[str, Any]) -> list[str]:
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def done(name: str, _future: Any) -> None:
+        with lock:
+            order.append(name)
+
+    for name, fs in futures.items():
+        fs[-1].add_done_callback(lambda f, name=name: done(name, f))
+    return order
+
+
+def test_small_requests_are_not_starved_behind_bulk_ones(model: Any) -> None:
+    """FIFO ran the 3-atom request after every bulk request queued before it."""
+    faulty = Faulty(model)
+    big = [make_structure(40, seed=900 + i, periodic=False) for i in range(4)]
+    small = make_structure(3, seed=904, periodic=False)
+    cfg = settings(batch_wait_ms=0, max_batch_atoms=32, small_request_atoms=10)
+    with Engine(faulty, settings=cfg) as engine:
+        faulty.block()
+        futures = {"big0": engine.submit(big[0])}
+        assert faulty.entered.wait(10)  # big0 is on the device
+        for i in (1, 2, 3):
+            futures[f"big{i}"] = engine.submit(big[i])
+            wait_queued(engine, i)
+        futures["small"] = engine.submit(small)
+        wait_queued(engine, 4)
+        order = completion_order(futures)
+        faulty.gate.set()
+        for fs in futures.values():
+            assert isinstance(fs[0].result(30), Prediction)
+    # the small request waited for the batch on the device only; bulk work then
+    # continues in order
+    assert order == ["big0", "small", "big1", "big2", "big3"], order
+
+
+def test_lanes_take_turns_and_ipi_goes_first(model: Any) -> None:
+    faulty = Faulty(model)
+    cfg = settings(batch_wait_ms=0, max_batch_atoms=32, small_request_atoms=10)
+    with Engine(faulty, settings=cfg) as engine:
+        faulty.calls.clear()  # the warm-up
+        faulty.block()
+        futures = {"bulk0": engine.submit(make_structure(40, seed=910, periodic=False))}
+        assert faulty.entered.wait(10)
+        queued = 0
+        for name, structures, lane in [
+            ("bulk1", [make_structure(40, seed=911, periodic=False)], None),
+            ("bulk2", [make_structure(40, seed=912, periodic=False)], None),
+            ("small0", [make_structure(6, seed=913, periodic=False)], None),
+            (
+                "small1",
+                [make_structure(30, seed=914, periodic=False)],
+                "small",
+            ),  # a lane may be chosen
+            ("ipi", [make_structure(15, seed=915, periodic=False)] * 2, "ipi"),
+        ]:
+            futures[name] = engine.submit(structures, lane=lane)
+            queued += len(structures)
+            wait_queued(engine, queued)
+        order = completion_order(futures)
+        faulty.gate.set()
+        for fs in futures.values():
+            assert isinstance(fs[-1].result(30), Prediction)
+    # i-PI's beads first (one batch), then the HTTP lanes take turns
+    assert faulty.calls[:2] == [1, 2]
+    assert order == ["bulk0", "ipi", "small0", "bulk1", "small1", "bulk2"], order
+
+
+def test_admission_counts_atoms_but_never_refuses_ipi_steps(model: Any) -> None:
+    faulty = Faulty(model)
+    with Engine(faulty, settings=settings(batch_wait_ms=0, max_queue_atoms=50)) as engine:
+        with pytest.raises(Overloaded, match="request of 60 atoms exceeds max_queue_atoms"):
+            engine.submit(make_structure(60, seed=920, periodic=False))
+        faulty.block()
+        running = engine.submit(make_structure(30, seed=921, periodic=False))
+        assert faulty.entered.wait(10)
+        queued = engine.submit(make_structure(15, seed=922, periodic=False))
+        with pytest.raises(Overloaded, match="45 atoms are waiting or computing"):
+            engine.submit(make_structure(10, seed=923, periodic=False))
+        ipi = engine.submit(make_structure(30, seed=924, periodic=False), lane="ipi")
+        assert engine.snapshot().pending_atoms == 75
+        faulty.gate.set()
+        for f in running + queued + ipi:
+            assert isinstance(f.result(30), Prediction)
+        time.sleep(0.05)
+        assert engine.snapshot().pending_atoms == 0
+        assert len(engine.submit(make_structure(40, seed=925, periodic=False))) == 1  # room again

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -475,3 +476,74 @@ def test_metrics_count_what_happened(client: httpx.Client) -> None:
     assert after[("cace_engine_ready", ())] == 1
     assert ("cace_engine_queue_depth", ()) in after
     assert any(k[0] == "cace_engine_batch_structures_bucket" for k in after)
+
+
+# ------------------------------------------------------------------------ scheduling, admission
+
+
+def test_a_small_request_overtakes_queued_bulk_requests(model: Any) -> None:
+    """Through uvicorn: a 3-atom request sent after three bulk requests are queued (and
+    one is on the device) is answered right after the one on the device."""
+    import threading
+
+    from tests.test_engine import Faulty, make_structure
+
+    faulty = Faulty(model)
+    cfg = EngineSettings(batch_wait_ms=0, max_batch_atoms=32, small_request_atoms=10)
+    order: list[str] = []
+
+    def post(url: str, name: str, s: Structure) -> None:
+        r = httpx.post(url + "/v1/calculate", json=body_of(s), timeout=60)
+        assert r.status_code == 200, r.text
+        order.append(name)
+
+    with Engine(faulty, settings=cfg) as engine, BackgroundServer(create_app(engine)) as srv:
+        faulty.block()
+        threads = []
+        for i in range(4):
+            big = make_structure(40, seed=930 + i, periodic=False)
+            threads.append(threading.Thread(target=post, args=(srv.url, f"big{i}", big)))
+            threads[-1].start()
+            if i == 0:
+                assert faulty.entered.wait(30)
+            deadline = time.monotonic() + 30
+            while len(engine._queue) < i:  # queued in this order
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+        small = make_structure(3, seed=939, periodic=False)
+        threads.append(threading.Thread(target=post, args=(srv.url, "small", small)))
+        threads[-1].start()
+        while len(engine._queue) < 4:
+            time.sleep(0.005)
+        faulty.gate.set()
+        for t in threads:
+            t.join(60)
+    assert order[:2] == ["big0", "small"], order
+
+
+def test_admission_by_body_bytes(engine: Engine) -> None:
+    """A client holding a large body counts against every other client's budget."""
+    import socket
+
+    app = create_app(engine, settings=HttpSettings(max_request_bytes=1500, max_pending_bytes=2000))
+    body = json.dumps(body_of(water_cluster(1, seed=5))).encode()
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        held = socket.create_connection(("127.0.0.1", srv.port))
+        held.sendall(
+            b"POST /v1/calculate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"Content-Length: 1500\r\n\r\n{"
+        )
+        deadline = time.monotonic() + 10
+        while True:  # until the server has read the head and reserved the 1500 bytes
+            r = c.post("/v1/calculate", content=body + b" " * 600)
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["error"] == "busy", r.text
+        assert r.headers["retry-after"] == "1"
+        assert c.post("/v1/calculate", content=body).status_code == 200  # fits beside it
+        held.close()
+        deadline = time.monotonic() + 10
+        while c.post("/v1/calculate", content=body + b" " * 600).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

@@ -1,14 +1,26 @@
 """Work items and the queue the worker drains into batches.
 
-A batch holds items of one model only, in arrival order, bounded by atoms and
-neighbour pairs. The head of the queue always goes into the next batch (even when
-it alone exceeds a bound), so no request can be starved; later items that do not
-fit wait for a following batch.
+Items wait in three lanes:
+
+- ``ipi``: structures from i-PI connections. A PIMD step is waited for by the whole
+  simulation, so this lane always goes first: it never waits behind HTTP work
+  other than the one batch already on the device.
+- ``small``: HTTP requests of at most ``small_request_atoms`` atoms in total.
+- ``bulk``: larger HTTP requests.
+
+When both HTTP lanes hold work they take turns, one batch each, so a 3-atom request
+waits for at most one bulk batch, and bulk work still gets every other batch.
+
+A batch holds items of one lane and one model, in arrival order, bounded by atoms
+and neighbour pairs. The head of its lane always goes into the batch (even when it
+alone exceeds a bound), so nothing is starved within a lane; later items that do
+not fit wait for a following batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import threading
 import time
 from collections import deque
@@ -21,6 +33,17 @@ from cace_server.engine.stats import EngineStats
 from cace_server.structures import Prediction, Structure
 
 
+class Lane(str, enum.Enum):
+    """Where an item waits; lanes earlier in this list go first (see the module doc)."""
+
+    IPI = "ipi"
+    SMALL = "small"
+    BULK = "bulk"
+
+
+_HTTP_LANES = (Lane.SMALL, Lane.BULK)
+
+
 @dataclass(eq=False)
 class WorkItem:
     """One structure of one request, from submission to its resolved future."""
@@ -30,6 +53,7 @@ class WorkItem:
     index: int  # position within its request
     stress: bool
     bec: bool = False  # Born effective charges asked for (extra backward passes)
+    lane: Lane = Lane.SMALL
     future: Future[Prediction] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     prepared: Any = None  # the model's prepared structure (neighbour list), set before queueing
@@ -64,16 +88,17 @@ def select_batch(
 
 
 class PendingQueue:
-    """Prepared items waiting for the worker; producers are the prepare threads."""
+    """Prepared items waiting for the worker, in lanes; producers are the prepare threads."""
 
     def __init__(self) -> None:
-        self._items: deque[WorkItem] = deque()
+        self._lanes: dict[Lane, deque[WorkItem]] = {lane: deque() for lane in Lane}
         self._cond = threading.Condition()
         self._closed = False
+        self._last: Lane | None = None  # lane of the previous batch (HTTP lanes alternate)
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._items)
+            return sum(len(q) for q in self._lanes.values())
 
     def put_many(self, items: list[WorkItem]) -> None:
         """Append a request's items together; raises EngineClosed after close()."""
@@ -85,7 +110,7 @@ class PendingQueue:
                 raise EngineClosed("engine is shutting down")
             for item in items:
                 item.enqueued = now
-            self._items.extend(items)
+                self._lanes[item.lane].append(item)
             self._cond.notify_all()
 
     def take_batch(
@@ -93,26 +118,31 @@ class PendingQueue:
     ) -> list[WorkItem] | None:
         """Block until a batch is available; ``None`` when the queue is closed (and drained).
 
-        With ``wait_s`` > 0, waits until ``wait_s`` after the head item arrived for
-        more items of its model to join, unless the batch is already full.
+        With ``wait_s`` > 0, waits until ``wait_s`` after the head item of the chosen
+        lane arrived for more items of its model to join, unless the batch is
+        already full (or work of a lane that goes first arrives meanwhile).
         """
         with self._cond:
             while True:
-                while not self._items:
+                lane = self._next_lane()
+                while lane is None:
                     if self._closed:
                         return None
                     self._cond.wait()
+                    lane = self._next_lane()
+                items = self._lanes[lane]
                 if wait_s > 0:
-                    deadline = self._items[0].enqueued + wait_s
+                    deadline = items[0].enqueued + wait_s
                     # Nothing can join after close(), so stop waiting then.
-                    while self._items and not self._closed:
+                    while items and not self._closed and self._next_lane() == lane:
                         remaining = deadline - time.monotonic()
-                        if remaining <= 0 or self._is_full(max_atoms, max_pairs):
+                        if remaining <= 0 or self._is_full(items, max_atoms, max_pairs):
                             break
                         self._cond.wait(remaining)
-                    if not self._items:  # emptied by close() while waiting
+                    if self._next_lane() != lane:  # emptied by close(), or i-PI work came
                         continue
-                batch, self._items = select_batch(self._items, max_atoms, max_pairs)
+                batch, self._lanes[lane] = select_batch(items, max_atoms, max_pairs)
+                self._last = lane
                 return batch
 
     def close(self, *, drain: bool = False) -> list[WorkItem]:
@@ -121,15 +151,28 @@ class PendingQueue:
             self._closed = True
             removed: list[WorkItem] = []
             if not drain:
-                removed = list(self._items)
-                self._items.clear()
+                for lane in Lane:
+                    removed.extend(self._lanes[lane])
+                    self._lanes[lane].clear()
             self._cond.notify_all()
             return removed
 
-    def _is_full(self, max_atoms: int, max_pairs: int) -> bool:
-        model = self._items[0].model
+    def _next_lane(self) -> Lane | None:
+        """i-PI first; then the HTTP lane whose turn it is (the other one if it is empty)."""
+        if self._lanes[Lane.IPI]:
+            return Lane.IPI
+        waiting = [lane for lane in _HTTP_LANES if self._lanes[lane]]
+        if not waiting:
+            return None
+        if len(waiting) == 1:
+            return waiting[0]
+        return Lane.BULK if self._last is Lane.SMALL else Lane.SMALL
+
+    @staticmethod
+    def _is_full(items: deque[WorkItem], max_atoms: int, max_pairs: int) -> bool:
+        model = items[0].model
         atoms = pairs = 0
-        for item in self._items:
+        for item in items:
             if item.model != model:
                 continue
             atoms += item.n_atoms

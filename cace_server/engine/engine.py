@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from types import TracebackType
 from typing import Literal, overload
 
-from cace_server.engine.batching import PendingQueue, WorkItem, reject
+from cace_server.engine.batching import Lane, PendingQueue, WorkItem, reject
 from cace_server.engine.errors import (
     EngineClosed,
     EngineError,
@@ -240,11 +241,14 @@ class Engine:
         *,
         stress: bool = True,
         bec: bool = False,
+        lane: Lane | str | None = None,
     ) -> list[Future[Prediction]]:
         """Queue structures for evaluation; one future per structure, in order.
 
         ``bec`` asks for Born effective charges (models that offer them); a batch
-        computes them when any of its structures asked.
+        computes them when any of its structures asked. ``lane``: ``"ipi"`` for i-PI
+        steps (they go first); otherwise the request waits in the ``small`` or
+        ``bulk`` lane by its atom count (see ``batching.py``).
 
         Raises UnknownModel, Overloaded, NotReady or EngineClosed for the whole
         request; a structure that cannot be evaluated gets its error in its future.
@@ -258,21 +262,24 @@ class Engine:
         except EngineError as exc:
             self.stats.error(exc.kind)
             raise
-        items = [WorkItem(name, s, i, stress, bec) for i, s in enumerate(structures)]
+        sizes = [len(s) if isinstance(s, Structure) else 0 for s in structures]
+        n_atoms = sum(sizes)
+        chosen = self._lane(lane, n_atoms)
+        items = [WorkItem(name, s, i, stress, bec, chosen) for i, s in enumerate(structures)]
         if not items:
             return []
-        n_atoms = sum(len(s) for s in structures if isinstance(s, Structure))
-        if not self.stats.try_admit(name, len(items), n_atoms, self.settings.max_queue):
+        # i-PI steps are not held to the atom budget: refusing one ends a simulation.
+        atom_limit = None if chosen is Lane.IPI else self.settings.max_queue_atoms
+        refusal = self.stats.try_admit(
+            name, len(items), n_atoms, self.settings.max_queue, atom_limit
+        )
+        if refusal is not None:
             self.stats.error(Overloaded.kind)
-            raise Overloaded(
-                f"queue full ({self.settings.max_queue} structures); retry later"
-                if len(items) <= self.settings.max_queue
-                else f"request of {len(items)} structures exceeds max_queue "
-                f"({self.settings.max_queue})"
-            )
+            raise Overloaded(refusal)
         clock = _RequestClock(len(items), items[0].submitted, self.stats)
-        for item in items:
+        for item, size in zip(items, sizes, strict=True):
             item.future.add_done_callback(clock)
+            item.future.add_done_callback(partial(_release_atoms, self.stats, size))
         assert self._pool is not None
         # Neighbour lists of a large request are built by all prepare threads at once;
         # the request is queued as a whole when its last chunk is done.
@@ -297,6 +304,7 @@ class Engine:
         *,
         stress: bool = ...,
         bec: bool = ...,
+        lane: Lane | str | None = ...,
         return_exceptions: Literal[False] = ...,
     ) -> list[Prediction]: ...
 
@@ -308,6 +316,7 @@ class Engine:
         *,
         stress: bool = ...,
         bec: bool = ...,
+        lane: Lane | str | None = ...,
         return_exceptions: Literal[True],
     ) -> list[Outcome]: ...
 
@@ -318,15 +327,16 @@ class Engine:
         *,
         stress: bool = True,
         bec: bool = False,
+        lane: Lane | str | None = None,
         return_exceptions: bool = False,
     ) -> list[Prediction] | list[Outcome]:
         """Evaluate structures with ``model`` (default: the default model).
 
         Returns one Prediction per structure, in order. A failing structure raises
         its EngineError (after all structures of the call are done), or with
-        ``return_exceptions`` takes its place in the list.
+        ``return_exceptions`` takes its place in the list. ``lane``: see :meth:`submit`.
         """
-        futures = self.submit(structures, model, stress=stress, bec=bec)
+        futures = self.submit(structures, model, stress=stress, bec=bec, lane=lane)
         if not futures:
             return []
         outcomes = await asyncio.gather(
@@ -394,6 +404,11 @@ class Engine:
             raise UnknownModel(f"no model named {key!r} (served: {', '.join(self._names)})")
         return key
 
+    def _lane(self, lane: Lane | str | None, n_atoms: int) -> Lane:
+        if lane is not None:
+            return Lane(lane)
+        return Lane.SMALL if n_atoms <= self.settings.small_request_atoms else Lane.BULK
+
     def _check_accepting(self, model: str | None) -> str:
         if self._closing:
             raise EngineClosed("engine is closed")
@@ -442,6 +457,10 @@ class Engine:
         self.stats.leave_queue(len(items))
         for item in items:
             reject(item, EngineClosed(_CLOSED_BEFORE), self.stats)
+
+
+def _release_atoms(stats: EngineStats, n_atoms: int, _future: Future[Prediction]) -> None:
+    stats.release_atoms(n_atoms)
 
 
 def _collect(outcomes: Sequence[Outcome], return_exceptions: bool) -> list[Outcome]:

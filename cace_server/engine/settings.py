@@ -29,6 +29,12 @@ class EngineSettings:
     batch_wait_ms: float = 2.0
     # Structures accepted but not yet evaluated; beyond this, requests get Overloaded.
     max_queue: int = 4096
+    # Atoms accepted but not yet answered (queued or computing), over all requests but
+    # i-PI steps; beyond this, requests get Overloaded.
+    max_queue_atoms: int = 1_000_000
+    # Requests of at most this many atoms in total wait in the "small" lane, which
+    # takes turns with the "bulk" lane of larger ones (i-PI steps go first).
+    small_request_atoms: int = 1024
     # Threads computing neighbour lists (outside the worker thread).
     prepare_threads: int = 2
     # Evaluate one small structure per model at start-up.
@@ -41,7 +47,14 @@ class EngineSettings:
             raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_batch_atoms", "max_batch_pairs", "max_queue", "prepare_threads"):
+        for name in (
+            "max_batch_atoms",
+            "max_batch_pairs",
+            "max_queue",
+            "max_queue_atoms",
+            "small_request_atoms",
+            "prepare_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:

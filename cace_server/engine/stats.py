@@ -79,7 +79,8 @@ class StatsSnapshot:
     ``model_calls``: forward passes (more than batches when out-of-memory splits
     happen); ``errors``: failed structures (or rejected requests) by error kind.
     ``queue_wait``: per structure, submission to start of its batch (includes the
-    neighbour list); ``compute``: per batch; ``latency``: per request, submission
+    neighbour list); ``pending_atoms``: atoms accepted and not yet answered;
+    ``compute``: per batch; ``latency``: per request, submission
     to its last result.
     """
 
@@ -93,6 +94,7 @@ class StatsSnapshot:
     errors: dict[str, int]
     structures_by_model: dict[str, int]
     queue_depth: int
+    pending_atoms: int
     in_flight: int
     batch_structures: HistogramSnapshot
     batch_atoms: HistogramSnapshot
@@ -122,6 +124,7 @@ class EngineStats:
         self._errors: Counter[str] = Counter()
         self._by_model: Counter[str] = Counter()
         self._queue_depth = 0
+        self._pending_atoms = 0
         self._in_flight = 0
         self._batch_structures = Histogram(BATCH_STRUCTURES_BUCKETS)
         self._batch_atoms = Histogram(BATCH_ATOMS_BUCKETS)
@@ -134,16 +137,39 @@ class EngineStats:
         with self._lock:
             self._requests += 1
 
-    def try_admit(self, model: str, n_structures: int, n_atoms: int, max_queue: int) -> bool:
-        """Count a request's structures into the queue unless that would exceed ``max_queue``."""
+    def try_admit(
+        self,
+        model: str,
+        n_structures: int,
+        n_atoms: int,
+        max_queue: int,
+        max_atoms: int | None = None,
+    ) -> str | None:
+        """Count a request in, or say why not: ``max_queue`` structures waiting, or
+        ``max_atoms`` atoms accepted and not yet answered (None: no atom bound)."""
         with self._lock:
             if n_structures and self._queue_depth + n_structures > max_queue:
-                return False
+                if n_structures > max_queue:
+                    return f"request of {n_structures} structures exceeds max_queue ({max_queue})"
+                return f"queue full ({max_queue} structures); retry later"
+            if max_atoms is not None and self._pending_atoms + n_atoms > max_atoms:
+                if n_atoms > max_atoms:
+                    return f"request of {n_atoms} atoms exceeds max_queue_atoms ({max_atoms})"
+                return (
+                    f"{self._pending_atoms} atoms are waiting or computing (max_queue_atoms "
+                    f"{max_atoms}); retry later"
+                )
             self._queue_depth += n_structures
+            self._pending_atoms += n_atoms
             self._structures += n_structures
             self._atoms += n_atoms
             self._by_model[model] += n_structures
-            return True
+            return None
+
+    def release_atoms(self, n_atoms: int) -> None:
+        """Atoms whose structure was answered (or failed, or was cancelled)."""
+        with self._lock:
+            self._pending_atoms -= n_atoms
 
     def leave_queue(self, n: int) -> None:
         """Structures that left the queue (taken by the worker, or failed before)."""
@@ -194,6 +220,7 @@ class EngineStats:
                 errors=dict(self._errors),
                 structures_by_model=dict(self._by_model),
                 queue_depth=self._queue_depth,
+                pending_atoms=self._pending_atoms,
                 in_flight=self._in_flight,
                 batch_structures=self._batch_structures.snapshot(),
                 batch_atoms=self._batch_atoms.snapshot(),

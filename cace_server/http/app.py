@@ -494,7 +494,7 @@ def create_app(
         ipi_enabled()
         return (await groups.remove(group_id)).as_dict()
 
-    app.state.in_flight = InFlight()
+    app.state.in_flight = InFlight(settings.max_pending_bytes)
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_request_bytes, in_flight=app.state.in_flight
     )

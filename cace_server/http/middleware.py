@@ -36,10 +36,14 @@ async def _no_receive() -> Message:  # pragma: no cover - responses never read
 
 
 class InFlight:
-    """Requests whose body has arrived and that are not answered yet (shutdown waits)."""
+    """What the POST routes hold: requests whose body has arrived and that are not
+    answered yet (shutdown waits for them), and body bytes being received or
+    processed (bounded by ``max_bytes``: parsing a body costs a multiple of its size)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
         self.count = 0
+        self.bytes = 0
+        self.max_bytes = max_bytes
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -51,6 +55,17 @@ class InFlight:
         self.count -= 1
         if self.count == 0:
             self._idle.set()
+
+    def reserve(self, n: int) -> bool:
+        """Count ``n`` more body bytes in, unless that exceeds the budget (one request
+        alone always fits: ``max_request_bytes`` bounds it)."""
+        if self.max_bytes is not None and self.bytes and self.bytes + n > self.max_bytes:
+            return False
+        self.bytes += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.bytes -= n
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once nothing is in flight; False if ``timeout`` came first."""
@@ -69,6 +84,7 @@ class BodyLimit:
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, in_flight: InFlight) -> None:
+        # ``in_flight.max_bytes`` bounds the bytes of all bodies together (503 above).
         self.app = app
         self.max_bytes = max_bytes
         self.in_flight = in_flight
@@ -82,6 +98,7 @@ class BodyLimit:
             "body_too_large",
             f"request body larger than this server's limit of {self.max_bytes} bytes",
         )
+        declared = 0
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit():
@@ -92,22 +109,48 @@ class BodyLimit:
                 if int(value) > self.max_bytes:
                     await _send_error(scope, send, too_large)
                     return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away (or timed out)
-                scope.setdefault("state", {})["error_kind"] = "client_disconnected"
+                declared = int(value)
+        reserved = 0
+        try:
+            if not self.in_flight.reserve(declared):
+                await _send_error(scope, send, self._busy())
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_error(scope, send, too_large)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+            reserved = declared
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # client went away (or timed out)
+                    scope.setdefault("state", {})["error_kind"] = "client_disconnected"
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    await _send_error(scope, send, too_large)
+                    return
+                if size > reserved:  # no (or a wrong) Content-Length: count as it comes
+                    if not self.in_flight.reserve(size - reserved):
+                        await _send_error(scope, send, self._busy())
+                        return
+                    reserved = size
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            await self._forward(scope, b"".join(chunks), receive, send)
+        finally:
+            self.in_flight.release(reserved)
+
+    def _busy(self) -> ApiError:
+        return ApiError(
+            503,
+            "busy",
+            f"the server holds {self.in_flight.bytes} bytes of request bodies (limit "
+            f"{self.in_flight.max_bytes}); retry later",
+            headers={"Retry-After": "1"},
+        )
+
+    async def _forward(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        size = len(body)
         replayed = False
 
         async def replay() -> Message:

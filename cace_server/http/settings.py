@@ -20,6 +20,9 @@ class HttpSettings:
     token: str | None = None
     #: largest request body accepted (bytes); checked before any parsing.
     max_request_bytes: int = 64 * 1024 * 1024
+    #: bytes of request bodies being received or processed at once, over all
+    #: requests (503 above; one request alone is always admitted).
+    max_pending_bytes: int = 512 * 1024 * 1024
     #: atoms in one structure.
     max_atoms: int = 100_000
     #: structures in one batch request.
@@ -64,6 +67,7 @@ class HttpSettings:
     def __post_init__(self) -> None:
         positive = (
             "max_request_bytes",
+            "max_pending_bytes",
             "max_atoms",
             "max_structures",
             "max_request_atoms",

@@ -23,6 +23,7 @@ def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evalua
     with_bec = bec and "bec" in engine.model_info(model).outputs
 
     async def evaluate(structures: list[Structure]) -> list[Prediction]:
-        return await engine.evaluate(structures, model, bec=with_bec)
+        # the i-PI lane: a PIMD step never waits behind queued HTTP work
+        return await engine.evaluate(structures, model, bec=with_bec, lane="ipi")
 
     return evaluate
