@@ -13,10 +13,18 @@ included). The 12,288-atom box runs at concurrency 1 only (``--full`` for all).
 
     python benchmarks/http.py                    # float32, 2 torch threads
     python benchmarks/http.py --dtype float64 --full
+
+``--contention``: 3-atom requests at concurrency 32 while a CPU hog (a busy-loop
+subprocess that stops itself) takes one core, for the server's default torch threads,
+``--torch-threads 1`` and torch's own default (one thread per core, OpenMP's
+spin-waiting): req/s and p50/p99. ``--head-of-line``: p99 of 3-atom requests (at
+concurrency 4) while bulk requests (``--bulk-atoms``, default 12,288) keep the engine
+busy; ``--against REV`` also runs the server of a git worktree of REV, alternating.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,12 +32,12 @@ from pathlib import Path
 # anything imports the standard library's ``http`` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# The server subprocess of ``--against REV`` imports cace_server from a worktree of REV.
+sys.path.insert(0, os.environ.get("CACE_BENCH_REPO", str(REPO)))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -55,14 +63,23 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = EngineSettings(
         dtype=args.dtype,
-        torch_threads=args.threads,
+        # 0: what `cace-server serve` does without --torch-threads
+        torch_threads=args.threads or server_default_threads(),
         max_batch_atoms=args.max_batch_atoms,
         max_batch_pairs=args.max_batch_pairs,
     )
-    http = HttpSettings(max_atoms=20_000, request_timeout_s=900, access_log=False)
+    http = HttpSettings(max_atoms=250_000, request_timeout_s=900, access_log=False)
     with Engine({"water": args.model}, settings=settings) as engine:
         app = create_app(engine, settings=http)
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+def server_default_threads() -> int | None:
+    try:
+        from cace_server.settings import default_torch_threads
+    except ImportError:  # a revision before the default existed: torch's own
+        return None
+    return default_torch_threads("cpu")
 
 
 def free_port() -> int:
@@ -72,7 +89,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, dtype: str, threads: int, batching: bool) -> None:
+    def __init__(
+        self,
+        model: Path,
+        dtype: str,
+        threads: int,
+        batching: bool,
+        *,
+        repo: Path | None = None,
+        env: dict[str, str | None] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -81,7 +107,14 @@ class Server:
         ]  # fmt: skip
         if not batching:  # every structure is larger than the bounds: batches of one
             cmd += ["--max-batch-atoms", "1", "--max-batch-pairs", "1"]
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        environ = dict(os.environ)
+        for key, value in (env or {}).items():  # None: unset
+            environ.pop(key, None)
+            if value is not None:
+                environ[key] = value
+        if repo is not None:
+            environ["CACE_BENCH_REPO"] = str(repo)
+        self.proc = subprocess.Popen(cmd, start_new_session=True, env=environ)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         import httpx
@@ -214,12 +247,7 @@ def requests_for(n_atoms: int, conc: int) -> int:
 
 
 def main(args: argparse.Namespace) -> None:
-    from cace_server.model import convert_original, save_model
-
-    tmp = Path(tempfile.mkdtemp(prefix="cace-http-bench-"))
-    model = save_model(
-        convert_original(REFERENCE / "best_model.pth", dtype=args.dtype), tmp / "water.safetensors"
-    )
+    model = reference_model(args.dtype)
     mols = systems()
     rows: list[dict[str, Any]] = []
     for batching in (True, False):
@@ -285,6 +313,198 @@ def main(args: argparse.Namespace) -> None:
     )
 
 
+# ------------------------------------------------------------------ CPU contention
+
+
+def cpu_hog(seconds: float) -> subprocess.Popen[bytes]:
+    """One busy core for ``seconds`` (the process stops itself)."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def contention(args: argparse.Namespace, model: Path) -> None:
+    import torch
+
+    from cace_server.settings import default_torch_threads
+
+    torch_default = torch.get_num_threads()
+    water = systems()["H2O"]
+    content, headers = body(water, binary=False)
+    # what `cace-server serve` sets, and what it left to libgomp before
+    passive: dict[str, str | None] = {"OMP_WAIT_POLICY": "PASSIVE"}
+    unset: dict[str, str | None] = {"OMP_WAIT_POLICY": None}
+    configs = [
+        (f"server default ({default_torch_threads('cpu')}, passive)", 0, passive),
+        ("--torch-threads 1", 1, passive),
+        (f"torch default ({torch_default}, old default)", torch_default, unset),
+    ]
+    rows = []
+    for hog in (False, True):
+        for label, flag, env in configs:
+            server = Server(model, args.dtype, flag, True, env=env)
+            try:
+                server.wait_ready()
+                hog_proc = cpu_hog(600) if hog else None
+                try:
+                    rps, lat = asyncio.run(load(server.url, content, headers, 32, args.requests))
+                finally:
+                    if hog_proc is not None:
+                        hog_proc.kill()
+                        hog_proc.wait()
+            finally:
+                server.stop()
+            row = {
+                "threads": label,
+                "hog": hog,
+                "rps": rps,
+                "p50": 1e3 * percentile(lat, 0.5),
+                "p99": 1e3 * percentile(lat, 0.99),
+            }
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+    print()
+    print(
+        f"3-atom water, JSON, concurrency 32, {args.requests} requests, {args.dtype}, CPU "
+        f"({os.cpu_count()} cores); hog: one busy-loop process"
+    )
+    print()
+    print("| torch threads | CPU hog | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['threads']} | {'yes' if r['hog'] else 'no'} | {r['rps']:.1f} | "
+            f"{r['p50']:.1f} | {r['p99']:.1f} |"
+        )
+
+
+# ------------------------------------------------------------------ head-of-line blocking
+
+
+async def small_while_bulk(
+    url: str,
+    bulk: tuple[bytes, dict[str, str]],
+    n_bulk: int,
+    small: tuple[bytes, dict[str, str]],
+    n_small: int,
+) -> dict[str, Any]:
+    """``n_bulk`` bulk requests in flight all along; ``n_small`` 3-atom requests at c=4."""
+    import httpx
+
+    latencies: list[float] = []
+    bulk_done = 0
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=n_bulk + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+
+        async def bulk_worker() -> None:
+            nonlocal bulk_done
+            while not stop.is_set():
+                r = await client.post("/v1/calculate", content=bulk[0], headers=bulk[1])
+                if r.status_code != 200:
+                    raise RuntimeError(f"bulk: {r.status_code}: {r.text[:300]}")
+                bulk_done += 1
+
+        bulk_tasks = [asyncio.create_task(bulk_worker()) for _ in range(n_bulk)]
+        await asyncio.sleep(2.0)  # the bulk requests are queued and computing
+        left = n_small
+
+        async def small_worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                t0 = time.perf_counter()
+                r = await client.post("/v1/calculate", content=small[0], headers=small[1])
+                if r.status_code != 200:
+                    raise RuntimeError(f"small: {r.status_code}: {r.text[:300]}")
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(small_worker() for _ in range(4)))
+        wall = time.perf_counter() - t0
+        stop.set()
+        for task in bulk_tasks:
+            task.cancel()
+        await asyncio.gather(*bulk_tasks, return_exceptions=True)
+    return {
+        "p50": 1e3 * percentile(latencies, 0.5),
+        "p99": 1e3 * percentile(latencies, 0.99),
+        "max": 1e3 * max(latencies),
+        "wall": wall,
+        "bulk_done": bulk_done,
+    }
+
+
+def bulk_system(n_atoms: int) -> Any:
+    liquid = systems()["liquid-64"]
+    reps = max(1, round((n_atoms / len(liquid)) ** (1 / 3)))
+    return liquid.repeat((reps, reps, reps))
+
+
+def head_of_line(args: argparse.Namespace, model: Path) -> None:
+    bulk_atoms = bulk_system(args.bulk_atoms)
+    bulk = body(bulk_atoms, binary=True)
+    small = body(systems()["H2O"], binary=False)
+    trees: list[tuple[str, Path | None]] = [("this tree", None)]
+    worktree = None
+    if args.against:
+        worktree = Path(tempfile.mkdtemp(prefix="cace-http-against-"))
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.against],
+            check=True,
+            capture_output=True,
+        )
+        trees.append((args.against, worktree))
+    rows = []
+    try:
+        for rep in range(args.repeats):
+            for label, repo in trees:
+                server = Server(model, args.dtype, args.threads, True, repo=repo)
+                try:
+                    server.wait_ready()
+                    out = asyncio.run(
+                        small_while_bulk(server.url, bulk, args.bulk_requests, small, args.requests)
+                    )
+                finally:
+                    server.stop()
+                out.update(tree=label, rep=rep)
+                print(json.dumps(out), file=sys.stderr, flush=True)
+                rows.append(out)
+    finally:
+        if worktree is not None:
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
+                check=False,
+            )
+    print()
+    print(
+        f"3-atom requests (JSON, concurrency 4, {args.requests} of them) while "
+        f"{args.bulk_requests} requests of {len(bulk_atoms)} atoms (msgpack) are in flight "
+        f"all along; {args.dtype}, {args.threads} torch threads, CPU ({os.cpu_count()} cores)"
+    )
+    print()
+    print("| server | run | small p50 ms | small p99 ms | small max ms | bulk done |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['tree']} | {r['rep'] + 1} | {r['p50']:.1f} | {r['p99']:.1f} | "
+            f"{r['max']:.1f} | {r['bulk_done']} |"
+        )
+
+
+def reference_model(dtype: str) -> Path:
+    from cace_server.model import convert_original, save_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="cace-http-bench-"))
+    return save_model(
+        convert_original(REFERENCE / "best_model.pth", dtype=dtype), tmp / "water.safetensors"
+    )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -295,5 +515,19 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--max-batch-atoms", type=int, default=8192, help=argparse.SUPPRESS)
     parser.add_argument("--max-batch-pairs", type=int, default=600_000, help=argparse.SUPPRESS)
+    parser.add_argument("--contention", action="store_true", help="the CPU-hog case")
+    parser.add_argument("--head-of-line", action="store_true", help="small behind bulk")
+    parser.add_argument("--requests", type=int, default=400, help="small requests per case")
+    parser.add_argument("--bulk-atoms", type=int, default=12_288)
+    parser.add_argument("--bulk-requests", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--against", help="git revision whose server runs too (head-of-line)")
     args = parser.parse_args()
-    serve(args) if args.serve else main(args)
+    if args.serve:
+        serve(args)
+    elif args.contention:
+        contention(args, reference_model(args.dtype))
+    elif args.head_of_line:
+        head_of_line(args, reference_model(args.dtype))
+    else:
+        main(args)

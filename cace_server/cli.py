@@ -396,7 +396,7 @@ def serve(
     small_request_atoms: int = typer.Option(
         None, help="requests up to this many atoms take turns with larger ones [1024]"
     ),
-    torch_threads: int = typer.Option(None, help="torch intra-op threads [torch default]"),
+    torch_threads: int = typer.Option(None, help="torch intra-op threads [half the cores]"),
     log_level: str = typer.Option(None, help="debug, info, warning, error [info]"),
     log_json: bool = typer.Option(None, "--log-json/--no-log-json", help="JSON-lines logs [no]"),
     config: Path = typer.Option(
@@ -409,7 +409,12 @@ def serve(
     CACE_SERVER_<NAME> environment variables, and these flags.
     """
     import asyncio
+    import os
 
+    # Before torch is imported: OpenMP threads that wait at a barrier sleep instead
+    # of spinning, so they do not steal the cores the rest of the server needs
+    # (benchmarks/http.py --contention). An explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from cace_server.server import serve as run
     from cace_server.server import setup_logging
     from cace_server.settings import load_settings
@@ -417,7 +422,7 @@ def serve(
     flags = {
         k: v
         for k, v in locals().items()
-        if k not in ("config", "asyncio", "run", "setup_logging", "load_settings")
+        if k not in ("config", "asyncio", "os", "run", "setup_logging", "load_settings")
         and v not in (None, [])
     }
     try:

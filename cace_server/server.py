@@ -29,7 +29,7 @@ import numpy as np
 from cace_server.engine import Engine, EngineSettings
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.ipi.evaluate import ipi_evaluator
-from cace_server.settings import ServerSettings
+from cace_server.settings import ServerSettings, default_torch_threads
 from cace_server.validation import GeometryLimits, check_geometry
 
 logger = logging.getLogger("cace_server")
@@ -86,7 +86,7 @@ def build_engine(settings: ServerSettings) -> Engine:
             max_queue=settings.max_queue,
             max_queue_atoms=settings.max_queue_atoms,
             small_request_atoms=settings.small_request_atoms,
-            torch_threads=settings.torch_threads,
+            torch_threads=settings.torch_threads or default_torch_threads(settings.device),
         ),
     )
 

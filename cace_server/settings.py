@@ -73,6 +73,7 @@ class ServerSettings:
     max_queue: int = 4096
     max_queue_atoms: int = 1_000_000
     small_request_atoms: int = 1024
+    # None: default_torch_threads() (half the cores).
     torch_threads: int | None = None
     # Logging
     log_level: str = "info"
@@ -111,6 +112,28 @@ class ServerSettings:
                 raise ValueError(f"two models named {name!r}; use NAME=PATH to tell them apart")
             out[name] = path
         return out
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: containers, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_torch_threads(device: str = "cpu") -> int:
+    """torch intra-op threads when ``--torch-threads`` is not given: half the cores.
+
+    Measured with ``benchmarks/http.py --contention``: torch's own default (one
+    thread per core, OpenMP spinning at its barriers) collapses when anything else
+    wants a core, and the server itself always does: the event loop, the
+    neighbour-list threads, other processes. Half the cores leaves room for them (on
+    2 cores: 1 thread). The same on GPUs, where torch's CPU threads do only host-side
+    bookkeeping and the neighbour lists run on the prepare threads.
+    """
+    del device  # the same rule everywhere, see above
+    return max(1, available_cores() // 2)
 
 
 def _convert(value: Any, annotation: Any) -> Any:
