@@ -452,6 +452,7 @@ def head_of_line(args: argparse.Namespace, model: Path) -> None:
     trees: list[tuple[str, Path | None]] = [("this tree", None)]
     worktree = None
     if args.against:
+        model = legacy_model(model)  # a revision from before format version 2 reads it too
         worktree = Path(tempfile.mkdtemp(prefix="cace-http-against-"))
         subprocess.run(
             ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.against],
@@ -494,6 +495,20 @@ def head_of_line(args: argparse.Namespace, model: Path) -> None:
             f"| {r['tree']} | {r['rep'] + 1} | {r['p50']:.1f} | {r['p99']:.1f} | "
             f"{r['max']:.1f} | {r['bulk_done']} |"
         )
+
+
+def legacy_model(path: Path) -> Path:
+    """The same weights and config as a format-version-1 file (no metadata checksum)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.pop("content_sha256", None)
+    meta["format_version"] = "1"
+    out = path.with_name("water-v1.safetensors")
+    save_file(load_file(str(path)), str(out), metadata=meta)
+    return out
 
 
 def reference_model(dtype: str) -> Path:

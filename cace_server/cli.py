@@ -322,6 +322,9 @@ def serve(
     max_pending_bytes: int = typer.Option(
         None, help="bytes of HTTP request bodies held at once, over all requests [512 MiB]"
     ),
+    process_body_bytes: int = typer.Option(
+        None, help="JSON bodies of at least this many bytes are parsed in a worker process [8 MiB]"
+    ),
     max_atoms: int = typer.Option(None, help="most atoms in one structure [200000]"),
     max_structures: int = typer.Option(None, help="most structures in one batch request [4096]"),
     request_timeout_s: float = typer.Option(None, help="HTTP request timeout in seconds [600]"),

@@ -249,6 +249,7 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
             token=settings.token,
             max_request_bytes=settings.max_request_bytes,
             max_pending_bytes=settings.max_pending_bytes,
+            process_body_bytes=settings.process_body_bytes,
             max_atoms=settings.max_atoms,
             max_structures=settings.max_structures,
             request_timeout_s=settings.request_timeout_s,

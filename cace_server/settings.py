@@ -37,6 +37,7 @@ class ServerSettings:
     token: str | None = None
     max_request_bytes: int = 256 * 1024 * 1024
     max_pending_bytes: int = 512 * 1024 * 1024
+    process_body_bytes: int = 8 * 1024 * 1024
     max_atoms: int = 200_000
     max_structures: int = 4096
     request_timeout_s: float = 600.0

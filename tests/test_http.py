@@ -547,3 +547,66 @@ def test_admission_by_body_bytes(engine: Engine) -> None:
         while c.post("/v1/calculate", content=body + b" " * 600).status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------ large JSON bodies
+
+
+@pytest.fixture(scope="module")
+def process_parsing_server(engine: Engine) -> Iterator[BackgroundServer]:
+    """Every JSON body parsed in the worker process (as large ones are by default)."""
+    settings = HttpSettings(**LIMITS, process_body_bytes=1)
+    with BackgroundServer(create_app(engine, settings=settings)) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        body_of(water_cluster(30, seed=21, box=10.0)),  # arrays packed in the worker
+        body_of(water_cluster(2, seed=22)),  # small arrays stay lists
+        {"numbers": [8, 1, 1], "positions": [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, True]]},
+        {"numbers": [8, 1, True], "positions": [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]},
+        {"numbers": [8, 1, 2**70], "positions": [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]},
+        {"numbers": [8, 1, 1], "positions": [[0.5] * 3] * 299 + [[0.5, 0.5]]},
+        {"numbers": [8] * 300, "positions": [[float("nan")] * 3] * 300},
+        {"structures": [body_of(water_cluster(30, seed=23))] * 2},
+        [1, 2, 3],
+    ],
+    ids=["packed", "small", "bool", "bool-number", "big-int", "ragged", "nan", "batch", "array"],
+)
+def test_json_parsed_in_a_process_answers_as_on_a_thread(
+    server: BackgroundServer, process_parsing_server: BackgroundServer, body: Any
+) -> None:
+    path = "/v1/calculate/batch" if isinstance(body, dict) and "structures" in body else None
+    content = json.dumps(body).encode()
+    replies = []
+    for srv in (server, process_parsing_server):
+        r = httpx.post(
+            srv.url + (path or "/v1/calculate"),
+            content=content,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        replies.append((r.status_code, r.json()))
+    (status, want), (got_status, got) = replies
+    assert got_status == status, (want, got)
+    if status == 200:
+        assert got == want
+    else:
+        assert (got["error"], got["field"]) == (want["error"], want["field"])
+
+
+@pytest.mark.parametrize(
+    "content", [b'{"numbers": [8', b"\xff\xfe", b"[" * 100_000, b'{"model": ' + b"9" * 5000 + b"}"]
+)
+def test_unreadable_json_parsed_in_a_process_is_a_4xx(
+    process_parsing_server: BackgroundServer, content: bytes
+) -> None:
+    r = httpx.post(
+        process_parsing_server.url + "/v1/calculate",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert 400 <= r.status_code < 500, r.text

@@ -53,6 +53,7 @@ from cace_server.http.validate import (
 )
 from cace_server.ipi import DriverPool
 from cace_server.structures import Prediction, Structure, voigt
+from cace_server.transcode import ProcessParser
 
 logger = logging.getLogger("cace_server.http")
 
@@ -92,7 +93,13 @@ class _Api:
         self.groups = groups
         self.settings = settings
         self.metrics = HttpMetrics(engine, groups.states)
+        self.parser = ProcessParser()
         self._digests: dict[str, str | None] = {}
+
+    async def close(self) -> None:
+        """What the app owns: the i-PI groups created through it, the parser process."""
+        await self.groups.close()
+        self.parser.close()
 
     # -- helpers ---------------------------------------------------------------------------
     def model(self, name: str | None) -> ModelInfo:
@@ -111,6 +118,14 @@ class _Api:
     async def parse(self, request: Request, build: Callable[[dict[str, Any]], Any]) -> Any:
         body = await request.body()
         ct = request.headers.get("content-type")
+        if len(body) >= self.settings.process_body_bytes and codec.is_json(ct):
+            # Parsing holds the GIL throughout: in a thread it would stall the event
+            # loop (every other client) for seconds; in a process it does not.
+            packed, error = await self.parser.json_to_msgpack(body)
+            if error is not None:
+                raise ApiError(400, "bad_json", f"body is not valid JSON: {error}")
+            assert packed is not None
+            return await asyncio.to_thread(lambda: build(codec.decode_msgpack(packed)))
 
         def work() -> Any:
             return build(codec.decode(body, ct, self.settings.allow_binary))
@@ -242,8 +257,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        api.parser.start()
         yield
-        await groups.close()
+        await api.close()
 
     app = FastAPI(
         title="cace-server",
@@ -255,7 +271,7 @@ def create_app(
     )
     app.state.api = api
     # For servers that run uvicorn with lifespan="off": await this when shutting down.
-    app.state.shutdown = groups.close
+    app.state.shutdown = api.close
     _install_handlers(app)
 
     def openapi() -> dict[str, Any]:

@@ -22,7 +22,6 @@ client uses msgpack when it is installed.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import msgpack
@@ -32,6 +31,7 @@ from starlette.responses import Response
 
 from cace_server.http.arrays import pack
 from cace_server.http.errors import ApiError
+from cace_server.transcode import load_json
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -50,19 +50,11 @@ def decode(body: bytes, content_type: str | None, allow_binary: bool) -> dict[st
     if kind in MSGPACK_TYPES:
         if not allow_binary:
             raise ApiError(415, "unsupported_media_type", "msgpack is disabled on this server")
-        try:
-            obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, ...)
-            raise ApiError(400, "bad_msgpack", f"body is not valid msgpack: {exc}") from None
-    elif kind == JSON or kind.endswith("+json"):
-        try:
-            obj = json.loads(body, parse_int=_parse_int)
-        except json.JSONDecodeError as exc:
-            raise ApiError(
-                400, "bad_json", f"body is not valid JSON: {exc.msg} at char {exc.pos}"
-            ) from None
-        except (UnicodeDecodeError, RecursionError) as exc:
-            raise ApiError(400, "bad_json", f"body is not valid JSON: {exc}") from None
+        return decode_msgpack(body)
+    elif is_json(content_type):
+        obj, error = load_json(body)
+        if error is not None:
+            raise ApiError(400, "bad_json", f"body is not valid JSON: {error}")
     else:
         raise ApiError(
             415,
@@ -70,36 +62,27 @@ def decode(body: bytes, content_type: str | None, allow_binary: bool) -> dict[st
             f"Content-Type {kind!r} is not supported; use {JSON}"
             + (f" or {MSGPACK}" if allow_binary else ""),
         )
+    return _object(obj)
+
+
+def is_json(content_type: str | None) -> bool:
+    kind = media_type(content_type) or JSON
+    return kind == JSON or kind.endswith("+json")
+
+
+def decode_msgpack(body: bytes) -> dict[str, Any]:
+    """A msgpack body as a dict (also what :mod:`cace_server.transcode` turns JSON into)."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, ...)
+        raise ApiError(400, "bad_msgpack", f"body is not valid msgpack: {exc}") from None
+    return _object(obj)
+
+
+def _object(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ApiError(422, "invalid_input", f"the body must be an object, got {_name(obj)}")
     return obj
-
-
-class OversizedInt:
-    """A JSON integer literal longer than Python converts (``sys.get_int_max_str_digits``).
-
-    Kept as a marker instead of failing the whole parse, so that the field holding
-    it is named by the validation that refuses it (no field takes such a number).
-    """
-
-    __slots__ = ("digits",)
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-    def __repr__(self) -> str:
-        return f"<an integer of {self.digits} digits>"
-
-
-# Python >= 3.10.7 limits int(str) to 4,300 digits by default (0: no limit).
-_int_max_str_digits = getattr(sys, "get_int_max_str_digits", lambda: 0)
-
-
-def _parse_int(literal: str) -> int | OversizedInt:
-    limit = _int_max_str_digits()
-    if limit and len(literal.lstrip("-")) > limit:
-        return OversizedInt(len(literal))
-    return int(literal)
 
 
 def _name(obj: Any) -> str:

@@ -23,6 +23,9 @@ class HttpSettings:
     #: bytes of request bodies being received or processed at once, over all
     #: requests (503 above; one request alone is always admitted).
     max_pending_bytes: int = 512 * 1024 * 1024
+    #: JSON bodies of at least this many bytes are parsed in a worker process (see
+    #: :mod:`cace_server.transcode`), smaller ones on a thread.
+    process_body_bytes: int = 8 * 1024 * 1024
     #: atoms in one structure.
     max_atoms: int = 100_000
     #: structures in one batch request.
