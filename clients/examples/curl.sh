@@ -52,7 +52,8 @@ curl --silent --show-error --max-time 10 "${AUTH[@]}" -H 'Content-Type: applicat
 
 echo "# i-PI runs attached through the API (POST /v1/ipi/connections to add one)"
 "${CURL[@]}" "$URL/v1/ipi/connections"; echo
-# To attach a running i-PI (listening on unix socket /tmp/ipi_water, 64 waters):
+# To attach a running i-PI (listening on unix socket /tmp/ipi_water, 64 waters; the
+# server must be started with --ipi-attach):
 #   curl "${AUTH[@]}" -H 'Content-Type: application/json' "$URL/v1/ipi/connections" \
 #     -d '{"address": "unix:water", "clients": 4, "symbols": ["O","H","H", ...]}'
 # and to detach it:  curl -X DELETE "${AUTH[@]}" "$URL/v1/ipi/connections/g1"
