@@ -397,7 +397,7 @@ def serve(
         None, help="most atoms accepted and not yet answered (i-PI steps exempt) [1000000]"
     ),
     small_request_atoms: int = typer.Option(
-        None, help="requests up to this many atoms take turns with larger ones [1024]"
+        None, help="requests up to this many atoms share device time with larger ones [1024]"
     ),
     torch_threads: int = typer.Option(None, help="torch intra-op threads [half the cores]"),
     log_level: str = typer.Option(None, help="debug, info, warning, error [info]"),

@@ -8,8 +8,11 @@ Items wait in three lanes:
 - ``small``: HTTP requests of at most ``small_request_atoms`` atoms in total.
 - ``bulk``: larger HTTP requests.
 
-When both HTTP lanes hold work they take turns, one batch each, so a 3-atom request
-waits for at most one bulk batch, and bulk work still gets every other batch.
+The two HTTP lanes share the device's time: the next batch comes from the lane that
+has used less of it (a lane that was empty starts level with the other, it saves no
+credit). Small batches cost little, so a 3-atom request waits only for the batch
+already on the device, and bulk work still gets at least half the time when small
+requests never stop coming.
 
 A batch holds items of one lane and one model, in arrival order, bounded by atoms
 and neighbour pairs. The head of its lane always goes into the batch (even when it
@@ -94,7 +97,11 @@ class PendingQueue:
         self._lanes: dict[Lane, deque[WorkItem]] = {lane: deque() for lane in Lane}
         self._cond = threading.Condition()
         self._closed = False
-        self._last: Lane | None = None  # lane of the previous batch (HTTP lanes alternate)
+        # Worker seconds used by each HTTP lane: a worker asks for its next batch when
+        # it has finished the previous one, so the time between is that batch's cost.
+        # Per worker thread (lane, time taken): several workers may share the queue.
+        self._used: dict[Lane, float] = dict.fromkeys(_HTTP_LANES, 0.0)
+        self._computing: dict[int, tuple[Lane, float]] = {}
 
     def __len__(self) -> int:
         with self._cond:
@@ -123,6 +130,9 @@ class PendingQueue:
         already full (or work of a lane that goes first arrives meanwhile).
         """
         with self._cond:
+            previous = self._computing.pop(threading.get_ident(), None)
+            if previous is not None and previous[0] in self._used:
+                self._used[previous[0]] += time.monotonic() - previous[1]
             while True:
                 lane = self._next_lane()
                 while lane is None:
@@ -142,7 +152,7 @@ class PendingQueue:
                     if self._next_lane() != lane:  # emptied by close(), or i-PI work came
                         continue
                 batch, self._lanes[lane] = select_batch(items, max_atoms, max_pairs)
-                self._last = lane
+                self._computing[threading.get_ident()] = (lane, time.monotonic())
                 return batch
 
     def close(self, *, drain: bool = False) -> list[WorkItem]:
@@ -158,15 +168,17 @@ class PendingQueue:
             return removed
 
     def _next_lane(self) -> Lane | None:
-        """i-PI first; then the HTTP lane whose turn it is (the other one if it is empty)."""
+        """i-PI first; then the HTTP lane that has used less worker time."""
         if self._lanes[Lane.IPI]:
             return Lane.IPI
+        most = max(self._used.values())
+        for lane in _HTTP_LANES:
+            if not self._lanes[lane]:
+                self._used[lane] = most  # idle time earns no credit
         waiting = [lane for lane in _HTTP_LANES if self._lanes[lane]]
         if not waiting:
             return None
-        if len(waiting) == 1:
-            return waiting[0]
-        return Lane.BULK if self._last is Lane.SMALL else Lane.SMALL
+        return min(waiting, key=lambda lane: self._used[lane])  # ties: small first
 
     @staticmethod
     def _is_full(items: deque[WorkItem], max_atoms: int, max_pairs: int) -> bool:

@@ -33,7 +33,7 @@ class EngineSettings:
     # i-PI steps; beyond this, requests get Overloaded.
     max_queue_atoms: int = 1_000_000
     # Requests of at most this many atoms in total wait in the "small" lane, which
-    # takes turns with the "bulk" lane of larger ones (i-PI steps go first).
+    # shares the device's time with the "bulk" lane of larger ones (i-PI steps go first).
     small_request_atoms: int = 1024
     # Threads computing neighbour lists (outside the worker thread).
     prepare_threads: int = 2
