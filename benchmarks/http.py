@@ -452,7 +452,6 @@ def head_of_line(args: argparse.Namespace, model: Path) -> None:
     trees: list[tuple[str, Path | None]] = [("this tree", None)]
     worktree = None
     if args.against:
-        model = legacy_model(model)  # a revision from before format version 2 reads it too
         worktree = Path(tempfile.mkdtemp(prefix="cace-http-against-"))
         subprocess.run(
             ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.against],
@@ -460,6 +459,7 @@ def head_of_line(args: argparse.Namespace, model: Path) -> None:
             capture_output=True,
         )
         trees.append((args.against, worktree))
+        model = model_of(worktree, args.dtype)  # both trees read what the older one writes
     rows = []
     try:
         for rep in range(args.repeats):
@@ -497,17 +497,18 @@ def head_of_line(args: argparse.Namespace, model: Path) -> None:
         )
 
 
-def legacy_model(path: Path) -> Path:
-    """The same weights and config as a format-version-1 file (no metadata checksum)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-    meta.pop("content_sha256", None)
-    meta["format_version"] = "1"
-    out = path.with_name("water-v1.safetensors")
-    save_file(load_file(str(path)), str(out), metadata=meta)
+def model_of(repo: Path, dtype: str) -> Path:
+    """The reference model converted by the cace_server of ``repo``: an older
+    revision cannot read the files (format, config fields) of a newer one; the newer
+    one reads older files."""
+    out = Path(tempfile.mkdtemp(prefix="cace-http-bench-")) / "water.safetensors"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from cace_server.model import convert_original, save_model; "
+        "save_model(convert_original(sys.argv[2], dtype=sys.argv[3]), sys.argv[4])"
+    )
+    ref = str(REFERENCE / "best_model.pth")
+    subprocess.run([sys.executable, "-c", code, str(repo), ref, dtype, str(out)], check=True)
     return out
 
 
