@@ -293,15 +293,14 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     # -- health ----------------------------------------------------------------------------
-    # HEAD too: load balancers and `curl -I` probe with it.
-    @app.api_route(
-        "/healthz",
-        methods=["GET", "HEAD"],
-        tags=["health"],
-        summary="The process is alive (no auth)",
-    )
+    @app.get("/healthz", tags=["health"], summary="The process is alive (no auth)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    # HEAD too: load balancers and `curl -I` probe with it.
+    @app.head("/healthz", include_in_schema=False)
+    async def healthz_head() -> Response:
+        return Response(status_code=200)
 
     @app.get("/readyz", tags=["health"], summary="Models loaded and warm", responses=_errors(503))
     async def readyz() -> Response:

@@ -59,4 +59,6 @@ echo "# i-PI runs attached through the API (POST /v1/ipi/connections to add one)
 # and to detach it:  curl -X DELETE "${AUTH[@]}" "$URL/v1/ipi/connections/g1"
 
 echo "# Prometheus metrics (first lines)"
-"${CURL[@]}" "$URL/metrics" | grep -m 5 -E '^cace_(engine_requests|http_requests)_total'
+# (read whole first: grep -m stops reading early, and curl would fail writing the rest)
+metrics=$("${CURL[@]}" "$URL/metrics")
+grep -m 5 -E '^cace_(engine_requests|http_requests)_total' <<<"$metrics"
