@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from math import factorial
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -193,10 +193,17 @@ class AngularBasis(torch.nn.Module):
 class Symmetrizer(torch.nn.Module):
     """A-basis [n, radial, components, channels] -> B-basis [n, radial, invariants, channels].
 
-    The reference loops in Python over every product term. Here each correlation
-    order is one gather per factor, one product, and one matrix product that sums
-    the terms into their invariants.
+    The reference loops in Python over every product term. Here the A-features are
+    laid out components-first, [L, M] with M = atoms x radial x channels, so that all
+    product terms of all orders are one row gather (``index_select`` on dim 0, a
+    contiguous copy per row), one elementwise product per factor, and one matrix
+    product that sums the terms into their invariants: a handful of large operations
+    whatever (l_max, nu), forward and backward.
     """
+
+    gather_index: torch.Tensor
+    assign: torch.Tensor
+    scatter: torch.Tensor
 
     def __init__(
         self,
@@ -209,6 +216,12 @@ class Symmetrizer(torch.nn.Module):
         self.max_nu = max_nu
         index = {c: i for i, c in enumerate(cartesian_components(max_l))}
         self.orders: list[int] = []
+        # Rows of the gathered factors: for each order nu, nu blocks of its T_nu terms.
+        rows: list[int] = []
+        # (first gathered row, number of terms) of each order.
+        self.order_rows: list[tuple[int, int]] = []
+        self.order_keys: list[int] = []
+        assign_blocks: list[torch.Tensor] = []
         self.n_out = 1
         for nu in range(2, max_nu + 1):
             terms = (explicit or {}).get(nu) or symmetrizer_terms(max_l, nu)
@@ -216,81 +229,136 @@ class Symmetrizer(torch.nn.Module):
                 continue
             keys = list(dict.fromkeys(t.key for t in terms))
             key_index = {k: i for i, k in enumerate(keys)}
-            factors = torch.tensor(
-                [[index[c] for c in t.components] for t in terms], dtype=torch.long
-            )  # [T, nu]
-            assign = torch.zeros(len(terms), len(keys), dtype=torch.float64)
+            self.order_rows.append((len(rows), len(terms)))
+            self.order_keys.append(len(keys))
+            for k in range(nu):
+                rows.extend(index[t.components[k]] for t in terms)
+            block = torch.zeros(len(keys), len(terms), dtype=torch.float64)
             for t_i, t in enumerate(terms):
-                assign[t_i, key_index[t.key]] = t.prefactor
-            self.register_buffer(f"factors_{nu}", factors, persistent=False)
-            self.register_buffer(f"assign_{nu}", assign, persistent=False)
+                block[key_index[t.key], t_i] = t.prefactor
+            assign_blocks.append(block)
             self.orders.append(nu)
             self.n_out += len(keys)
-
-    def tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(factors [T, nu], assign [T, K]) of each correlation order nu >= 2."""
-        return [
-            (
-                cast(torch.Tensor, getattr(self, f"factors_{nu}")),
-                cast(torch.Tensor, getattr(self, f"assign_{nu}")),
-            )
-            for nu in self.orders
-        ]
+        self.n_components = len(index)
+        self.register_buffer("gather_index", torch.tensor(rows, dtype=torch.long), persistent=False)
+        # [K - 1, T_total]: invariant k = sum_t assign[k, t] * term_t (block diagonal in nu).
+        assign = (
+            torch.block_diag(*assign_blocks)
+            if assign_blocks
+            else torch.zeros(0, 0, dtype=torch.float64)
+        )
+        self.register_buffer("assign", assign.to(torch.get_default_dtype()), persistent=False)
+        scatter = torch.zeros(self.n_components, len(rows))
+        scatter[torch.tensor(rows, dtype=torch.long), torch.arange(len(rows))] = 1.0
+        self.register_buffer("scatter", scatter, persistent=False)
+        # Columns (atoms x radial x channels) per chunk: bounds the scratch of the
+        # gathered factors to ~F x chunk values, forward and backward.
+        self.chunk = 1 << 16
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return _Symmetrize.apply(a, self.tables())  # type: ignore[no-any-return]
+        n, r, n_l, c = a.shape
+        x = a.permute(2, 0, 1, 3).reshape(n_l, n * r * c)
+        b = self.components_first(x)
+        return b.view(-1, n, r, c).permute(1, 2, 0, 3)
 
+    def components_first(self, x: torch.Tensor) -> torch.Tensor:
+        """[L, M] -> [K, M]: the invariants of each column of components."""
+        if not self.orders:
+            return x[:1]
+        return _Symmetrize.apply(x, self)  # type: ignore[no-any-return]
 
-def _symmetrize(a: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    out = [a[:, :, :1, :]]
-    for factors, assign in tables:
-        product = a.index_select(2, factors[:, 0])
-        for k in range(1, factors.shape[1]):
-            product = product * a.index_select(2, factors[:, k])
-        # [n, r, T, c] x [T, K] -> [n, r, K, c]
-        out.append(torch.einsum("nrtc,tk->nrkc", product, assign.to(a.dtype)))
-    return torch.cat(out, dim=2)
+    def _factor_index(self, order: int, k: int) -> torch.Tensor:
+        start, n_terms = self.order_rows[order]
+        return self.gather_index[start + k * n_terms : start + (k + 1) * n_terms]
+
+    def _scatter_matrix(self, order: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """One-hot [L, T]: column t has a 1 in the row of factor k of term t."""
+        start, n_terms = self.order_rows[order]
+        s = self.scatter[:, start + k * n_terms : start + (k + 1) * n_terms]
+        return s if s.dtype == dtype else s.to(dtype)
+
+    def _forward_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """[L, m] -> [K, m]; runs without autograd (the Function's forward)."""
+        out = x.new_empty(self.n_out, x.shape[1])
+        out[0] = x[0]
+        row = 1
+        t0 = 0
+        for o, nu in enumerate(self.orders):
+            n_terms = self.order_rows[o][1]
+            p = x.index_select(0, self._factor_index(o, 0))
+            for k in range(1, nu):
+                p.mul_(x.index_select(0, self._factor_index(o, k)))
+            block = self.assign[:, t0 : t0 + n_terms]
+            n_keys = self.order_keys[o]
+            torch.mm(block[row - 1 : row - 1 + n_keys].to(x.dtype), p, out=out[row : row + n_keys])
+            row += n_keys
+            t0 += n_terms
+        return out
+
+    def _backward_chunk(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """d(sum grad * B)/dA. Differentiable (in-place only on fresh tensors)."""
+        grad_x = torch.zeros_like(x)
+        grad_x[0] = grad[0]
+        row = 1
+        t0 = 0
+        for o, nu in enumerate(self.orders):
+            n_terms = self.order_rows[o][1]
+            n_keys = self.order_keys[o]
+            block = self.assign[row - 1 : row - 1 + n_keys, t0 : t0 + n_terms].to(x.dtype)
+            g_terms = block.t() @ grad[row : row + n_keys]  # [T, m]
+            row += n_keys
+            t0 += n_terms
+            factors = [x.index_select(0, self._factor_index(o, k)) for k in range(nu)]
+            # partial_k = g_terms * prod_{j != k} factor_j, from prefix and suffix products.
+            prefix = [g_terms]
+            for k in range(nu - 1):
+                prefix.append(prefix[-1] * factors[k])
+            suffix: torch.Tensor | None = None
+            for k in range(nu - 1, -1, -1):
+                partial = prefix[k] if suffix is None else prefix[k] * suffix
+                # scatter back as a one-hot matrix product: index_add on rows runs
+                # element by element on CPU, a [L, T] x [T, m] product does not.
+                grad_x.addmm_(self._scatter_matrix(o, k, x.dtype), partial)
+                if k > 0:
+                    suffix = factors[k] if suffix is None else suffix * factors[k]
+        return grad_x
 
 
 class _Symmetrize(torch.autograd.Function):
-    """B(A) that saves only A for the backward pass.
+    """B(A) on components-first columns, saving only A for the backward pass.
 
     Plain autograd would keep every gathered factor and partial product, several
-    times the size of A per atom. The backward here recomputes them from A, and is
-    written in differentiable torch operations, so second derivatives (training on
-    forces) still work.
+    times the size of A. The backward recomputes them from A, chunk by chunk, and
+    is written in differentiable torch operations, so second derivatives (training
+    on forces) still work.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        a: torch.Tensor,
-        tables: list[tuple[torch.Tensor, torch.Tensor]],
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, sym: Symmetrizer
     ) -> torch.Tensor:
-        ctx.save_for_backward(a)
-        ctx.tables = tables  # type: ignore[attr-defined]
-        return _symmetrize(a, tables)
+        ctx.save_for_backward(x)
+        ctx.sym = sym  # type: ignore[attr-defined]
+        chunk = sym.chunk
+        m = x.shape[1]
+        if m <= chunk:
+            return sym._forward_chunk(x)
+        return torch.cat(
+            [sym._forward_chunk(x[:, s : s + chunk]) for s in range(0, m, chunk)], dim=1
+        )
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor, None]:
-        (a,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad_a = torch.zeros_like(a)
-        grad_a[:, :, :1, :] = grad[:, :, :1, :]
-        start = 1
-        for factors, assign in ctx.tables:  # type: ignore[attr-defined]
-            n_keys = assign.shape[1]
-            # d B_key / d A_(factor k of term t) = prefactor_t * prod of the other factors
-            g_terms = torch.einsum(
-                "nrkc,tk->nrtc", grad[:, :, start : start + n_keys, :], assign.to(a.dtype)
-            )
-            start += n_keys
-            gathered = [a.index_select(2, factors[:, k]) for k in range(factors.shape[1])]
-            for k in range(len(gathered)):
-                partial = g_terms
-                for j, g in enumerate(gathered):
-                    if j != k:
-                        partial = partial * g
-                grad_a = grad_a.index_add(2, factors[:, k], partial)
-        return grad_a, None
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        sym: Symmetrizer = ctx.sym  # type: ignore[attr-defined]
+        chunk = sym.chunk
+        m = x.shape[1]
+        if m <= chunk:
+            return sym._backward_chunk(x, grad), None
+        parts = [
+            sym._backward_chunk(x[:, s : s + chunk], grad[:, s : s + chunk])
+            for s in range(0, m, chunk)
+        ]
+        return torch.cat(parts, dim=1), None

@@ -165,6 +165,8 @@ class GraphBatch:
     senders: torch.Tensor  # [E]
     unit_shifts: torch.Tensor  # [E, 3] float64
     n_atoms: list[int]
+    # Most edges into one receiver, known on the host (spares the model a read-back).
+    max_neighbors: int | None = None
 
     @property
     def n_systems(self) -> int:
@@ -202,4 +204,7 @@ def collate(prepared: Sequence[PreparedStructure], device: torch.device) -> Grap
         senders=t(senders, torch.long),
         unit_shifts=t(unit_shifts, torch.float64),
         n_atoms=n_atoms,
+        max_neighbors=max(
+            (int(np.bincount(p.receivers).max()) for p in prepared if p.n_pairs), default=0
+        ),
     )

@@ -27,8 +27,8 @@ from cace_server.structures import Prediction, Structure
 class BatchOutput:
     """Tensors of one evaluation (before conversion to numpy)."""
 
-    energy: torch.Tensor  # [B]
-    atom_energy: torch.Tensor  # [N] short-range + reference energies
+    energy: torch.Tensor  # [B] float64
+    atom_energy: torch.Tensor  # [N] short-range + reference energies, model dtype
     charges: torch.Tensor | None  # [N] or [N, n_q], latent units
     forces: torch.Tensor | None  # [N, 3]
     virial: torch.Tensor | None  # [B, 3, 3] = -dE/d(strain)
@@ -206,17 +206,25 @@ class CACEPotential(torch.nn.Module):
             - self._images(batch, cell)
         )
         features = self.representation(
-            vectors.to(dtype), batch.species, batch.receivers, batch.senders
+            vectors.to(dtype),
+            batch.species,
+            batch.receivers,
+            batch.senders,
+            max_neighbors=batch.max_neighbors,
         )
         atom_energy = self.atomic_energies.to(dtype)[batch.species]
         for name, weight in self.energy_readouts.items():
             contribution = self.readouts[name](features)
             atom_energy = atom_energy + (contribution if weight == 1.0 else weight * contribution)
-        energy = atom_energy.new_zeros(batch.n_systems).index_add(0, batch.system, atom_energy)
+        # Totals in float64 whatever the model dtype: a float32 sum of thousands of
+        # per-atom energies with large reference energies loses whole eV.
+        energy = torch.zeros(
+            batch.n_systems, dtype=torch.float64, device=atom_energy.device
+        ).index_add(0, batch.system, atom_energy.to(torch.float64))
         charge_key = self.charge_readout
         charges = self.readouts[charge_key](features) if charge_key is not None else None
         if self.ewald is not None and charges is not None:
-            energy = energy + self._long_range(deformed, charges, cell, batch)
+            energy = energy + self._long_range(deformed, charges, cell, batch).to(torch.float64)
         dipole = None
         if self.polarization is not None and charges is not None:
             dipole = self.polarization(

@@ -14,6 +14,9 @@ proportional to the block, not to the system.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -21,6 +24,12 @@ from cace_server.model.angular import AngularBasis, Symmetrizer, explicit_terms,
 from cace_server.model.config import ModelConfig
 from cace_server.model.mlp import MLP
 from cace_server.model.radial import BesselBasis, PolynomialCutoff
+
+_log = logging.getLogger(__name__)
+
+# CPU blocking, measured on water: blocks of 1,024 atoms for systems above 4,096.
+CPU_ATOM_BLOCK = 1024
+CPU_BLOCK_ABOVE = 4096
 
 # Unit vectors are v / (|v| + eps), as in the reference.
 _NORM_EPS = 1e-9
@@ -44,6 +53,21 @@ def scatter_outer(
         prod = left[start:stop, :, None] * right[start:stop, None, :]
         out = out.index_add(0, index[start:stop], prod.reshape(stop - start, p * q))
     return out.view(n_out, p, q)
+
+
+def _batched_mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out[n, s, l, c, b] = sum_r x[n, r, l, c] w[r, s, c, b]  -> [n, s, l, c * b].
+
+    The radial mixing is a matrix product per channel c. ``einsum`` hands it to
+    ``bmm`` with the channel as an innermost-strided batch, which BLAS cannot take
+    and runs ~10x slower; here each operand is made channel-major first.
+    """
+    n, r, n_l, c = x.shape
+    s, b = w.shape[1], w.shape[3]
+    xb = x.permute(3, 0, 2, 1).reshape(c, n * n_l, r)
+    wb = w.permute(2, 0, 1, 3).reshape(c, r, s * b)
+    out = torch.bmm(xb, wb).view(c, n, n_l, s, b)
+    return out.permute(1, 3, 2, 0, 4).reshape(n, s, n_l, c * b)
 
 
 class MessagePassingLayer(torch.nn.Module):
@@ -119,11 +143,11 @@ class CACERepresentation(torch.nn.Module):
         self.register_buffer("group_of_component", group_of_component, persistent=False)
         # Bound on the [edges x radial x angular] scratch of one neighbour-sum chunk.
         self.edge_chunk = 32768
-        # Local models evaluate systems above ``block_above`` atoms in blocks of
-        # ``atom_block`` atoms, recomputing each block in the backward pass: memory
-        # stays bounded at the price of a second forward. Below it, one pass.
-        self.atom_block: int | None = 1024
-        self.block_above = 4096
+        # Systems above ``block_above`` atoms are evaluated in blocks of ``atom_block``
+        # atoms, recomputing each block in the backward pass: memory stays bounded at
+        # the price of a second forward. None: chosen per device (block_size).
+        self.atom_block: int | None = None
+        self.block_above: int | None = None
 
     @property
     def n_features(self) -> int:
@@ -172,22 +196,110 @@ class CACERepresentation(torch.nn.Module):
             ra = (radial[:, :, None] * emb[:, None, :]).reshape(-1, n_rbf * a)
             a0 = scatter_outer(receivers, n, ra, angular, self.edge_chunk)
             a0 = a0.view(n, n_rbf, a, n_l).permute(0, 1, 3, 2)
-        recv = self.receiver_weights().index_select(0, receiver_species)  # [n, a]
+        return self._embed_receivers(a0, self.receiver_weights().index_select(0, receiver_species))
+
+    def _embed_receivers(self, a0: torch.Tensor, recv: torch.Tensor) -> torch.Tensor:
+        """Neighbour sums per sender channel [n, n_rbf, L, a] -> A [n, n_radial, L, a * a]."""
+        n, n_rbf = a0.shape[0], a0.shape[1]
+        a = self.n_atom_basis
         mixed = []
         for g, (s, e) in enumerate(self.l_ranges):
             w = self.radial_mixing[g].view(n_rbf, -1, a, a)  # [r, r', a_send, a_recv]
-            out = torch.einsum("nrla,rsab->nslab", a0[:, :, s:e, :], w)
-            mixed.append(out * recv[:, None, None, None, :])
+            out = _batched_mix(a0[:, :, s:e, :], w.reshape(n_rbf, -1, a, a))
+            mixed.append(out.view(n, -1, e - s, a, a) * recv[:, None, None, None, :])
         return torch.cat(mixed, dim=2).flatten(3)
 
     def mix_radial(self, x: torch.Tensor) -> torch.Tensor:
         """Radial mixing of a full-channel A-like tensor [n, n_rbf, L, C]."""
         return torch.cat(
             [
-                torch.einsum("nrlc,rsc->nslc", x[:, :, s:e, :], self.radial_mixing[g])
+                _batched_mix(x[:, :, s:e, :], self.radial_mixing[g][:, :, :, None])
                 for g, (s, e) in enumerate(self.l_ranges)
             ],
             dim=2,
+        )
+
+    # -- blocking ----------------------------------------------------------------------------
+    def block_size(self, n_atoms: int, device: torch.device) -> int | None:
+        """Atoms per block for a system of ``n_atoms`` on ``device``; None: one pass.
+
+        Decided from host-side sizes only, so that an unblocked call never waits on
+        the device. CPU: blocks of 1,024 atoms above 4,096 (measured: big tensors
+        only fall out of cache). Other devices: one pass unless sizes are set; an
+        out-of-memory error falls back to blocks sized from the free memory.
+        """
+        block, above = self.atom_block, self.block_above
+        if device.type == "cpu":
+            block = CPU_ATOM_BLOCK if block is None else block
+            above = CPU_BLOCK_ABOVE if above is None else above
+        elif block is None:
+            return None
+        above = 0 if above is None else above
+        return None if n_atoms <= max(block, above) else block
+
+    def _fallback_block(self, n_atoms: int, n_edges: int, device: torch.device) -> int:
+        """Block size after an out-of-memory error: a quarter of the free memory per block."""
+        free, _ = torch.cuda.mem_get_info(device)
+        itemsize = self.radial_mixing.element_size()
+        per_edge = itemsize * self.cfg.n_rbf * self.angular.n_components * 4
+        per_atom = itemsize * self.cfg.n_radial * self.angular.n_components * self.channels * 8
+        per_atom_total = per_atom + per_edge * max(n_edges, 1) / max(n_atoms, 1)
+        return max(64, int(free / 4 / per_atom_total))
+
+    @staticmethod
+    def _spans(
+        n: int, receivers: torch.Tensor, block: int | None
+    ) -> list[tuple[int, int, int, int]]:
+        """(first atom, end atom, first edge, end edge) of each block of receivers.
+
+        Edges are sorted by receiver, so a block of atoms owns one slice of edges.
+        Only called when blocking: the edge bounds are read back to the host.
+        """
+        if block is None:
+            return [(0, n, 0, int(receivers.shape[0]))]
+        bounds = torch.arange(0, n + block, block, device=receivers.device).clamp(max=n)
+        edge_bounds = torch.searchsorted(receivers, bounds).tolist()
+        atom_bounds = bounds.tolist()
+        return [
+            (atom_bounds[k], atom_bounds[k + 1], edge_bounds[k], edge_bounds[k + 1])
+            for k in range(len(atom_bounds) - 1)
+            if atom_bounds[k + 1] > atom_bounds[k]
+        ]
+
+    def forward(
+        self,
+        vectors: torch.Tensor,
+        species: torch.Tensor,
+        receivers: torch.Tensor,
+        senders: torch.Tensor,
+        max_neighbors: int | None = None,
+    ) -> torch.Tensor:
+        """Node features. ``max_neighbors`` (most edges of one receiver), when the caller
+        knows it on the host, spares message passing a read-back from the device."""
+        n = species.shape[0]
+        block = self.block_size(n, species.device)
+        if block is None and species.device.type == "cuda":
+            try:
+                return self._features(vectors, species, receivers, senders, None, max_neighbors)
+            except torch.cuda.OutOfMemoryError:
+                block = self._fallback_block(n, vectors.shape[0], species.device)
+                _log.warning("out of memory for %d atoms in one pass; blocks of %d", n, block)
+        return self._features(vectors, species, receivers, senders, block, max_neighbors)
+
+    def _features(
+        self,
+        vectors: torch.Tensor,
+        species: torch.Tensor,
+        receivers: torch.Tensor,
+        senders: torch.Tensor,
+        block: int | None,
+        max_neighbors: int | None,
+    ) -> torch.Tensor:
+        sender_species = species.index_select(0, senders)
+        if not self.layers:
+            return self._local_features(vectors, species, receivers, sender_species, block)
+        return self._message_passing_features(
+            vectors, species, receivers, senders, sender_species, block, max_neighbors
         )
 
     # -- local (no message passing) path ---------------------------------------------------
@@ -202,40 +314,19 @@ class CACERepresentation(torch.nn.Module):
         a = self.first_a_basis(radial, angular, receivers, sender_species, receiver_species)
         return self.symmetrizer(a).flatten(1)
 
-    def forward(
-        self,
-        vectors: torch.Tensor,
-        species: torch.Tensor,
-        receivers: torch.Tensor,
-        senders: torch.Tensor,
-    ) -> torch.Tensor:
-        sender_species = species[senders]
-        if not self.layers:
-            return self._local_features(vectors, species, receivers, sender_species)
-        return self._message_passing_features(vectors, species, receivers, senders, sender_species)
-
     def _local_features(
         self,
         vectors: torch.Tensor,
         species: torch.Tensor,
         receivers: torch.Tensor,
         sender_species: torch.Tensor,
+        block: int | None,
     ) -> torch.Tensor:
-        n = species.shape[0]
-        block = self.atom_block
-        if block is None or n <= max(block, self.block_above):
+        if block is None:
             return self._local_block(vectors, receivers, sender_species, species)
-        # Edges are sorted by receiver: each block of atoms owns one slice of edges.
-        bounds = torch.arange(0, n + block, block, device=species.device).clamp(max=n)
-        edge_bounds = torch.searchsorted(receivers, bounds).tolist()
-        atom_bounds = bounds.tolist()
-        blocks = []
-        for k in range(len(atom_bounds) - 1):
-            a0, a1 = atom_bounds[k], atom_bounds[k + 1]
-            e0, e1 = edge_bounds[k], edge_bounds[k + 1]
-            if a1 <= a0:
-                continue
-            blocks.append(
+        # Each block is recomputed in the backward pass instead of stored.
+        return torch.cat(
+            [
                 checkpoint(
                     self._local_block,
                     vectors[e0:e1],
@@ -244,10 +335,17 @@ class CACERepresentation(torch.nn.Module):
                     species[a0:a1],
                     use_reentrant=False,
                 )
-            )
-        return torch.cat(blocks, dim=0)
+                for a0, a1, e0, e1 in self._spans(species.shape[0], receivers, block)
+            ]
+        )
 
     # -- message passing path ---------------------------------------------------------------
+    # Edges are laid out as [receiver, slot] (slot: the edge's position among its
+    # receiver's edges, padded to the most neighbours of any receiver with dummy edges
+    # beyond the cutoff, whose radial weight is exactly zero). Every neighbour sum is
+    # then a batched matrix product per receiver, and a block of receivers is a slice
+    # of rows, known on the host without reading anything back.
+
     def _message_passing_features(
         self,
         vectors: torch.Tensor,
@@ -255,39 +353,85 @@ class CACERepresentation(torch.nn.Module):
         receivers: torch.Tensor,
         senders: torch.Tensor,
         sender_species: torch.Tensor,
+        block: int | None,
+        max_neighbors: int | None,
     ) -> torch.Tensor:
+        """Layer by layer: node tensors (A, B, the senders' message factors) of the whole
+        system, edge work by blocks of receivers that read the senders' node tensors.
+
+        Unblocked, the edge basis is computed once for all layers; blocked, each block is
+        recomputed from its edge vectors in the backward pass (activation checkpointing),
+        so memory holds node tensors and one block of edge tensors.
+        """
         n = species.shape[0]
-        radial, angular, lengths = self.edge_basis(vectors)
-        cutoff = self.cutoff_fn(lengths)  # [E, 1]
-        a_feat = self.first_a_basis(radial, angular, receivers, sender_species, species)
+        n_edges = vectors.shape[0]
+        if max_neighbors is None:
+            counts = torch.bincount(receivers, minlength=n)
+            max_neighbors = int(counts.max()) if n_edges else 0  # reads back from the device
+        k = max(max_neighbors, 1)
+        flat = self._slots(receivers, n, k)
+        pad = torch.tensor([2.0 * self.cfg.cutoff, 0.0, 0.0], dtype=vectors.dtype)
+        vec_pad = pad.to(vectors.device).expand(n * k, 3).index_copy(0, flat, vectors)
+        send_pad = senders.new_zeros(n * k).index_copy(0, flat, senders)
+        sender_emb = self.sender_embedding.index_select(0, species)  # [n, a]
+        recv_emb = self.receiver_weights().index_select(0, species)  # [n, a]
+        spans = [(0, n)] if block is None else [(s, min(s + block, n)) for s in range(0, n, block)]
+
+        def by_blocks(fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+            """fn over blocks of receivers, each recomputed in the backward pass."""
+            return torch.cat([checkpoint(fn, a0, a1, use_reentrant=False) for a0, a1 in spans])
+
+        edge_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def edges(a0: int, a1: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """(radial x angular [b, k, L, n_rbf], lengths [b * k, 1]) of receivers a0:a1."""
+            if block is None and edge_cache:
+                return edge_cache[0]
+            radial, angular, lengths = self.edge_basis(vec_pad[a0 * k : a1 * k])
+            x = (angular[:, :, None] * radial[:, None, :]).view(a1 - a0, k, -1, radial.shape[1])
+            if block is None:
+                edge_cache.append((x, lengths))
+            return x, lengths
+
+        def first_a(a0: int, a1: int) -> torch.Tensor:
+            x, _ = edges(a0, a1)
+            emb = sender_emb.index_select(0, send_pad[a0 * k : a1 * k]).view(a1 - a0, k, -1)
+            nb, _, n_l, n_rbf = x.shape
+            a_sum = torch.bmm(x.reshape(nb, k, -1).transpose(1, 2), emb)  # [b, L * n_rbf, a]
+            a_sum = a_sum.view(nb, n_l, n_rbf, -1).transpose(1, 2)
+            return self._embed_receivers(a_sum, recv_emb[a0:a1])
+
+        a_feat = first_a(0, n) if block is None else by_blocks(first_a)
         b_feat = self.symmetrizer(a_feat)
         features = [b_feat]
         groups = self.group_of_component
-        n_l = angular.shape[1]
-        c = self.channels
-        send_emb = self.sender_embedding[species]  # [n, a] per node (as sender)
-        recv_emb = self.receiver_weights()[species]  # [n, a] per node (as receiver)
         for layer in self.layers:
             assert isinstance(layer, MessagePassingLayer)
-            update = a_feat.new_zeros(a_feat.shape)
-            if layer.bchi is not None:
-                w = layer.bchi(b_feat.flatten(1)).view(n, layer.n_l_groups, layer.n_w_channels)
-                if layer.n_l_groups > 1:
-                    w = w[:, groups, :]  # same weight for every component of an l
-                w = w.expand(n, n_l, c).reshape(n, n_l, self.n_atom_basis, self.n_atom_basis)
-                v = send_emb[:, None, :, None] * w  # [n, L, a_send, a_recv]
-                per_edge = angular[:, :, None] * v.reshape(n, n_l, c)[senders]  # [E, L, C]
-                m = scatter_outer(
-                    receivers, n, radial, per_edge.reshape(-1, n_l * c), self.edge_chunk
-                ).view(n, radial.shape[1], n_l, self.n_atom_basis, self.n_atom_basis)
-                m = (m * recv_emb[:, None, None, None, :]).flatten(3)
-                update = update + self.mix_radial(m)
-            if layer.ar_amplitude is not None and layer.ar_inverse_range is not None:
-                amp = layer.ar_amplitude[groups].permute(1, 0, 2)  # [r', L, C]
-                inv_r0 = layer.ar_inverse_range[groups].permute(1, 0, 2)
-                update = update + self._radial_message(
-                    a_feat, lengths, cutoff, amp, inv_r0, receivers, senders
-                )
+            node_v = self._bchi_node_factor(layer, b_feat, sender_emb) if layer.bchi else None
+
+            def update_of(
+                a0: int,
+                a1: int,
+                layer: MessagePassingLayer = layer,
+                node_v: torch.Tensor | None = node_v,
+                a_feat: torch.Tensor = a_feat,
+            ) -> torch.Tensor:
+                x, lengths = edges(a0, a1)
+                rows = send_pad[a0 * k : a1 * k]
+                update: torch.Tensor | None = None
+                if node_v is not None:
+                    m = self._bchi_sum(x, node_v, rows)
+                    # channel c = (a_send, a_recv): the receiver embedding tiled over a_send
+                    recv_c = recv_emb[a0:a1].repeat(1, self.n_atom_basis)
+                    update = self.mix_radial(m * recv_c[:, None, None, :])
+                if layer.ar_amplitude is not None and layer.ar_inverse_range is not None:
+                    ar = self._radial_message(layer, a_feat, lengths, rows, a1 - a0, k)
+                    update = ar if update is None else update + ar
+                if update is None:
+                    return a_feat.new_zeros(a1 - a0, *a_feat.shape[1:])
+                return update
+
+            update = update_of(0, n) if block is None else by_blocks(update_of)
             new_a = update * self.mp_norm
             if layer.memory is not None:
                 new_a = new_a + a_feat * layer.memory[groups].permute(1, 0, 2)
@@ -296,24 +440,90 @@ class CACERepresentation(torch.nn.Module):
             features.append(b_feat)
         return torch.stack(features, dim=-1).flatten(1)
 
-    def _radial_message(
+    @staticmethod
+    def _slots(receivers: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """Row of each edge in the [receiver, slot] layout (edges sorted by receiver)."""
+        counts = torch.bincount(receivers, minlength=n)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(receivers.shape[0], device=receivers.device)
+        return receivers * k + slot - starts.index_select(0, receivers)
+
+    def _bchi_node_factor(
+        self, layer: MessagePassingLayer, b_feat: torch.Tensor, send_emb: torch.Tensor
+    ) -> torch.Tensor:
+        """Sender factor of the B-chi message, [n, l groups, channels]: the sender's
+        embedding times an MLP of its B features, one weight per l group."""
+        assert layer.bchi is not None
+        n = b_feat.shape[0]
+        a = self.n_atom_basis
+        n_groups = len(self.l_ranges)
+        w = layer.bchi(b_feat.flatten(1)).view(n, layer.n_l_groups, layer.n_w_channels)
+        w = w.expand(n, n_groups, self.channels).reshape(n, n_groups, a, a)
+        return (send_emb[:, None, :, None] * w).reshape(n, n_groups, self.channels)
+
+    def _bchi_sum(
+        self, x: torch.Tensor, node_v: torch.Tensor, senders: torch.Tensor
+    ) -> torch.Tensor:
+        """m_i[n, l, c] = sum_(j->i) radial[n] angular[l] v_j[group(l), c]: [b, n_rbf, L, C].
+
+        Per receiver and l group this is a product of two small matrices over its
+        neighbour slots, (radial x angular) [slots, L_g * n_rbf] and v [slots, C];
+        nothing over (radial x angular x channels) exists per edge.
+        """
+        nb, k, _, n_rbf = x.shape
+        c = node_v.shape[2]
+        v = node_v.reshape(node_v.shape[0], -1).index_select(0, senders).view(nb, k, -1, c)
+        parts = []
+        for g, (s, e) in enumerate(self.l_ranges):
+            xg = x[:, :, s:e, :].reshape(nb, k, (e - s) * n_rbf)
+            mg = torch.bmm(xg.transpose(1, 2), v[:, :, g, :])  # [b, L_g * n_rbf, C]
+            parts.append(mg.view(nb, e - s, n_rbf, c))
+        return torch.cat(parts, dim=1).transpose(1, 2)
+
+    def _radial_chunk(
         self,
         a_feat: torch.Tensor,
         lengths: torch.Tensor,
-        cutoff: torch.Tensor,
         amp: torch.Tensor,
         inv_r0: torch.Tensor,
-        receivers: torch.Tensor,
         senders: torch.Tensor,
+        k: int,
     ) -> torch.Tensor:
-        """sum_j A_j * amp * exp(-r_ij / r0) * f_cut(r_ij), per (radial, l, channel)."""
-        n = a_feat.shape[0]
-        out = a_feat.new_zeros(n, a_feat[0].numel())
-        n_edges = lengths.shape[0]
-        for start in range(0, n_edges, self.edge_chunk):
-            stop = min(start + self.edge_chunk, n_edges)
-            r = lengths[start:stop].view(-1, 1, 1, 1)
-            decay = torch.exp(-r * inv_r0) * amp * cutoff[start:stop].view(-1, 1, 1, 1)
-            msg = a_feat[senders[start:stop]] * decay
-            out = out.index_add(0, receivers[start:stop], msg.flatten(1))
-        return out.view(a_feat.shape)
+        r = lengths.view(-1, 1, 1, 1)
+        decay = torch.exp(-r * inv_r0) * amp * self.cutoff_fn(r)
+        msg = a_feat.index_select(0, senders) * decay  # [rows * k, r', L, C]
+        return msg.view(-1, k, *a_feat.shape[1:]).sum(1)
+
+    def _radial_message(
+        self,
+        layer: MessagePassingLayer,
+        a_feat: torch.Tensor,
+        lengths: torch.Tensor,
+        senders: torch.Tensor,
+        n_recv: int,
+        k: int,
+    ) -> torch.Tensor:
+        """sum_j A_j * amp * exp(-r_ij / r0) * f_cut(r_ij), per (radial, l, channel).
+
+        The decay differs per (radial, l group, channel), so this sum is elementwise
+        per edge; chunks of receivers are recomputed in the backward pass, not stored.
+        """
+        assert layer.ar_amplitude is not None and layer.ar_inverse_range is not None
+        groups = self.group_of_component
+        amp = layer.ar_amplitude[groups].permute(1, 0, 2)  # [r', L, C]
+        inv_r0 = layer.ar_inverse_range[groups].permute(1, 0, 2)
+        rows = max(1, self.edge_chunk // k)
+        parts = [
+            checkpoint(
+                self._radial_chunk,
+                a_feat,
+                lengths[s * k : min(s + rows, n_recv) * k],
+                amp,
+                inv_r0,
+                senders[s * k : min(s + rows, n_recv) * k],
+                k,
+                use_reentrant=False,
+            )
+            for s in range(0, n_recv, rows)
+        ]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
