@@ -1,14 +1,25 @@
-"""Speed and memory of the CACE model on liquid water supercells.
+"""Speed and memory of CACE models on liquid water supercells, optionally side by side
+with another revision of this repository.
 
-Prints a markdown table: atoms, dtype, ms per energy+forces+stress call (median of
-warm calls, neighbour list included), the neighbour-list share, the first (cold)
-call, and the peak resident memory of a process that did only that case.
+Prints a markdown table: model, atoms, dtype, ms per energy+forces+stress call
+(median of warm calls, neighbour list included; the biggest size is timed on its
+first call), the same without the long-range term where the model has one, and the
+peak resident memory of a fresh process that did only that case.
 
-    python benchmarks/model.py        # 1x1x1, 2x2x2, 4x4x4, 8x8x8 in float32 and float64
-    python benchmarks/model.py --sizes 1,2 --dtypes float32 --threads 2
+    python benchmarks/model.py                       # this tree, every case
+    python benchmarks/model.py --against 19a9087     # 19a9087 and this tree, alternating
+    python benchmarks/model.py --against main --cases cacefit --sizes 1,2 --dtypes float32
 
-By default the model is the reference water CACE-LR model (../shared/reference/
-best_model.pth), converted on the fly; --model takes a native model file instead.
+With ``--against REV``, REV is checked out into a temporary git worktree under /tmp
+(removed afterwards) and every case runs in fresh processes, first with REV's code,
+then with the working tree's, so both see the same machine load; the table gives
+both times and their ratio. Each tree converts the original checkpoint with its own
+importer; a case whose model one of them cannot convert is skipped with the reason.
+
+Cases (``--cases``): ``lr`` the reference CACE-LR water model (../shared/reference/
+best_model.pth), ``cacefit`` the published cacefit water model (1 message-passing
+layer), ``mp1`` the published cace-lr-fit water mp1 model (a CombinePotential of a
+message-passing short-range model and a long-range one).
 """
 
 from __future__ import annotations
@@ -16,33 +27,51 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import runpy
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 # Benchmarks are named after what they measure (ipi.py, http.py); their folder must
 # not be on sys.path, or those names would shadow the packages they measure.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 REFERENCE = Path(os.environ.get("CACE_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+if not REFERENCE.exists():
+    REFERENCE = Path("/work/shared/reference")
+PUBLISHED = REFERENCE / "published"
 
-# The original implementation on this machine (2 threads, torch 2.13), from
-# ../shared/reference/README.md: seconds per call and peak RSS (GB), float32.
-ORIGINAL = {
-    (192, "float32"): (0.126, 0.85),
-    (1536, "float32"): (1.92, 2.9),
-    (12288, "float32"): (50.4, 21.0),
-    (192, "float64"): (0.306, None),
-    (1536, "float64"): (2.52, None),
-    (12288, "float64"): (None, None),  # out of memory at 24 GB
+# Helpers of --against (benchmarks/_revisions.py), by path: this folder is not on sys.path.
+revisions = SimpleNamespace(**runpy.run_path(str(Path(__file__).with_name("_revisions.py"))))
+
+CASES = {
+    "lr": REFERENCE / "best_model.pth",
+    "cacefit": PUBLISHED / "BingqingCheng_cacefit_fit-water_best_model.pth",
+    "mp1": PUBLISHED / "BingqingCheng_cace-lr-fit_fit-water_fit-water-mp1_best_model.pth",
 }
+# Warm calls per supercell repeat; larger ones are timed on their first call.
+CALLS = {1: 10, 2: 5, 4: 2}
 
 
-def run_case(model_path: str, repeat: int, dtype: str, threads: int, calls: int) -> dict:
+def convert_case(tree: str, case: str, out: str) -> None:
+    revisions.use_tree(tree)
+    import torch
+
+    from cace_server.model import convert_original, save_model
+
+    torch.set_num_threads(1)
+    save_model(convert_original(CASES[case]), out)
+
+
+def run_case(tree: str, model_path: str, repeat: int, dtype: str, threads: int, calls: int) -> dict:
+    revisions.use_tree(tree)
+    import resource
+
+    import ase
     import ase.io
     import torch
 
@@ -52,24 +81,25 @@ def run_case(model_path: str, repeat: int, dtype: str, threads: int, calls: int)
 
     model = load_model(model_path, dtype=dtype)
     atoms = ase.io.read(REFERENCE / "liquid-64.xyz")
+    assert isinstance(atoms, ase.Atoms)
     atoms.pbc = True
     structure = Structure.from_ase(atoms.repeat((repeat, repeat, repeat)))
 
     t0 = time.perf_counter()
     first = model.predict([structure])[0]
     first_s = time.perf_counter() - t0
-    times, nl_times = [], []
+    times, cpu = [], []
+    prepared = model.prepare(structure)
     for _ in range(calls):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         prepared = model.prepare(structure)
-        t1 = time.perf_counter()
         model.predict([prepared])
         times.append(time.perf_counter() - t0)
-        nl_times.append(t1 - t0)
+        cpu.append(time.process_time() - c0)
     # The same call without the long-range term, to show what scales how: the
     # short-range part is linear in atoms, the reciprocal-space sum is not.
     sr_s = float("nan")
-    if model.ewald is not None and calls:
+    if getattr(model, "ewald", None) is not None and calls:
         model.ewald = None
         sr_times = []
         for _ in range(calls):
@@ -78,99 +108,141 @@ def run_case(model_path: str, repeat: int, dtype: str, threads: int, calls: int)
             sr_times.append(time.perf_counter() - t0)
         sr_s = statistics.median(sr_times)
     return {
-        "sr_s": sr_s,
         "atoms": len(structure),
-        "pairs": model.prepare(structure).n_pairs if calls == 0 else prepared.n_pairs,
-        "dtype": dtype,
+        "pairs": prepared.n_pairs,
         "first_s": first_s,
         "median_s": statistics.median(times) if times else first_s,
-        "nl_s": statistics.median(nl_times) if nl_times else float("nan"),
+        "cpu_s": statistics.median(cpu) if cpu else float("nan"),
+        "sr_s": sr_s,
         "calls": len(times),
         "energy": first.energy,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
     }
 
 
-def default_model(tmp: str) -> str:
-    from cace_server.model import convert_original, save_model
-
-    path = Path(tmp) / "water.safetensors"
-    save_model(convert_original(REFERENCE / "best_model.pth"), path)
-    return str(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", help="native model file (default: converted reference water model)"
-    )
+    parser.add_argument("--against", metavar="REV", help="also run REV, alternating processes")
+    parser.add_argument("--cases", default="lr,cacefit,mp1", help=f"of {','.join(CASES)}")
     parser.add_argument("--sizes", default="1,2,4,8", help="supercell repeats of liquid-64")
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--one", nargs=3, metavar=("REPEAT", "DTYPE", "CALLS"), help=argparse.SUPPRESS
+        "--calls", type=int, help="warm calls per case (default: 10, 5, 2 by size, then 0)"
     )
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--convert", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.one:
-        repeat, dtype, calls = int(args.one[0]), args.one[1], int(args.one[2])
-        print(json.dumps(run_case(args.model, repeat, dtype, args.threads, calls)))
+    if args.convert:
+        convert_case(*args.convert)
+        print(json.dumps({"ok": True}))
+        return
+    if args.worker:
+        tree, path, repeat, dtype, threads, calls = args.worker
+        print(json.dumps(run_case(tree, path, int(repeat), dtype, int(threads), int(calls))))
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path = args.model or default_model(tmp)
-        rows = []
+    cases = args.cases.split(",")
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {sorted(CASES)}")
+    tmp = tempfile.mkdtemp(prefix="cace-bench-", dir="/tmp")
+    try:
+        trees = [("tree", str(REPO))]
+        if args.against:
+            path = str(Path(tmp) / "rev")
+            trees.insert(0, (args.against, revisions.add_worktree(REPO, args.against, path)))
+        rows = _measure(args, cases, trees, tmp)
+    finally:
+        if args.against:
+            for _, path in trees[:1]:
+                revisions.remove_worktree(REPO, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _print(args, trees, rows)
+
+
+def _measure(
+    args: argparse.Namespace, cases: list[str], trees: list[tuple[str, str]], tmp: str
+) -> list[dict]:
+    rows = []
+    for case in cases:
+        models: dict[str, str] = {}
+        skip = ""
+        for label, path in trees:
+            out = str(Path(tmp) / f"{case}-{len(models)}.safetensors")
+            _, error = revisions.child(__file__, ["--convert", path, case, out])
+            if error:
+                skip = f"{label} cannot convert {CASES[case].name}: {error}"
+                break
+            models[label] = out
+        if skip:
+            print(f"skip {case}: {skip}", file=sys.stderr, flush=True)
+            rows.append({"case": case, "skip": skip})
+            continue
         for dtype in args.dtypes.split(","):
             for repeat in (int(s) for s in args.sizes.split(",")):
-                # Fewer warm calls for the big cases; 8x8x8 is timed on its first call.
-                calls = {1: 10, 2: 5, 4: 2}.get(repeat, 0)
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--model",
-                    model_path,
-                    "--threads",
-                    str(args.threads),
-                    "--one",
-                    str(repeat),
-                    dtype,
-                    str(calls),
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-                if proc.returncode != 0:
-                    rows.append(
-                        {
-                            "atoms": 192 * repeat**3,
-                            "dtype": dtype,
-                            "error": proc.stderr.strip().splitlines()[-1],
-                        }
+                row: dict = {"case": case, "dtype": dtype, "atoms": 192 * repeat**3}
+                for label, path in trees:
+                    worker = [path, models[label], str(repeat), dtype, str(args.threads)]
+                    result, error = revisions.child(
+                        __file__,
+                        [
+                            "--worker",
+                            *worker,
+                            str(CALLS.get(repeat, 0) if args.calls is None else args.calls),
+                        ],
                     )
-                else:
-                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(f"done {dtype} {repeat}x{repeat}x{repeat}", file=sys.stderr, flush=True)
+                    row[label] = result if result is not None else {"error": error}
+                rows.append(row)
+                print(
+                    f"done {case} {dtype} {repeat}x{repeat}x{repeat}", file=sys.stderr, flush=True
+                )
+    return rows
 
-    print(f"\nCACE water model (liquid-64 supercells), {args.threads} threads, torch CPU\n")
-    print(
-        "| atoms | pairs | dtype | ms/call (E+F+S) | of which neighbour list | without Ewald ms "
-        "| first call ms | us/atom | peak RSS GB | original s/call | speed-up |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['atoms']:,} | | {r['dtype']} | failed: {r['error']} | | | | | | | |")
+
+def _ms(r: dict, key: str = "median_s") -> str:
+    if "error" in r:
+        return f"failed: {r['error']}"
+    v = r[key]
+    if v != v:  # nan
+        return "-"
+    return f"{1e3 * v:,.0f}" + (" (first call)" if key == "median_s" and r["calls"] == 0 else "")
+
+
+def _print(args: argparse.Namespace, trees: list[tuple[str, str]], rows: list[dict]) -> None:
+    print(f"\nCACE water models (liquid-64 supercells), E+F+S, {args.threads} threads, torch CPU\n")
+    labels = [label for label, _ in trees]
+    head = ["model", "atoms", "dtype"]
+    for label in labels:
+        head += [f"{label} ms/call", f"{label} w/o long range ms", f"{label} peak RSS GB"]
+    if len(labels) == 2:
+        head += ["speed-up", "CPU-time speed-up"]
+    head += ["us/atom (tree)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        if "skip" in row:
+            print(f"| {row['case']} | skipped: {row['skip']} |" + " |" * (len(head) - 2))
             continue
-        orig = ORIGINAL.get((r["atoms"], r["dtype"]), (None, None))[0]
-        speed = f"{orig / r['median_s']:.1f}x" if orig else "-"
-        timed = "(first call)" if r["calls"] == 0 else ""
-        per_atom_us = 1e6 * r["median_s"] / r["atoms"]
-        print(
-            f"| {r['atoms']:,} | {r['pairs']:,} | {r['dtype']} | {1e3 * r['median_s']:.0f} {timed}"
-            f"| {1e3 * r['nl_s']:.0f} | {1e3 * r['sr_s']:.0f} | {1e3 * r['first_s']:.0f} "
-            f"| {per_atom_us:.0f} "
-            f"| {r['peak_rss_gb']:.2f} | {orig if orig else '-'} | {speed} |"
-        )
+        cells = [row["case"], f"{row['atoms']:,}", row["dtype"]]
+        for label in labels:
+            r = row[label]
+            rss = f"{r['peak_rss_gb']:.2f}" if "error" not in r else "-"
+            cells += [_ms(r), _ms(r, "sr_s") if "error" not in r else "-", rss]
+        if len(labels) == 2:
+            old, new = row[labels[0]], row[labels[1]]
+            if "error" in old or "error" in new:
+                cells += ["-", "-"]
+            else:
+                cells.append(f"{old['median_s'] / new['median_s']:.2f}x")
+                ok = old["cpu_s"] == old["cpu_s"] and new["cpu_s"] == new["cpu_s"]
+                cells.append(f"{old['cpu_s'] / new['cpu_s']:.2f}x" if ok else "-")
+        new = row[labels[-1]]
+        cells.append(f"{1e6 * new['median_s'] / row['atoms']:.0f}" if "error" not in new else "-")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

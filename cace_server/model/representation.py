@@ -484,15 +484,25 @@ class CACERepresentation(torch.nn.Module):
         self,
         a_feat: torch.Tensor,
         lengths: torch.Tensor,
-        amp: torch.Tensor,
         inv_r0: torch.Tensor,
         senders: torch.Tensor,
         k: int,
     ) -> torch.Tensor:
+        """sum over slots of A_sender * f_cut * exp(-r / r0): [rows, r', L, C].
+
+        The decay depends on l only through its group: it is computed per group
+        ([edges, r', groups, C], a fifth of the A size at l_max 3) and broadcast.
+        """
         r = lengths.view(-1, 1, 1, 1)
-        decay = torch.exp(-r * inv_r0) * amp * self.cutoff_fn(r)
-        msg = a_feat.index_select(0, senders) * decay  # [rows * k, r', L, C]
-        return msg.view(-1, k, *a_feat.shape[1:]).sum(1)
+        decay = torch.exp(-r * inv_r0) * self.cutoff_fn(r)  # [P, r', G, C]
+        a_send = a_feat.index_select(0, senders)  # [P, r', L, C]
+        parts = [
+            (a_send[:, :, s:e, :] * decay[:, :, g : g + 1, :])
+            .view(-1, k, *a_send.shape[1:2], e - s, a_send.shape[3])
+            .sum(1)
+            for g, (s, e) in enumerate(self.l_ranges)
+        ]
+        return torch.cat(parts, dim=2)
 
     def _radial_message(
         self,
@@ -503,7 +513,7 @@ class CACERepresentation(torch.nn.Module):
         n_recv: int,
         k: int,
     ) -> torch.Tensor:
-        """sum_j A_j * amp * exp(-r_ij / r0) * f_cut(r_ij), per (radial, l, channel).
+        """amp * sum_j A_j * exp(-r_ij / r0) * f_cut(r_ij), per (radial, l, channel).
 
         The decay differs per (radial, l group, channel), so this sum is elementwise
         per edge; chunks of receivers are recomputed in the backward pass, not stored.
@@ -511,14 +521,13 @@ class CACERepresentation(torch.nn.Module):
         assert layer.ar_amplitude is not None and layer.ar_inverse_range is not None
         groups = self.group_of_component
         amp = layer.ar_amplitude[groups].permute(1, 0, 2)  # [r', L, C]
-        inv_r0 = layer.ar_inverse_range[groups].permute(1, 0, 2)
+        inv_r0 = layer.ar_inverse_range.permute(1, 0, 2)  # [r', G, C]
         rows = max(1, self.edge_chunk // k)
         parts = [
             checkpoint(
                 self._radial_chunk,
                 a_feat,
                 lengths[s * k : min(s + rows, n_recv) * k],
-                amp,
                 inv_r0,
                 senders[s * k : min(s + rows, n_recv) * k],
                 k,
@@ -526,4 +535,4 @@ class CACERepresentation(torch.nn.Module):
             )
             for s in range(0, n_recv, rows)
         ]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]) * amp
