@@ -312,6 +312,17 @@ def serve(
     default_model: str = typer.Option(None, help="name of the default model"),
     device: str = typer.Option(None, help="cpu, cuda or cuda:N [cpu]"),
     dtype: str = typer.Option(None, help="float32 or float64 [float64]"),
+    long_range_mode: list[str] = typer.Option(
+        None,
+        "--long-range-mode",
+        help="Ewald k-space sum: parity (the original's) or smooth (in the cell, for NPT); "
+        "MODE for all models or NAME=MODE [parity]",
+    ),
+    long_range_method: list[str] = typer.Option(
+        None,
+        "--long-range-method",
+        help="Ewald back end: auto, direct or mesh; METHOD or NAME=METHOD [auto]",
+    ),
     http: bool = typer.Option(None, "--http/--no-http", help="serve the HTTP API [yes]"),
     host: str = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
     port: int = typer.Option(None, help="HTTP port [8000]"),

@@ -87,6 +87,11 @@ def build_engine(settings: ServerSettings) -> Engine:
             max_queue_atoms=settings.max_queue_atoms,
             small_request_atoms=settings.small_request_atoms,
             torch_threads=settings.torch_threads or default_torch_threads(settings.device),
+            long_range={
+                name: settings.long_range_for(name)
+                for name in ["", *sources]
+                if settings.long_range_for(name)
+            },
         ),
     )
 

@@ -30,6 +30,10 @@ class ServerSettings:
     default_model: str | None = None
     device: str = "cpu"
     dtype: str = "float64"
+    # Long-range (Ewald) evaluation, "VALUE" for every model or "NAME=VALUE" for one:
+    # mode parity|smooth, method auto|direct|mesh.
+    long_range_mode: list[str] = field(default_factory=list)
+    long_range_method: list[str] = field(default_factory=list)
     # HTTP
     http: bool = True
     host: str = "127.0.0.1"
@@ -101,6 +105,22 @@ class ServerSettings:
             raise ValueError(
                 f"shutdown_timeout_s must not be negative, got {self.shutdown_timeout_s}"
             )
+        for setting, allowed in (
+            ("long_range_mode", LONG_RANGE_MODES),
+            ("long_range_method", LONG_RANGE_METHODS),
+        ):
+            for value in _per_model(getattr(self, setting), setting).values():
+                if value not in allowed:
+                    raise ValueError(f"{setting} must be one of {allowed}, got {value!r}")
+
+    def long_range_for(self, name: str) -> dict[str, str]:
+        """Long-range options given for model ``name`` ("" : those for every model)."""
+        out = {}
+        for key, setting in (("mode", "long_range_mode"), ("method", "long_range_method")):
+            values = _per_model(getattr(self, setting), setting)
+            if name in values:
+                out[key] = values[name]
+        return out
 
     def model_sources(self) -> dict[str, str]:
         """NAME -> PATH for the models to load (names default to the file stem)."""
@@ -135,6 +155,20 @@ def default_torch_threads(device: str = "cpu") -> int:
     """
     del device  # the same rule everywhere, see above
     return max(1, available_cores() // 2)
+# The choices of cace_server.model.longrange (not imported here: it needs torch).
+LONG_RANGE_MODES = ("parity", "smooth")
+LONG_RANGE_METHODS = ("auto", "direct", "mesh")
+
+
+def _per_model(values: list[str], setting: str) -> dict[str, str]:
+    """["VALUE", "NAME=VALUE", ...] -> {"": VALUE, NAME: VALUE}."""
+    out: dict[str, str] = {}
+    for item in values:
+        name, _, value = item.rpartition("=")
+        if name in out:
+            raise ValueError(f"{setting} given twice for {name or 'all models'!r}")
+        out[name] = value.strip()
+    return out
 
 
 def _convert(value: Any, annotation: Any) -> Any:

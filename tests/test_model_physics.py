@@ -161,17 +161,17 @@ def test_blocked_evaluation_equals_whole(model):
     s = random_structure(rng, list(model.elements), 40, np.eye(3) * 9.0, True)
     whole = model.predict([s])[0]
     rep = model.representation
-    old = rep.atom_block, rep.block_above, getattr(model.ewald, "atom_block", None)
+    old = rep.atom_block, rep.block_above, getattr(model.ewald, "element_budget", None)
     try:
         model.representation.atom_block = 7
         model.representation.block_above = 0
         if model.ewald is not None:
-            model.ewald.atom_block = 9
+            model.ewald.element_budget = 9 * 40  # a few atoms per block
         blocked = model.predict([s])[0]
     finally:
         rep.atom_block, rep.block_above = old[0], old[1]
         if model.ewald is not None:
-            model.ewald.atom_block = old[2]
+            model.ewald.element_budget = old[2]
     assert abs(whole.energy - blocked.energy) < 1e-10 * max(1.0, abs(whole.energy))
     np.testing.assert_allclose(blocked.forces, whole.forces, atol=1e-10)
     np.testing.assert_allclose(blocked.stress, whole.stress, atol=1e-12)

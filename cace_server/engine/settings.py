@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DTYPES = ("float32", "float64")
 _DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
@@ -41,6 +41,12 @@ class EngineSettings:
     warmup: bool = True
     # torch intra-op threads (process-wide); None leaves torch's default.
     torch_threads: int | None = None
+    # Long-range options per model name ("" for every model), e.g.
+    # {"": {"mode": "smooth"}}: passed to the model's ``configure_long_range``.
+    long_range: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def long_range_for(self, name: str) -> dict[str, str]:
+        return {**self.long_range.get("", {}), **self.long_range.get(name, {})}
 
     def __post_init__(self) -> None:
         if self.device is not None and not _DEVICE.match(self.device):

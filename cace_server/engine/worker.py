@@ -127,6 +127,11 @@ class Worker:
             torch.set_num_threads(settings.torch_threads)
         for name, source in self._sources.items():
             model = materialize(source, settings.device, settings.dtype)
+            long_range = settings.long_range_for(name)
+            configure = getattr(model, "configure_long_range", None)
+            if long_range and configure is not None:
+                configure(**long_range)
+                logger.info("model %r long range: %s", name, long_range)
             path = str(source) if isinstance(source, (str, os.PathLike)) else None
             self.models[name] = model
             self.infos[name] = describe(name, model, default=name == self._default, source=path)

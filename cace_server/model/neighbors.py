@@ -167,6 +167,10 @@ class GraphBatch:
     n_atoms: list[int]
     # Most edges into one receiver, known on the host (spares the model a read-back).
     max_neighbors: int | None = None
+    # The same cells and periodicity on the host, for shape decisions made before the
+    # call (the long-range plan) without reading the device tensors back.
+    cell_host: npt.NDArray[np.float64] | None = None
+    pbc_host: npt.NDArray[np.bool_] | None = None
 
     @property
     def n_systems(self) -> int:
@@ -207,4 +211,6 @@ def collate(prepared: Sequence[PreparedStructure], device: torch.device) -> Grap
         max_neighbors=max(
             (int(np.bincount(p.receivers).max()) for p in prepared if p.n_pairs), default=0
         ),
+        cell_host=cell.astype(np.float64),
+        pbc_host=pbc.astype(bool),
     )

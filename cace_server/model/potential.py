@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from cace_server.model.config import ModelConfig
 from cace_server.model.dipole import DipoleOutput, PolarizationHead
-from cace_server.model.ewald import EwaldSum
+from cace_server.model.longrange import EwaldSum, LongRangeOptions
 from cace_server.model.mlp import AtomwiseReadout
 from cace_server.model.neighbors import GraphBatch, PreparedStructure, collate, prepare_structure
 from cace_server.model.representation import CACERepresentation
@@ -270,20 +271,17 @@ class CACEPotential(torch.nn.Module):
     def _long_range(
         self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, batch: GraphBatch
     ) -> torch.Tensor:
-        """Weighted Ewald energy [B]; several charge channels add up, as in the original."""
+        """Weighted Ewald energy [B]; several charge channels add up, as in the original.
+
+        The plan (back end and k-grid shapes of each structure) comes from the batch's
+        host-side cells, so the call reads nothing back from the device.
+        """
         assert self.ewald is not None and self.config.ewald is not None
-        channels = [charges] if charges.dim() == 1 else list(charges.unbind(1))
-        energy = sum(self.ewald(positions, q, cell, batch.pbc, batch.n_atoms) for q in channels)
-        assert isinstance(energy, torch.Tensor)
-        cfg = self.config.ewald
-        if len(channels) > 1 and cfg.remove_self_interaction and cfg.self_energy_every_channel:
-            # The original removes the self energy of all channels from each channel of
-            # a periodic structure; the sum above removed each channel's own once.
-            q_sq = torch.zeros_like(energy).index_add(0, batch.system, (charges**2).sum(1))
-            periodic = batch.pbc.all(dim=1).to(q_sq.dtype)
-            self_energy = q_sq / (self.ewald.sigma * (2.0 * math.pi) ** 1.5)
-            energy = energy - (len(channels) - 1) * periodic * self_energy * self.ewald.norm_factor
-        weight = cfg.weight
+        plan = None
+        if batch.cell_host is not None and batch.pbc_host is not None:
+            plan = self.ewald.plan(batch.cell_host, batch.pbc_host, batch.n_atoms)
+        energy = self.ewald(positions, charges, cell, batch.pbc, batch.n_atoms, plan=plan)
+        weight = self.config.ewald.weight
         return energy if weight == 1.0 else weight * energy
 
     @staticmethod
@@ -328,6 +326,16 @@ class CACEPotential(torch.nn.Module):
         return torch.cat(
             [batch.unit_shifts[bounds[b] : bounds[b + 1]] @ cell[b] for b in range(batch.n_systems)]
         )
+
+    def configure_long_range(self, options: LongRangeOptions | None = None, **changes: Any) -> None:
+        """Choose how the long-range term is evaluated (mode, back end); no-op without one.
+
+        ``changes`` update the current options, e.g. ``configure_long_range(mode="smooth")``.
+        """
+        if self.ewald is None:
+            return
+        base = options if options is not None else self.ewald.options
+        self.ewald.configure(base.updated(**changes))
 
     @property
     def ewald_charge_key(self) -> str:
