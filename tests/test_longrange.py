@@ -3,6 +3,7 @@ the smooth mode's continuity in the cell, and the mesh back end's error."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cace_server.model.config import EwaldConfig
 from cace_server.model.longrange import EwaldSum, LongRangeOptions
-from cace_server.structures import StructureError
+from cace_server.structures import Structure, StructureError
 
 TRICLINIC = np.array([[7.0, 0.0, 0.0], [1.3, 6.4, 0.0], [-0.8, 0.7, 7.6]])
 
@@ -192,3 +193,70 @@ def test_smooth_mode_stress_is_the_strain_derivative():
     d = torch.as_tensor(direction)
     fd = (energy(h * d) - energy(-h * d)).item() / (2 * h)
     assert fd == pytest.approx(float((grad * d).sum()), rel=1e-6, abs=1e-9)
+
+
+# -- the reference water model -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def long_range(model, **options):
+    """The session's model with other long-range options for one test."""
+    old = model.ewald.options
+    model.configure_long_range(**options)
+    try:
+        yield model
+    finally:
+        model.configure_long_range(old)
+
+
+def scaled_water(atoms, scale: float) -> Structure:
+    a = atoms.copy()
+    a.set_cell(atoms.cell * scale, scale_atoms=True)
+    return Structure.from_ase(a)
+
+
+@pytest.mark.parametrize("mode", ["parity", "smooth"])
+def test_isotropic_cell_scan_jumps_only_in_parity_mode(water_model, liquid_water, mode):
+    """E along a slow isotropic scan of liquid-64's cell against the computed virial.
+
+    Between neighbouring scan points, E(s2) - E(s1) must equal the trapezoid integral of
+    dE/ds = -tr(virial) / s. The original's k-set gains 36 vectors (|n|^2 = 38) at
+    s = sqrt(38) * dl / L = 0.99306: parity mode jumps there, smooth mode nowhere.
+    """
+    scales = np.linspace(0.99, 1.01, 11)
+    with long_range(water_model, mode=mode, method="direct"):
+        predictions = water_model.predict([scaled_water(liquid_water, s) for s in scales])
+    energy = np.array([p.energy for p in predictions])
+    slope = np.array([-np.trace(p.virial) / s for p, s in zip(predictions, scales, strict=True)])
+    step = scales[1] - scales[0]
+    mismatch = np.abs(np.diff(energy) - 0.5 * step * (slope[1:] + slope[:-1]))
+    # the trapezoid rule's own error at this step is below 5e-5 eV (measured)
+    crossing = int(np.searchsorted(scales, math.sqrt(38) * 2.0 / liquid_water.cell[0, 0])) - 1
+    if mode == "smooth":
+        assert mismatch.max() < 1e-4, mismatch
+    else:
+        assert mismatch[crossing] > 1e-3, mismatch  # the jump: 8.7 meV
+        assert np.delete(mismatch, crossing).max() < 1e-4, mismatch
+
+
+def test_smooth_mode_stays_close_to_parity(water_model, liquid_water):
+    """Away from a crossing the smooth weights change liquid-64's energy by a few meV."""
+    s = Structure.from_ase(liquid_water)
+    parity = water_model.predict([s])[0]
+    with long_range(water_model, mode="smooth"):
+        smooth = water_model.predict([s])[0]
+    assert abs(smooth.energy - parity.energy) < 0.01  # 4.6 meV measured, of 35.8 eV
+    assert np.abs(smooth.forces - parity.forces).max() < 0.02
+
+
+def test_mesh_error_on_1536_waters(water_model, liquid_water):
+    """The defaults' error against the direct sum: energy 1e-5 relative, forces 1e-3 eV/Å."""
+    s = Structure.from_ase(liquid_water.repeat((2, 2, 2)))
+    prepared = water_model.prepare(s)
+    with long_range(water_model, method="direct"):
+        direct = water_model.predict([prepared])[0]
+    with long_range(water_model, method="mesh"):
+        mesh = water_model.predict([prepared])[0]
+    assert abs(mesh.energy - direct.energy) < 1e-5 * abs(direct.energy)
+    assert np.abs(mesh.forces - direct.forces).max() < 1e-3
+    assert np.abs(mesh.stress - direct.stress).max() < 1e-5

@@ -55,7 +55,7 @@ class LongRangeOptions:
     smooth_width: float = 0.2
     mesh_order: int = 6
     mesh_oversampling: float = 2.0
-    mesh_above: int = 6000
+    mesh_above: int = 1000
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
