@@ -64,6 +64,7 @@ class IpiRun:
         timeout: float = 0.0,
         velocities: bool = True,
         outputs: str = OUTPUTS,
+        pressure_mpa: float | None = None,
     ) -> None:
         self.workdir = workdir
         self.nbeads = nbeads
@@ -85,6 +86,11 @@ class IpiRun:
           <thermostat mode="pile_l"><tau units="femtosecond"> 50 </tau></thermostat>
         </dynamics>
       </motion>"""
+        pressure = (
+            f'<pressure units="megapascal"> {pressure_mpa} </pressure>'
+            if pressure_mpa is not None
+            else ""
+        )
         (workdir / "input.xml").write_text(
             f"""<simulation verbosity="low" safe_stride="1000" floatformat="%.16e"
             sockets_prefix="{self.prefix}">
@@ -103,7 +109,7 @@ class IpiRun:
     </initialize>
     <forces><force forcefield="cace"/></forces>
     {motion}
-    <ensemble><temperature units="kelvin"> 300 </temperature></ensemble>
+    <ensemble><temperature units="kelvin"> 300 </temperature>{pressure}</ensemble>
   </system>
 </simulation>
 """
