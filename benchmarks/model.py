@@ -67,7 +67,15 @@ def convert_case(tree: str, case: str, out: str) -> None:
     save_model(convert_original(CASES[case]), out)
 
 
-def run_case(tree: str, model_path: str, repeat: int, dtype: str, threads: int, calls: int) -> dict:
+def run_case(
+    tree: str,
+    model_path: str,
+    repeat: int,
+    dtype: str,
+    threads: int,
+    calls: int,
+    long_range: str | None = None,
+) -> dict:
     revisions.use_tree(tree)
     import resource
 
@@ -80,6 +88,8 @@ def run_case(tree: str, model_path: str, repeat: int, dtype: str, threads: int, 
     from cace_server.structures import Structure
 
     model = load_model(model_path, dtype=dtype)
+    if long_range and hasattr(model, "configure_long_range"):
+        model.configure_long_range(method=long_range)
     atoms = ase.io.read(REFERENCE / "liquid-64.xyz")
     assert isinstance(atoms, ase.Atoms)
     atoms.pbc = True
@@ -99,10 +109,10 @@ def run_case(tree: str, model_path: str, repeat: int, dtype: str, threads: int, 
     # The same call without the long-range term, to show what scales how: the
     # short-range part is linear in atoms, the reciprocal-space sum is not.
     sr_s = float("nan")
-    if getattr(model, "ewald", None) is not None and calls:
+    if getattr(model, "ewald", None) is not None:
         model.ewald = None
         sr_times = []
-        for _ in range(calls):
+        for _ in range(max(calls, 1)):
             t0 = time.perf_counter()
             model.predict([prepared])
             sr_times.append(time.perf_counter() - t0)
@@ -132,6 +142,11 @@ def main() -> None:
     parser.add_argument(
         "--calls", type=int, help="warm calls per case (default: 10, 5, 2 by size, then 0)"
     )
+    parser.add_argument(
+        "--long-range",
+        choices=("auto", "direct", "mesh"),
+        help="Ewald back end of this tree's models (default: the model's, auto)",
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--convert", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,7 +157,8 @@ def main() -> None:
         return
     if args.worker:
         tree, path, repeat, dtype, threads, calls = args.worker
-        print(json.dumps(run_case(tree, path, int(repeat), dtype, int(threads), int(calls))))
+        result = run_case(tree, path, int(repeat), dtype, int(threads), int(calls), args.long_range)
+        print(json.dumps(result))
         return
 
     cases = args.cases.split(",")
@@ -190,6 +206,7 @@ def _measure(
                     result, error = revisions.child(
                         __file__,
                         [
+                            *(["--long-range", args.long_range] if args.long_range else []),
                             "--worker",
                             *worker,
                             str(CALLS.get(repeat, 0) if args.calls is None else args.calls),

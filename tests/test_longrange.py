@@ -260,3 +260,35 @@ def test_mesh_error_on_1536_waters(water_model, liquid_water):
     assert abs(mesh.energy - direct.energy) < 1e-5 * abs(direct.energy)
     assert np.abs(mesh.forces - direct.forces).max() < 1e-3
     assert np.abs(mesh.stress - direct.stress).max() < 1e-5
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+def test_settings_choose_the_long_range_per_model():
+    from cace_server.engine import Engine, EngineSettings
+    from cace_server.model import random_model
+    from cace_server.settings import load_settings
+
+    settings = load_settings(
+        environ={"CACE_SERVER_LONG_RANGE_MODE": "smooth"},
+        overrides={"long_range_method": ["auto", "big=mesh"]},
+    )
+    assert settings.long_range_for("") == {"mode": "smooth", "method": "auto"}
+    assert settings.long_range_for("big") == {"method": "mesh"}
+    with pytest.raises(ValueError, match="long_range_mode must be one of"):
+        load_settings(environ={}, overrides={"long_range_mode": ["fuzzy"]})
+    with pytest.raises(ValueError, match="given twice"):
+        load_settings(environ={}, overrides={"long_range_method": ["a=mesh", "a=direct"]})
+
+    engine_settings = EngineSettings(
+        long_range={"": {"mode": "smooth"}, "big": {"method": "mesh"}}, warmup=False
+    )
+    models = {
+        "small": random_model(seed=1, long_range=True),
+        "big": random_model(seed=2, long_range=True),
+    }
+    with Engine(models, settings=engine_settings):
+        small, big = models["small"], models["big"]  # configured in place on loading
+        assert (small.ewald.options.mode, small.ewald.options.method) == ("smooth", "auto")
+        assert (big.ewald.options.mode, big.ewald.options.method) == ("smooth", "mesh")

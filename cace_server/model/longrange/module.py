@@ -115,12 +115,13 @@ class EwaldSum(torch.nn.Module):
         cells = np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)
         periodic = periodicity(pbc)
         offsets = [0, *np.cumsum(n_atoms)[:-1].tolist()]
+        lengths = np.linalg.norm(cells, axis=2).tolist()
         keys: dict[tuple[Any, ...], list[int]] = {}
         for b, is_periodic in enumerate(periodic):
             if not is_periodic:
                 keys.setdefault((OPEN,), []).append(b)
                 continue
-            extents = self.kernel.extents(np.linalg.norm(cells[b], axis=1).tolist())
+            extents = self.kernel.extents(lengths[b])
             kind = self._method(n_atoms[b])
             shape = mesh_shape(extents, self.options.mesh_oversampling) if kind == MESH else None
             keys.setdefault((kind, extents, shape), []).append(b)
