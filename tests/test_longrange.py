@@ -169,6 +169,27 @@ def test_batch_has_no_host_reads_and_a_fixed_op_count(method, mode):
     assert counts[32] <= {"direct": 400, "mesh": 650}[method], counts
 
 
+@pytest.mark.parametrize("method", ["direct", "mesh"])
+@pytest.mark.parametrize("mode", ["parity", "smooth"])
+def test_runs_on_the_meta_device(method, mode):
+    """Tensors without data: any read of a value on the host (.tolist(), .item(),
+    int(t), even on a CPU tensor, which no dispatch mode sees) fails there."""
+    module = ewald(method=method, mode=mode)
+    cubic = np.eye(3) * 9.0
+    cells = np.stack([cubic, cubic, cubic, TRICLINIC, np.zeros((3, 3)), np.zeros((3, 3))])
+    pbc = np.array([[True] * 3] * 4 + [[False] * 3] * 2)
+    n_atoms = [24, 24, 24, 11, 5, 7]
+    plan = module.plan(cells, pbc, n_atoms)  # host data only
+    meta = {"device": "meta", "dtype": torch.float64}
+    r = torch.empty(sum(n_atoms), 3, **meta, requires_grad=True)
+    q = torch.empty(sum(n_atoms), 2, **meta)
+    strain = torch.zeros(len(n_atoms), 3, 3, **meta, requires_grad=True)
+    cell = torch.empty(len(n_atoms), 3, 3, **meta) @ (torch.eye(3, **meta) + strain)
+    energy = module(r, q, cell, plan=plan)
+    grads = torch.autograd.grad(energy.sum(), [r, strain])
+    assert energy.shape == (6,) and grads[0].shape == r.shape
+
+
 def test_smooth_mode_stress_is_the_strain_derivative():
     """Finite differences of the smooth energy along a general strain equal the virial."""
     rng = np.random.default_rng(5)

@@ -100,16 +100,12 @@ class KSpaceWeights:
             + n3[None, None, None, :, None] * recip[:, None, None, None, 2]
         )
         k_sq = (kvec * kvec).sum(-1)
-        if self.mode == PARITY:
-            keep = keep & (k_sq <= self.k_max**2)
-            cut = None
-        else:
-            keep = keep & (k_sq < self.k_cut**2)
+        smooth = self.mode == SMOOTH
+        keep = keep & ((k_sq < self.k_cut**2) if smooth else (k_sq <= self.k_max**2))
         safe = torch.where(keep, k_sq, torch.ones_like(k_sq))
         weight = 2.0 * torch.exp(-0.5 * self.sigma**2 * safe) / safe
-        if self.mode == SMOOTH:
-            cut = quintic_step((self.k_cut - safe.sqrt()) / (2.0 * self.half_width))
-            weight = weight * cut
+        if smooth:
+            weight = weight * quintic_step((self.k_cut - safe.sqrt()) / (2.0 * self.half_width))
         weight = torch.where(keep, weight, torch.zeros_like(weight))
         return weight / volume[:, None, None, None]
 

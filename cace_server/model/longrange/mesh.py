@@ -14,6 +14,7 @@ instead of O(N M).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -56,16 +57,12 @@ def bspline_weights(frac: torch.Tensor, order: int) -> torch.Tensor:
     return values
 
 
-def _cardinal_bspline_at_integers(order: int) -> np.ndarray:
-    """M_p(1), ..., M_p(p - 1)."""
-    values = bspline_weights(torch.zeros(1, dtype=torch.float64), order)[0].numpy()
-    # M_p(0 + k) for k = 0..p-1; M_p(0) = 0, so entries 1.. are M_p(1)..M_p(p-1)
-    return values[1:]
-
-
-def spline_modulus_sq(order: int, size: int, n: np.ndarray) -> np.ndarray:
-    """|b(n)|^2 of one axis of ``size`` grid points at integer frequencies ``n``."""
-    m = _cardinal_bspline_at_integers(order)
+@functools.lru_cache(maxsize=64)
+def spline_modulus_sq(order: int, size: int, low: int, high: int) -> np.ndarray:
+    """|b(n)|^2 of one axis of ``size`` grid points for n = low..high (cell-independent)."""
+    # M_p(k) for k = 0..p-1 (M_p(0) = 0): the cardinal B-spline at the integers 1..p-1
+    m = bspline_weights(torch.zeros(1, dtype=torch.float64), order)[0].numpy()[1:]
+    n = np.arange(low, high + 1)
     k = np.arange(order - 1)
     denom = (m[None, :] * np.exp(2j * np.pi * np.outer(n, k) / size)).sum(axis=1)
     return np.asarray(1.0 / np.abs(denom) ** 2)
@@ -125,9 +122,9 @@ def mesh_energy(
     keep = half_space(n3, n2, n1).permute(2, 1, 0)  # the half space with n3 leading
     weight = weights(recip, volume, n1, n2, n3, keep)  # [G, A, B, C]
     modulus = (
-        spline_modulus_sq(order, k1, i1)[:, None, None]
-        * spline_modulus_sq(order, k2, i2)[None, :, None]
-        * spline_modulus_sq(order, k3, i3)[None, None, :]
+        spline_modulus_sq(order, k1, -nk1, nk1)[:, None, None]
+        * spline_modulus_sq(order, k2, -nk2, nk2)[None, :, None]
+        * spline_modulus_sq(order, k3, 0, nk3)[None, None, :]
     )
     weight = weight * torch.as_tensor(modulus, device=device)
     f_sq = f.real**2 + f.imag**2  # [G, Q, A, B, C]
