@@ -155,6 +155,8 @@ def default_torch_threads(device: str = "cpu") -> int:
     """
     del device  # the same rule everywhere, see above
     return max(1, available_cores() // 2)
+
+
 # The choices of cace_server.model.longrange (not imported here: it needs torch).
 LONG_RANGE_MODES = ("parity", "smooth")
 LONG_RANGE_METHODS = ("auto", "direct", "mesh")
