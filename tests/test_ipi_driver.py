@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cace_server.engine import Engine, EngineSettings
-from cace_server.ipi import DriverPool
+from cace_server.ipi import DriverPool, Source
 from cace_server.ipi.driver import ConnectionState
 from cace_server.structures import Prediction, Structure
 from cace_server.units import (
@@ -104,7 +104,9 @@ class RecordingEvaluator:
         self.delay = delay
         self.lock = threading.Lock()
 
-    async def __call__(self, structures: list[Structure]) -> list[Prediction]:
+    async def __call__(
+        self, structures: list[Structure], *, source: Source | None = None
+    ) -> list[Prediction]:
         if self.delay:
             await asyncio.sleep(self.delay)
         with self.lock:

@@ -3,7 +3,9 @@
 A batch holds items of one model only, in arrival order, bounded by atoms and
 neighbour pairs. The head of the queue always goes into the next batch (even when
 it alone exceeds a bound), so no request can be starved; later items that do not
-fit wait for a following batch.
+fit wait for a following batch. The batch of an i-PI step closes when every
+connection of its :class:`~cace_server.engine.steps.StepGroup` has submitted, not
+on a timer (see ``steps.py``); other work waits ``wait_s`` for company.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from cace_server.engine.errors import EngineClosed, EngineError
 from cace_server.engine.stats import EngineStats
+from cace_server.engine.steps import StepGroup
 from cace_server.structures import Prediction, Structure
 
 
@@ -34,6 +37,8 @@ class WorkItem:
     submitted: float = field(default_factory=time.monotonic)
     prepared: Any = None  # the model's prepared structure (neighbour list), set before queueing
     enqueued: float = 0.0
+    session: str | None = None  # who submitted it (Verlet lists, step-group member)
+    step_group: StepGroup | None = None  # the i-PI step it belongs to, if any
 
     @property
     def n_atoms(self) -> int:
@@ -66,10 +71,11 @@ def select_batch(
 class PendingQueue:
     """Prepared items waiting for the worker; producers are the prepare threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: EngineStats | None = None) -> None:
         self._items: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._stats = stats
 
     def __len__(self) -> int:
         with self._cond:
@@ -85,6 +91,8 @@ class PendingQueue:
                 raise EngineClosed("engine is shutting down")
             for item in items:
                 item.enqueued = now
+                if item.step_group is not None and item.session is not None:
+                    item.step_group.arrived(item.session)
             self._items.extend(items)
             self._cond.notify_all()
 
@@ -94,7 +102,9 @@ class PendingQueue:
         """Block until a batch is available; ``None`` when the queue is closed (and drained).
 
         With ``wait_s`` > 0, waits until ``wait_s`` after the head item arrived for
-        more items of its model to join, unless the batch is already full.
+        more items of its model to join, unless the batch is already full. A head
+        item of a step group waits instead until its step is complete (at most the
+        group's ``timeout_s``).
         """
         with self._cond:
             while True:
@@ -102,18 +112,41 @@ class PendingQueue:
                     if self._closed:
                         return None
                     self._cond.wait()
-                if wait_s > 0:
-                    deadline = self._items[0].enqueued + wait_s
+                group = self._items[0].step_group
+                timed_out = False
+                if group is not None or wait_s > 0:
+                    head = self._items[0]
+                    deadline = head.enqueued + (group.timeout_s if group is not None else wait_s)
                     # Nothing can join after close(), so stop waiting then.
-                    while self._items and not self._closed:
+                    while self._items and not self._closed and self._items[0] is head:
+                        if group is not None and group.complete():
+                            break
+                        if self._is_full(max_atoms, max_pairs):
+                            break
                         remaining = deadline - time.monotonic()
-                        if remaining <= 0 or self._is_full(max_atoms, max_pairs):
+                        if remaining <= 0:
+                            timed_out = group is not None
                             break
                         self._cond.wait(remaining)
-                    if not self._items:  # emptied by close() while waiting
-                        continue
+                    if not self._items or self._items[0] is not head:
+                        continue  # emptied by close(), or taken by another worker
                 batch, self._items = select_batch(self._items, max_atoms, max_pairs)
+                self._step_taken(batch, not timed_out)
                 return batch
+
+    def _step_taken(self, batch: list[WorkItem], complete: bool) -> None:
+        groups: dict[int, tuple[StepGroup, list[str]]] = {}
+        for item in batch:
+            if item.step_group is not None and item.session is not None:
+                groups.setdefault(id(item.step_group), (item.step_group, []))[1].append(
+                    item.session
+                )
+        for group, members in groups.values():
+            if not complete:
+                group.timed_out()
+            group.taken(members)
+            if self._stats is not None:
+                self._stats.step_closed(complete)
 
     def close(self, *, drain: bool = False) -> list[WorkItem]:
         """Refuse new items; without ``drain``, remove and return the waiting ones."""
@@ -123,6 +156,9 @@ class PendingQueue:
             if not drain:
                 removed = list(self._items)
                 self._items.clear()
+                for item in removed:
+                    if item.step_group is not None and item.session is not None:
+                        item.step_group.forget(item.session)
             self._cond.notify_all()
             return removed
 

@@ -15,6 +15,8 @@ class EngineSettings:
 
     ``device``/``dtype`` of ``None`` keep an already-built model where and as it
     is; model files are then loaded on ``cpu`` in the dtype they were saved in.
+    ``device`` may list several devices (``"cuda:0,cuda:1"``): one worker per device,
+    each with its own copy of the models, all taking batches from the one queue.
     """
 
     device: str | None = None
@@ -35,16 +37,44 @@ class EngineSettings:
     warmup: bool = True
     # torch intra-op threads (process-wide); None leaves torch's default.
     torch_threads: int | None = None
+    # An i-PI step's batch closes once every connection of its address has
+    # submitted; if one does not within this time of the first, it closes anyway.
+    step_wait_ms: float = 100.0
+    # Verlet skin (Å) of the neighbour lists kept per i-PI connection and HTTP
+    # session; 0 builds every list afresh. Lists of the least recently used sessions
+    # beyond ``max_neighbor_lists`` are dropped.
+    neighbor_skin: float = 0.5
+    max_neighbor_lists: int = 1024
+
+    @property
+    def devices(self) -> list[str | None]:
+        """One entry per worker (``[None]``: the model's own device)."""
+        if self.device is None:
+            return [None]
+        return [d.strip() for d in self.device.split(",")]
+
+    def _device_names(self) -> list[str]:
+        return [] if self.device is None else [d.strip() for d in self.device.split(",")]
 
     def __post_init__(self) -> None:
-        if self.device is not None and not _DEVICE.match(self.device):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if not all(_DEVICE.match(d) for d in self._device_names()):
+            raise ValueError(
+                f"device must be cpu, cuda, cuda:N or mps, or a comma-separated list of "
+                f"them, got {self.device!r}"
+            )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_batch_atoms", "max_batch_pairs", "max_queue", "prepare_threads"):
+        for name in (
+            "max_batch_atoms",
+            "max_batch_pairs",
+            "max_queue",
+            "prepare_threads",
+            "max_neighbor_lists",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"batch_wait_ms must not be negative, got {self.batch_wait_ms}")
+        for name in ("batch_wait_ms", "step_wait_ms", "neighbor_skin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
