@@ -349,10 +349,14 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     setup_logging(settings.log_level, settings.log_json)
-    from cace_server.engine import EngineError
+    from cace_server.engine import DeviceFailed, EngineError
 
     try:
         asyncio.run(run(settings))
+    except DeviceFailed as exc:
+        # Not a usage error: the orchestrator should restart the server.
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from exc
     except (ValueError, EngineError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

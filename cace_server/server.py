@@ -3,7 +3,8 @@
 Start-up order: load and warm the models (the engine), then connect to i-PI and
 open the HTTP port. On SIGINT/SIGTERM: stop accepting HTTP requests, close the i-PI
 connections between messages (nothing half-written), let the engine finish what it
-accepted, exit 0.
+accepted, exit 0. When a device fails (a dead CUDA context) the same shutdown runs
+and :func:`serve` raises DeviceFailed: the command exits 3, for a restart.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cace_server.engine import Engine, EngineSettings
+from cace_server.engine import DeviceFailed, Engine, EngineSettings
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.ipi.evaluate import ipi_evaluator
 from cace_server.settings import ServerSettings
@@ -147,6 +148,8 @@ async def serve(settings: ServerSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # A dead device cannot recover in this process: stop, and exit non-zero (below).
+    engine.on_fatal(lambda _reason: loop.call_soon_threadsafe(stop.set))
 
     try:
         pool = build_driver_pool(settings, engine)
@@ -177,6 +180,8 @@ async def serve(settings: ServerSettings) -> None:
         await pool.stop()
         await engine.aclose(drain=True, timeout=30)
         logger.info("stopped")
+    if engine.fatal_error is not None:
+        raise DeviceFailed(f"the device failed: {engine.fatal_error}")
 
 
 def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> Any:

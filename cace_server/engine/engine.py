@@ -542,6 +542,7 @@ class Engine:
                     check_inputs(item.structure, required)
                     if item.session is None:
                         item.prepared = model.prepare(item.structure)
+                        self.stats.neighbor_list(reused=False)
                     else:
                         item.prepared = self._sessions.prepare(
                             item.model, model, item.session, item.index, item.structure

@@ -80,9 +80,10 @@ class StatsSnapshot:
     happen), ``model_calls_by_device`` the same per device (one worker each);
     ``errors``: failed structures (or rejected requests) by error kind;
     ``device_failures``: device -> why it died (empty while healthy);
-    ``neighbor_lists``: lists built / reused (Verlet lists of sessions and i-PI
-    connections); ``step_batches``: batches closed because every connection of an
-    i-PI step had submitted (``step_timeouts``: closed by the time limit instead).
+    ``neighbor_lists_built``/``_reused``: neighbour lists built, and Verlet lists of
+    sessions (i-PI connections, HTTP sessions) reused; ``step_batches``: batches
+    closed because every connection of an i-PI step had submitted
+    (``step_timeouts``: closed by the time limit instead).
     ``queue_wait``: per structure, submission to start of its batch (includes the
     neighbour list); ``compute``: per batch; ``latency``: per request, submission
     to its last result.

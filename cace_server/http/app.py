@@ -277,12 +277,21 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     # -- health ----------------------------------------------------------------------------
-    @app.get("/healthz", tags=["health"], summary="The process is alive (no auth)")
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="The process is alive and its device works (no auth)",
+        responses=_errors(503),
+    )
     async def healthz() -> dict[str, str]:
+        if not engine.healthy:
+            raise ApiError(503, "device_failed", f"the device failed: {engine.fatal_error}")
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], summary="Models loaded and warm", responses=_errors(503))
     async def readyz() -> Response:
+        if not engine.healthy:
+            raise ApiError(503, "device_failed", f"the device failed: {engine.fatal_error}")
         if not engine.ready:
             error = engine.startup_error
             message = "engine is starting" if error is None else f"engine failed: {error}"
