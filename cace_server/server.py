@@ -149,7 +149,10 @@ async def serve(settings: ServerSettings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     # A dead device cannot recover in this process: stop, and exit non-zero (below).
-    engine.on_fatal(lambda _reason: loop.call_soon_threadsafe(stop.set))
+    def on_device_failure(_reason: str) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    engine.on_fatal(on_device_failure)
 
     try:
         pool = build_driver_pool(settings, engine)
