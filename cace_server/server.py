@@ -148,6 +148,7 @@ async def serve(settings: ServerSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+
     # A dead device cannot recover in this process: stop, and exit non-zero (below).
     def on_device_failure(_reason: str) -> None:
         loop.call_soon_threadsafe(stop.set)

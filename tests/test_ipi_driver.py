@@ -28,6 +28,7 @@ import pytest
 from cace_server.engine import Engine, EngineSettings
 from cace_server.ipi import DriverPool, Source
 from cace_server.ipi.driver import ConnectionState
+from cace_server.ipi.evaluate import ipi_evaluator
 from cace_server.structures import Prediction, Structure
 from cace_server.units import (
     BOHR_PER_ANGSTROM,
@@ -558,7 +559,7 @@ def test_water_pimd_8_beads(
     # window is generous because i-PI hands out the 8 requests one after the other.
     settings = EngineSettings(batch_wait_ms=50.0, warmup=False)
     with Engine(water_model, settings=settings) as engine:
-        pool = DriverPool(engine.evaluate, options(liquid_water, model_name="water"))
+        pool = DriverPool(ipi_evaluator(engine, None), options(liquid_water, model_name="water"))
         pool.add(f"{mode}:{run.socket_path}", clients=clients)
         asyncio.run(serve_until_closed(pool, timeout=240))
         stats = engine.snapshot()

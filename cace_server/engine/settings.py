@@ -39,7 +39,9 @@ class EngineSettings:
     torch_threads: int | None = None
     # An i-PI step's batch closes once every connection of its address has
     # submitted; if one does not within this time of the first, it closes anyway.
-    step_wait_ms: float = 100.0
+    # A safety net only (a connection i-PI stopped using costs it once or twice), so
+    # generous: i-PI hands 32 beads out one by one, slowly on a loaded machine.
+    step_wait_ms: float = 1000.0
     # Verlet skin (Å) of the neighbour lists kept per i-PI connection and HTTP
     # session; 0 builds every list afresh. Lists of the least recently used sessions
     # beyond ``max_neighbor_lists`` are dropped.
