@@ -124,10 +124,11 @@ class Engine:
                 self._queue,
                 self.stats,
                 device=device,
+                label=label,
                 on_fatal=self._device_failed,
-                name="cace-engine-worker" + (f"-{device}" if len(devices) > 1 else ""),
+                name="cace-engine-worker" + (f"-{label}" if len(devices) > 1 else ""),
             )
-            for k, device in enumerate(devices)
+            for k, (device, label) in enumerate(zip(devices, _labels(devices), strict=True))
         ]
         # The first worker's models prepare structures and describe the models.
         self._worker = self._workers[0]
@@ -203,8 +204,8 @@ class Engine:
 
     @property
     def devices(self) -> list[str]:
-        """The device of each worker."""
-        return [w.device or "default" for w in self._workers]
+        """The label of each worker: its device, numbered (``cpu#1``) if two share one."""
+        return [w.label for w in self._workers]
 
     def on_fatal(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(reason)`` (from a worker thread) when a device fails."""
@@ -492,7 +493,7 @@ class Engine:
                 return
             self._fatal = f"{worker.device or 'model device'}: {reason}"
             callbacks = list(self._fatal_callbacks)
-        self.stats.device_failed(worker.device, reason)
+        self.stats.device_failed(worker.label, reason)
         removed = self._queue.close(drain=False)
         self.stats.leave_queue(len(removed))
         for item in removed:
@@ -569,6 +570,11 @@ class Engine:
         for item in items:
             error = EngineClosed(_CLOSED_BEFORE) if self._fatal is None else self._device_error()
             reject(item, error, self.stats)
+
+
+def _labels(devices: Sequence[str | None]) -> list[str]:
+    names = [d or "default" for d in devices]
+    return [n if names.count(n) == 1 else f"{n}#{k}" for k, n in enumerate(names)]
 
 
 def _copies(sources: Mapping[str, ModelSource]) -> dict[str, ModelSource]:

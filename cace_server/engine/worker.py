@@ -98,6 +98,7 @@ class Worker:
         stats: EngineStats,
         *,
         device: str | None = None,
+        label: str | None = None,
         on_fatal: Callable[[Worker, str], None] | None = None,
         name: str = "cace-engine-worker",
     ) -> None:
@@ -107,6 +108,8 @@ class Worker:
         self._queue = queue
         self._stats = stats
         self.device = device
+        #: how statistics name this worker: its device, numbered if two share one
+        self.label = label or device or "default"
         self._on_fatal = on_fatal
         self.models: dict[str, ServedModel] = {}
         self.infos: dict[str, ModelInfo] = {}
@@ -326,7 +329,7 @@ class Worker:
 
         Raises _DeviceDead for a fatal device error: no retry can help then.
         """
-        self._stats.model_call(self.device)
+        self._stats.model_call(self.label)
         try:
             predictions = _predict(model, [item.prepared for item in part], stress, bec)
             synchronize(self.device)
