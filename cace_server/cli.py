@@ -160,7 +160,9 @@ def train(
     stress_weight: float = typer.Option(None, help="loss weight of (eV/Å^3)^2 [1000]"),
     early_stopping: int = typer.Option(None, help="stop after this many epochs without gain [30]"),
     seed: int = typer.Option(None, help="random seed [0]"),
-    device: str = typer.Option(None, help="cpu, cuda or cuda:N [cpu]"),
+    device: str = typer.Option(
+        None, help="cpu, cuda, cuda:N, or a list cuda:0,cuda:1 (one worker each) [cpu]"
+    ),
     dtype: str = typer.Option(None, help="float32 or float64 [float32]"),
     threads: int = typer.Option(None, help="torch CPU threads [torch default]"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint"),
@@ -275,7 +277,9 @@ def serve(
         help="model file, or NAME=FILE; repeat to serve several (default: the bundled water model)",
     ),
     default_model: str = typer.Option(None, help="name of the default model"),
-    device: str = typer.Option(None, help="cpu, cuda or cuda:N [cpu]"),
+    device: str = typer.Option(
+        None, help="cpu, cuda, cuda:N, or a list cuda:0,cuda:1 (one worker each) [cpu]"
+    ),
     dtype: str = typer.Option(None, help="float32 or float64 [float64]"),
     http: bool = typer.Option(None, "--http/--no-http", help="serve the HTTP API [yes]"),
     host: str = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
