@@ -108,3 +108,22 @@ def test_device_built_lists_equal_host_lists() -> None:
     for got, want in zip(model.predict(device), model.predict(host), strict=True):
         assert abs(got.energy - want.energy) <= TOL
         np.testing.assert_allclose(got.forces, want.forces, rtol=0, atol=TOL)
+
+
+def test_one_connection_serving_several_beads_keeps_a_list_for_each() -> None:
+    from cace_server.engine.sessions import SessionLists
+    from cace_server.engine.stats import EngineStats
+
+    model = random_model((1, 8), seed=11, dtype="float64", cutoff=3.5)
+    stats = EngineStats()
+    lists = SessionLists(skin=0.4, max_neighbor_lists=16, stats=stats)
+    rng = np.random.default_rng(3)
+    beads = [moved(water_like(1), rng, 0.3) for _ in range(4)]  # far apart from each other
+    for _step in range(3):  # i-PI sends bead 0, 1, 2, 3 over the one connection, each step
+        beads = [moved(b, rng, 0.01) for b in beads]
+        for b in beads:
+            prepared = lists.prepare("m", model, "ipi:c0", 0, b)
+            fresh = prepare_structure(b, model.elements, model.cutoff)
+            assert pair_set(prepared) == pair_set(fresh)
+    snap = stats.snapshot()
+    assert (snap.neighbor_lists_built, snap.neighbor_lists_reused) == (4, 8)

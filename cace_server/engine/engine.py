@@ -544,7 +544,7 @@ class Engine:
                     if item.session is None:
                         item.prepared = model.prepare(item.structure)
                         self.stats.neighbor_list(reused=False)
-                    else:
+                    else:  # counts built and reused lists itself
                         item.prepared = self._sessions.prepare(
                             item.model, model, item.session, item.index, item.structure
                         )

@@ -218,6 +218,11 @@ class VerletList:
         self._reference: Structure | None = None
         self._pairs: tuple[Pairs, Pairs, Shifts] | None = None
 
+    def covers(self, structure: Structure) -> bool:
+        """Whether the kept list is valid for ``structure`` (see the class)."""
+        with self._lock:
+            return self._pairs is not None and self._still_valid(structure)
+
     def prepare(self, structure: Structure) -> tuple[PreparedStructure, bool]:
         """(the prepared structure, whether the list was reused)."""
         structure.validate()
