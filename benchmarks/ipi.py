@@ -303,12 +303,18 @@ def main() -> None:
 
 
 def server_command(
-    model_path: str, dtype: str, template: Path, clients: int, threads: int, scheme: str
+    model_path: str,
+    dtype: str,
+    template: Path,
+    clients: int,
+    threads: int,
+    scheme: str,
+    device: str = "cpu",
 ) -> list[str]:
     """cace-server as a module of whatever tree PYTHONPATH names (this one or REV's)."""
     return [
         sys.executable, "-m", "cace_server.cli", "serve", "--no-http",
-        "--model", model_path, "--dtype", dtype,
+        "--model", model_path, "--dtype", dtype, "--device", device,
         "--ipi", scheme + ":{socket}", "--ipi-clients", str(clients),
         "--ipi-template", str(template), "--torch-threads", str(threads),
         # the engine of 19a9087 needs its timer to batch beads over connections
