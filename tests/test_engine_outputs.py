@@ -93,7 +93,8 @@ def test_warm_up_of_a_dipole_model_asks_for_bec(inner: Any) -> None:
     model = WithDipole(inner)
     with Engine(model, settings=EngineSettings()):
         pass
-    assert model.bec_calls == [(1, True)]
+    # every warm-up call (open cluster, periodic box, four boxes) asks for them
+    assert model.bec_calls == [(1, True), (1, True), (4, True)]
 
 
 def test_ipi_evaluator_sends_bec_when_the_model_has_them(inner: Any) -> None:
