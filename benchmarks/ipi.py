@@ -16,6 +16,13 @@ property lines after the first two steps.
 
     python benchmarks/ipi.py                           # 8 and 32 beads, float32 and float64
     python benchmarks/ipi.py --beads 8 --dtypes float32 --steps 10
+    python benchmarks/ipi.py --against 19a9087         # this tree vs a revision, float32
+
+With ``--against REV`` the revision is checked out in a temporary git worktree under
+/tmp, and for every bead count and transport of cace-server (serial, connections,
+batched, shm) fresh server processes of REV and of this tree are run in turn
+(``--repeats`` times each, alternating), against the same i-PI input; the table gives
+each side's median ms per step and the ratio (below 1: this tree is faster).
 """
 
 from __future__ import annotations
@@ -78,7 +85,14 @@ def per_step(times: list[float]) -> float:
 
 
 def run_case(
-    workdir: Path, atoms, beads: int, steps: int, mode: str, batch: int, clients: list[list[str]]
+    workdir: Path,
+    atoms,
+    beads: int,
+    steps: int,
+    mode: str,
+    batch: int,
+    clients: list[list[str]],
+    pythonpath: Path = REPO,
 ) -> float:
     sockets = tempfile.mkdtemp(prefix="ipib", dir="/tmp")
     run = IpiRun(
@@ -95,7 +109,7 @@ def run_case(
     try:
         run.start()
         run.wait_for_socket()
-        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(pythonpath))
         for cmd in clients:
             cmd = [
                 c.replace("{socket}", run.socket_path).replace("{prefix}", run.prefix) for c in cmd
@@ -161,7 +175,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="serial,connections,batched,shm,py-driver")
+    parser.add_argument("--against", metavar="REV", help="compare with a git revision")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side with --against")
     args = parser.parse_args()
+    if args.against:
+        against(args)
+        return
 
     import ase.io
 
@@ -281,6 +300,95 @@ def main() -> None:
             f"| {beads} | {dtype} | {mode} | {ours_s * 1e3:.0f} | {null_s * 1e3:.1f} | "
             f"{floor * 1e3:.0f} | {ours_s / floor:.2f} |"
         )
+
+
+def server_command(
+    model_path: str,
+    dtype: str,
+    template: Path,
+    clients: int,
+    threads: int,
+    scheme: str,
+    device: str = "cpu",
+) -> list[str]:
+    """cace-server as a module of whatever tree PYTHONPATH names (this one or REV's)."""
+    return [
+        sys.executable, "-m", "cace_server.cli", "serve", "--no-http",
+        "--model", model_path, "--dtype", dtype, "--device", device,
+        "--ipi", scheme + ":{socket}", "--ipi-clients", str(clients),
+        "--ipi-template", str(template), "--torch-threads", str(threads),
+        # the engine of 19a9087 needs its timer to batch beads over connections
+        "--batch-wait-ms", "5.0" if clients > 1 else "0.0",
+        "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def against(args: argparse.Namespace) -> None:
+    import ase.io
+
+    atoms = ase.io.read(REFERENCE / "liquid-64.xyz")
+    atoms.pbc = True
+    dtype = "float32" if args.dtypes == "float32,float64" else args.dtypes.split(",")[0]
+    modes = [m for m in args.modes.split(",") if m != "py-driver"]
+    work = Path(tempfile.mkdtemp(prefix="cace-ipi-bench-"))
+    tree = Path(tempfile.mkdtemp(prefix="cace-ipi-against-", dir="/tmp")) / "tree"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(tree), args.against],
+        check=True,
+    )
+    rows = []
+    try:
+        model_path = args.model
+        if model_path is None:
+            from cace_server.model import convert_original, save_model
+
+            model_path = str(
+                save_model(convert_original(REFERENCE / "best_model.pth"), work / "w.safetensors")
+            )
+        template = work / "template.extxyz"
+        ase.io.write(template, atoms, format="extxyz")
+        for beads in (int(b) for b in args.beads.split(",")):
+            for mode in modes:
+                ipi_mode, batch, clients, scheme = {
+                    "serial": ("unix", 1, 1, "unix"),
+                    "connections": ("unix", 1, beads, "unix"),
+                    "batched": ("unix", beads, 1, "unix"),
+                    "shm": ("shm", beads, 1, "shm"),
+                }[mode]
+                command = server_command(model_path, dtype, template, clients, args.threads, scheme)
+                times: dict[str, list[float]] = {"rev": [], "ours": []}
+                for r in range(args.repeats):
+                    # alternate which side runs first, so drifts in load cancel
+                    for side in ("rev", "ours") if r % 2 == 0 else ("ours", "rev"):
+                        path = tree if side == "rev" else REPO
+                        tag = f"{beads}-{mode}-{side}-{r}"
+                        seconds = run_case(
+                            work / tag,
+                            atoms,
+                            beads,
+                            args.steps,
+                            ipi_mode,
+                            batch,
+                            [command],
+                            pythonpath=path,
+                        )
+                        times[side].append(seconds)
+                        print(f"done {tag}: {times[side][-1] * 1e3:.0f} ms/step", file=sys.stderr)
+                rev, ours = statistics.median(times["rev"]), statistics.median(times["ours"])
+                rows.append((beads, mode, rev, ours))
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)])
+        shutil.rmtree(tree.parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"\ni-PI NVT PIMD of liquid-64 water (192 atoms), reference LR model, {dtype}, "
+        f"{args.threads} threads, {args.steps} steps, median of {args.repeats} runs per side\n"
+    )
+    print(f"| beads | mode | {args.against} ms/step | this tree ms/step | ratio |")
+    print("|---|---|---|---|---|")
+    for beads, mode, rev, ours in rows:
+        print(f"| {beads} | {mode} | {rev * 1e3:.0f} | {ours * 1e3:.0f} | {ours / rev:.2f} |")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,9 @@ def train(
     stress_weight: float = typer.Option(None, help="loss weight of (eV/Å^3)^2 [1000]"),
     early_stopping: int = typer.Option(None, help="stop after this many epochs without gain [30]"),
     seed: int = typer.Option(None, help="random seed [0]"),
-    device: str = typer.Option(None, help="cpu, cuda or cuda:N [cpu]"),
+    device: str = typer.Option(
+        None, help="cpu, cuda, cuda:N, or a list cuda:0,cuda:1 (one worker each) [cpu]"
+    ),
     dtype: str = typer.Option(None, help="float32 or float64 [float32]"),
     threads: int = typer.Option(None, help="torch CPU threads [torch default]"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint"),
@@ -310,7 +312,9 @@ def serve(
         help="model file, or NAME=FILE; repeat to serve several (default: the bundled water model)",
     ),
     default_model: str = typer.Option(None, help="name of the default model"),
-    device: str = typer.Option(None, help="cpu, cuda or cuda:N [cpu]"),
+    device: str = typer.Option(
+        None, help="cpu, cuda, cuda:N, or a list cuda:0,cuda:1 (one worker each) [cpu]"
+    ),
     dtype: str = typer.Option(None, help="float32 or float64 [float64]"),
     long_range_mode: list[str] = typer.Option(
         None,
@@ -445,10 +449,14 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     setup_logging(settings.log_level, settings.log_json)
-    from cace_server.engine import EngineError
+    from cace_server.engine import DeviceFailed, EngineError
 
     try:
         asyncio.run(run(settings))
+    except DeviceFailed as exc:
+        # Not a usage error: the orchestrator should restart the server.
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from exc
     except (ValueError, EngineError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

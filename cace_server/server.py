@@ -6,7 +6,9 @@ requests already received finish (each bounded by the request timeout), give the
 connections still open (idle, or a client still sending) ``shutdown_timeout_s``
 more, then close them; close the i-PI connections between messages (nothing
 half-written), let the engine finish what it accepted, exit 0. A second signal
-exits at once (status 128 + the signal number).
+exits at once (status 128 + the signal number). When a device fails (a dead CUDA
+context) the same shutdown runs and :func:`serve` raises DeviceFailed: the command
+exits 3, for a restart.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cace_server.engine import Engine, EngineSettings
+from cace_server.engine import DeviceFailed, Engine, EngineSettings
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.ipi.evaluate import ipi_evaluator
 from cace_server.settings import ServerSettings, default_torch_threads
@@ -176,6 +178,12 @@ async def serve(settings: ServerSettings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig)
 
+    # A dead device cannot recover in this process: stop, and exit non-zero (below).
+    def on_device_failure(_reason: str) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    engine.on_fatal(on_device_failure)
+
     try:
         pool = build_driver_pool(settings, engine)
     except BaseException:  # e.g. a template without the model's per-atom inputs
@@ -202,6 +210,8 @@ async def serve(settings: ServerSettings) -> None:
         await pool.stop()
         await engine.aclose(drain=True, timeout=30)
         logger.info("stopped")
+    if engine.fatal_error is not None:
+        raise DeviceFailed(f"the device failed: {engine.fatal_error}")
 
 
 async def stop_http(

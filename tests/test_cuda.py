@@ -67,3 +67,79 @@ def test_training_step_on_cuda(tmp_path):
     before = trainer.validate()["loss"]
     best = trainer.run()
     assert best["valid"]["loss"] < before
+
+
+def test_neighbour_lists_built_on_the_device_equal_host_lists():
+    from cace_server.model.neighbors import prepare_structure
+
+    rng = np.random.default_rng(2)
+    model = random_model(seed=4, long_range=True, device="cuda")
+    structures = [water_box(rng), water_box(rng, 30, 9.0)]
+    on_device = [model.prepare(s) for s in structures]
+    assert all(p.receivers.device.type == "cuda" for p in on_device)
+    host = [prepare_structure(s, model.elements, model.cutoff) for s in structures]
+
+    def pairs(p):
+        columns = [np.asarray(torch.as_tensor(a).cpu()) for a in (p.receivers, p.senders)]
+        shifts = np.asarray(torch.as_tensor(p.unit_shifts).cpu())
+        return sorted(map(tuple, np.column_stack([*columns, shifts]).tolist()))
+
+    for d, h in zip(on_device, host, strict=True):
+        assert pairs(d) == pairs(h)
+    for a, b in zip(model.predict(on_device), model.predict(host), strict=True):
+        np.testing.assert_allclose(a.forces, b.forces, atol=1e-10)
+
+
+def test_verlet_sessions_on_cuda_equal_fresh_lists():
+    from cace_server.engine import Engine, EngineSettings
+
+    rng = np.random.default_rng(3)
+    model = random_model(seed=4, long_range=True, device="cpu")
+    s = water_box(rng)
+    settings = EngineSettings(device="cuda", dtype="float64", neighbor_skin=0.5)
+    with Engine(model, settings=settings) as engine:
+        for _ in range(4):
+            s = Structure.create(s.numbers, s.positions + rng.normal(0, 0.01, (len(s), 3)),
+                                 s.cell, s.pbc)  # fmt: skip
+            got = engine.evaluate_sync([s], session="md")[0]
+            want = random_model(seed=4, long_range=True, device="cpu").predict([s])[0]
+            np.testing.assert_allclose(got.forces, want.forces, atol=1e-9)
+        assert engine.snapshot().neighbor_lists_reused == 3
+
+
+def test_a_real_device_side_assert_is_fatal(tmp_path):
+    """A kernel that asserts poisons the CUDA context: run in a child process."""
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, torch
+from cace_server.engine import Engine, EngineSettings, DeviceFailed
+from cace_server.model.build import random_model
+from cace_server.structures import Structure
+
+class Asserting:
+    def __init__(self, model): self.model, self.armed = model, False
+    def __getattr__(self, name): return getattr(self.model, name)
+    def prepare(self, s): return self.model.prepare(s)
+    def predict(self, structures, *, stress=True):
+        if self.armed:  # an index out of bounds inside a kernel: CUDA asserts
+            x = torch.zeros(4, device="cuda")
+            x[torch.tensor([10], device="cuda")] += 1.0
+        return self.model.predict(structures, stress=stress)
+
+model = Asserting(random_model(seed=1, device="cuda"))
+rng = np.random.default_rng(0)
+s = Structure.create(np.tile([8, 1, 1], 8), rng.uniform(0, 8, (24, 3)), np.eye(3) * 8, True)
+with Engine(model, settings=EngineSettings(device="cuda")) as engine:
+    model.armed = True
+    try:
+        engine.evaluate_sync([s])
+    except DeviceFailed as exc:
+        print("FATAL", exc)
+    print("HEALTHY", engine.healthy)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert "FATAL" in proc.stdout and "HEALTHY False" in proc.stdout, proc.stdout + proc.stderr

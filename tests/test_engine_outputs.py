@@ -93,21 +93,24 @@ def test_warm_up_of_a_dipole_model_asks_for_bec(inner: Any) -> None:
     model = WithDipole(inner)
     with Engine(model, settings=EngineSettings()):
         pass
-    assert model.bec_calls == [(1, True)]
+    # every warm-up call (open cluster, periodic box, four boxes) asks for them
+    assert model.bec_calls == [(1, True), (1, True), (4, True)]
 
 
 def test_ipi_evaluator_sends_bec_when_the_model_has_them(inner: Any) -> None:
     """i-PI cannot ask: its connections get BEC whenever the model has them, unless off."""
     import asyncio
 
+    from cace_server.ipi import Source
     from cace_server.ipi.evaluate import ipi_evaluator
 
     structures = [make_structure(5, seed=9)]
+    source = Source("ipi[unix:/tmp/ipi_x]#0", "unix:/tmp/ipi_x", 1)
     for model, bec, want in [
         (WithDipole(inner), True, True),
         (WithDipole(inner), False, False),
         (inner, True, False),  # no BEC to send: no error either
     ]:
         with Engine(model, settings=EngineSettings(warmup=False)) as engine:
-            (got,) = asyncio.run(ipi_evaluator(engine, None, bec)(structures))
+            (got,) = asyncio.run(ipi_evaluator(engine, None, bec)(structures, source=source))
             assert (got.bec is not None) == want

@@ -97,7 +97,9 @@ def engine(model: ReadsChargeStates) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(create_app(engine, settings=HttpSettings())) as srv:
+    # The i-PI attach route is off by default; one test attaches to its own socket dir.
+    settings = HttpSettings(allow_ipi_control=True, ipi_socket_prefix="/tmp/ipi")
+    with BackgroundServer(create_app(engine, settings=settings)) as srv:
         yield srv
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from cace_server.engine import Engine, EngineSettings
 from cace_server.http import BackgroundServer, HttpSettings, create_app
+from cace_server.ipi.evaluate import ipi_evaluator
 from cace_server.model import load_model, random_model, save_model
 from tests.ipi_support import IPI_SCRIPT, IpiRun, check_run_against_model, start_ipi
 
@@ -281,7 +282,9 @@ def test_startup_pool_is_listed(model_file: Path) -> None:
     from cace_server.ipi import DriverOptions, DriverPool
 
     with Engine(model_file) as engine:
-        pool = DriverPool(engine.evaluate, DriverOptions(numbers=[8, 1, 1], connect_timeout=600))
+        pool = DriverPool(
+            ipi_evaluator(engine, None), DriverOptions(numbers=[8, 1, 1], connect_timeout=600)
+        )
         pool.add("unix:/tmp/ipi_cace-http-test-nobody")
         app = create_app(engine, pool)
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url) as c:

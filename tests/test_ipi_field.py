@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from cace_server.engine import Engine, EngineSettings
-from cace_server.ipi import DriverPool
+from cace_server.ipi import DriverPool, Source
 from cace_server.structures import Prediction, Structure
 from cace_server.units import (
     ANGSTROM_PER_BOHR,
@@ -185,7 +185,7 @@ def test_field_md_reads_our_born_charges(tmp_path: Path, socket_dir: str, ipi_ru
         outputs=field_outputs(nbeads),
     )
 
-    async def evaluate(structures: list[Structure]) -> list[Prediction]:
+    async def evaluate(structures: list[Structure], *, source: Source) -> list[Prediction]:
         return [dipole_model(s) for s in structures]
 
     pool = DriverPool(evaluate, options(atoms, model_name="dipole"))

@@ -18,6 +18,7 @@ a structure that fails does not fail the others of its request or batch.
 
 from cace_server.engine.engine import Engine
 from cace_server.engine.errors import (
+    DeviceFailed,
     EngineClosed,
     EngineError,
     EvaluationError,
@@ -28,13 +29,16 @@ from cace_server.engine.errors import (
     Overloaded,
     UnknownModel,
     UnsupportedOutput,
+    is_fatal_device_error,
     is_out_of_memory,
 )
 from cace_server.engine.models import ModelInfo, ServedModel
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import HistogramSnapshot, StatsSnapshot
+from cace_server.engine.steps import StepGroup
 
 __all__ = [
+    "DeviceFailed",
     "Engine",
     "EngineClosed",
     "EngineError",
@@ -49,7 +53,9 @@ __all__ = [
     "Overloaded",
     "ServedModel",
     "StatsSnapshot",
+    "StepGroup",
     "UnknownModel",
     "UnsupportedOutput",
+    "is_fatal_device_error",
     "is_out_of_memory",
 ]

@@ -17,7 +17,9 @@ requests never stop coming.
 A batch holds items of one lane and one model, in arrival order, bounded by atoms
 and neighbour pairs. The head of its lane always goes into the batch (even when it
 alone exceeds a bound), so nothing is starved within a lane; later items that do
-not fit wait for a following batch.
+not fit wait for a following batch. The batch of an i-PI step closes when every
+connection of its :class:`~cace_server.engine.steps.StepGroup` has submitted, not
+on a timer (see ``steps.py``); other work waits ``wait_s`` for company.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 from cace_server.engine.errors import EngineClosed, EngineError
 from cace_server.engine.stats import EngineStats
+from cace_server.engine.steps import StepGroup
 from cace_server.structures import Prediction, Structure
 
 
@@ -61,6 +64,8 @@ class WorkItem:
     submitted: float = field(default_factory=time.monotonic)
     prepared: Any = None  # the model's prepared structure (neighbour list), set before queueing
     enqueued: float = 0.0
+    session: str | None = None  # who submitted it (Verlet lists, step-group member)
+    step_group: StepGroup | None = None  # the i-PI step it belongs to, if any
 
     @property
     def n_atoms(self) -> int:
@@ -93,10 +98,11 @@ def select_batch(
 class PendingQueue:
     """Prepared items waiting for the worker, in lanes; producers are the prepare threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: EngineStats | None = None) -> None:
         self._lanes: dict[Lane, deque[WorkItem]] = {lane: deque() for lane in Lane}
         self._cond = threading.Condition()
         self._closed = False
+        self._stats = stats
         # Worker seconds used by each HTTP lane: a worker asks for its next batch when
         # it has finished the previous one, so the time between is that batch's cost.
         # Per worker thread (lane, time taken): several workers may share the queue.
@@ -118,6 +124,8 @@ class PendingQueue:
             for item in items:
                 item.enqueued = now
                 self._lanes[item.lane].append(item)
+                if item.step_group is not None and item.session is not None:
+                    item.step_group.arrived(item.session)
             self._cond.notify_all()
 
     def take_batch(
@@ -127,7 +135,9 @@ class PendingQueue:
 
         With ``wait_s`` > 0, waits until ``wait_s`` after the head item of the chosen
         lane arrived for more items of its model to join, unless the batch is
-        already full (or work of a lane that goes first arrives meanwhile).
+        already full (or work of a lane that goes first arrives meanwhile). A head
+        item of a step group waits instead until its step is complete (at most the
+        group's ``timeout_s``).
         """
         with self._cond:
             previous = self._computing.pop(threading.get_ident(), None)
@@ -140,20 +150,43 @@ class PendingQueue:
                         return None
                     self._cond.wait()
                     lane = self._next_lane()
-                items = self._lanes[lane]
-                if wait_s > 0:
-                    deadline = items[0].enqueued + wait_s
+                head = self._lanes[lane][0]
+                group = head.step_group
+                timed_out = False
+                if group is not None or wait_s > 0:
+                    deadline = head.enqueued + (group.timeout_s if group is not None else wait_s)
                     # Nothing can join after close(), so stop waiting then.
-                    while items and not self._closed and self._next_lane() == lane:
+                    while not self._closed and self._still_head(lane, head):
+                        if group is not None and group.complete():
+                            break
+                        if self._is_full(self._lanes[lane], max_atoms, max_pairs):
+                            break
                         remaining = deadline - time.monotonic()
-                        if remaining <= 0 or self._is_full(items, max_atoms, max_pairs):
+                        if remaining <= 0:
+                            timed_out = group is not None
                             break
                         self._cond.wait(remaining)
-                    if self._next_lane() != lane:  # emptied by close(), or i-PI work came
+                    # emptied by close(), taken by another worker, or i-PI work came
+                    if not self._still_head(lane, head):
                         continue
-                batch, self._lanes[lane] = select_batch(items, max_atoms, max_pairs)
+                batch, self._lanes[lane] = select_batch(self._lanes[lane], max_atoms, max_pairs)
                 self._computing[threading.get_ident()] = (lane, time.monotonic())
+                self._step_taken(batch, not timed_out)
                 return batch
+
+    def _step_taken(self, batch: list[WorkItem], complete: bool) -> None:
+        groups: dict[int, tuple[StepGroup, list[str]]] = {}
+        for item in batch:
+            if item.step_group is not None and item.session is not None:
+                groups.setdefault(id(item.step_group), (item.step_group, []))[1].append(
+                    item.session
+                )
+        for group, members in groups.values():
+            if not complete:
+                group.timed_out()
+            group.taken(members)
+            if self._stats is not None:
+                self._stats.step_closed(complete)
 
     def close(self, *, drain: bool = False) -> list[WorkItem]:
         """Refuse new items; without ``drain``, remove and return the waiting ones."""
@@ -164,6 +197,9 @@ class PendingQueue:
                 for lane in Lane:
                     removed.extend(self._lanes[lane])
                     self._lanes[lane].clear()
+                for item in removed:
+                    if item.step_group is not None and item.session is not None:
+                        item.step_group.forget(item.session)
             self._cond.notify_all()
             return removed
 
@@ -179,6 +215,11 @@ class PendingQueue:
         if not waiting:
             return None
         return min(waiting, key=lambda lane: self._used[lane])  # ties: small first
+
+    def _still_head(self, lane: Lane, head: WorkItem) -> bool:
+        """``head`` still leads ``lane`` and no lane that goes first has work."""
+        items = self._lanes[lane]
+        return bool(items) and items[0] is head and self._next_lane() == lane
 
     @staticmethod
     def _is_full(items: deque[WorkItem], max_atoms: int, max_pairs: int) -> bool:

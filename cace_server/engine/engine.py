@@ -1,19 +1,27 @@
 """The serving engine: the one object frontends (i-PI, HTTP) talk to.
 
 Callers submit structures; a small thread pool builds their neighbour lists; the
-worker thread (which alone owns the device) runs them in batches and resolves
-each structure's future. Concurrent callers, from coroutines or threads, share
-batches. See ``worker.py`` for batching and failure isolation.
+worker thread (which alone owns the device; one per device with several) runs them
+in batches and resolves each structure's future. Concurrent callers, from
+coroutines or threads, share batches. See ``worker.py`` for batching and failure
+isolation, ``steps.py`` for how an i-PI step becomes one batch, ``sessions.py`` for
+the Verlet lists kept per session.
+
+A fatal device error (a dead CUDA context) ends the engine: what it holds fails
+with :class:`DeviceFailed`, :attr:`Engine.healthy` turns false and the callbacks
+given to :meth:`Engine.on_fatal` run (the server exits non-zero from there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
+import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from types import TracebackType
@@ -21,6 +29,7 @@ from typing import Literal, overload
 
 from cace_server.engine.batching import Lane, PendingQueue, WorkItem, reject
 from cace_server.engine.errors import (
+    DeviceFailed,
     EngineClosed,
     EngineError,
     EvaluationError,
@@ -31,8 +40,10 @@ from cace_server.engine.errors import (
     UnsupportedOutput,
 )
 from cace_server.engine.models import ModelInfo, ModelSource, check_inputs, default_name
+from cace_server.engine.sessions import SessionLists
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats, StatsSnapshot
+from cace_server.engine.steps import StepGroup
 from cace_server.engine.worker import Worker
 from cace_server.structures import Prediction, Structure, StructureError
 
@@ -103,13 +114,36 @@ class Engine:
             raise ValueError(f"default model {self._default!r} is not among {sorted(sources)}")
         self.settings = settings if settings is not None else EngineSettings()
         self.stats = EngineStats()
-        self._queue = PendingQueue()
-        self._worker = Worker(sources, self._default, self.settings, self._queue, self.stats)
+        self._queue = PendingQueue(self.stats)
+        devices = self.settings.devices
+        self._workers = [
+            Worker(
+                # Built models are moved in place: every further device gets a copy.
+                sources if k == 0 else _copies(sources),
+                self._default,
+                self.settings,
+                self._queue,
+                self.stats,
+                device=device,
+                label=label,
+                on_fatal=self._device_failed,
+                name="cace-engine-worker" + (f"-{label}" if len(devices) > 1 else ""),
+            )
+            for k, (device, label) in enumerate(zip(devices, _labels(devices), strict=True))
+        ]
+        # The first worker's models prepare structures and describe the models.
+        self._worker = self._workers[0]
+        self._sessions = SessionLists(
+            self.settings.neighbor_skin, self.settings.max_neighbor_lists, self.stats
+        )
+        self._step_groups: dict[str, StepGroup] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._started = False
         self._closing = False
         self._draining = False
+        self._fatal: str | None = None
+        self._fatal_callbacks: list[Callable[[str], None]] = []
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self, *, wait: bool = True, timeout: float | None = None) -> Engine:
@@ -126,7 +160,8 @@ class Engine:
                 self._pool = ThreadPoolExecutor(
                     self.settings.prepare_threads, thread_name_prefix="cace-engine-prepare"
                 )
-                self._worker.start()
+                for worker in self._workers:
+                    worker.start()
         if wait:
             self.wait_ready(timeout)
         return self
@@ -135,22 +170,51 @@ class Engine:
         """Block until start-up finished; raise EngineError if it failed."""
         if not self._started:
             raise NotReady("engine was not started")
-        if not self._worker.started.wait(timeout):
-            raise TimeoutError(f"engine not ready after {timeout} s")
-        error = self._worker.error
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not worker.started.wait(left):
+                raise TimeoutError(f"engine not ready after {timeout} s")
+        error = self.startup_error
         if error is not None:
             self.close()
             raise EngineError(f"engine failed to start: {type(error).__name__}: {error}") from error
 
     @property
     def ready(self) -> bool:
-        """True once models are loaded and warmed up, until close() begins."""
-        return self._worker.ready.is_set() and not self._closing
+        """True once models are loaded and warmed up, until close() begins or a device dies."""
+        return self._all_ready() and not self._closing and self._fatal is None
+
+    def _all_ready(self) -> bool:
+        return all(w.ready.is_set() for w in self._workers)
 
     @property
     def startup_error(self) -> BaseException | None:
         """Why start-up failed (loading or warm-up), if it did."""
-        return self._worker.error
+        return next((w.error for w in self._workers if w.error is not None), None)
+
+    @property
+    def healthy(self) -> bool:
+        """False once a device failed: the process should be restarted."""
+        return self._fatal is None
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the engine died (device and error), if a device failed."""
+        return self._fatal
+
+    @property
+    def devices(self) -> list[str]:
+        """The label of each worker: its device, numbered (``cpu#1``) if two share one."""
+        return [w.label for w in self._workers]
+
+    def on_fatal(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` (from a worker thread) when a device fails."""
+        with self._lock:
+            self._fatal_callbacks.append(callback)
+            fatal = self._fatal
+        if fatal is not None:
+            callback(fatal)
 
     @property
     def closed(self) -> bool:
@@ -178,8 +242,13 @@ class Engine:
             reject(item, EngineClosed(_CLOSED_BEFORE), self.stats)
         if pool is not None and not drain:
             pool.shutdown(wait=True)  # pending neighbour-list tasks see _closing and reject
-        if threading.current_thread() is not self._worker.thread and not self._worker.join(timeout):
-            logger.warning("engine worker still busy after %s s; leaving it behind", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            if threading.current_thread() is worker.thread:
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not worker.join(left):
+                logger.warning("engine worker still busy after %s s; leaving it behind", timeout)
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -242,16 +311,23 @@ class Engine:
         stress: bool = True,
         bec: bool = False,
         lane: Lane | str | None = None,
+        session: str | None = None,
+        step_group: StepGroup | None = None,
     ) -> list[Future[Prediction]]:
         """Queue structures for evaluation; one future per structure, in order.
 
         ``bec`` asks for Born effective charges (models that offer them); a batch
         computes them when any of its structures asked. ``lane``: ``"ipi"`` for i-PI
         steps (they go first); otherwise the request waits in the ``small`` or
-        ``bulk`` lane by its atom count (see ``batching.py``).
+        ``bulk`` lane by its atom count (see ``batching.py``). ``session`` names the
+        caller whose structures evolve step by step (an i-PI connection, an HTTP
+        session): their neighbour lists are kept and reused. ``step_group`` (with a
+        session) makes the batch of a step close once every member of the group has
+        submitted (:meth:`step_group`).
 
-        Raises UnknownModel, Overloaded, NotReady or EngineClosed for the whole
-        request; a structure that cannot be evaluated gets its error in its future.
+        Raises UnknownModel, Overloaded, NotReady, EngineClosed or DeviceFailed for
+        the whole request; a structure that cannot be evaluated gets its error in
+        its future.
         """
         self.stats.request()
         structures = [structures] if isinstance(structures, Structure) else list(structures)
@@ -265,7 +341,10 @@ class Engine:
         sizes = [len(s) if isinstance(s, Structure) else 0 for s in structures]
         n_atoms = sum(sizes)
         chosen = self._lane(lane, n_atoms)
-        items = [WorkItem(name, s, i, stress, bec, chosen) for i, s in enumerate(structures)]
+        items = [
+            WorkItem(name, s, i, stress, bec, chosen, session=session, step_group=step_group)
+            for i, s in enumerate(structures)
+        ]
         if not items:
             return []
         # i-PI steps are not held to the atom budget: refusing one ends a simulation.
@@ -306,6 +385,8 @@ class Engine:
         bec: bool = ...,
         lane: Lane | str | None = ...,
         return_exceptions: Literal[False] = ...,
+        session: str | None = ...,
+        step_group: StepGroup | None = ...,
     ) -> list[Prediction]: ...
 
     @overload
@@ -318,6 +399,8 @@ class Engine:
         bec: bool = ...,
         lane: Lane | str | None = ...,
         return_exceptions: Literal[True],
+        session: str | None = ...,
+        step_group: StepGroup | None = ...,
     ) -> list[Outcome]: ...
 
     async def evaluate(
@@ -329,14 +412,25 @@ class Engine:
         bec: bool = False,
         lane: Lane | str | None = None,
         return_exceptions: bool = False,
+        session: str | None = None,
+        step_group: StepGroup | None = None,
     ) -> list[Prediction] | list[Outcome]:
         """Evaluate structures with ``model`` (default: the default model).
 
         Returns one Prediction per structure, in order. A failing structure raises
         its EngineError (after all structures of the call are done), or with
-        ``return_exceptions`` takes its place in the list. ``lane``: see :meth:`submit`.
+        ``return_exceptions`` takes its place in the list. ``lane``, ``session`` and
+        ``step_group``: see :meth:`submit`.
         """
-        futures = self.submit(structures, model, stress=stress, bec=bec, lane=lane)
+        futures = self.submit(
+            structures,
+            model,
+            stress=stress,
+            bec=bec,
+            lane=lane,
+            session=session,
+            step_group=step_group,
+        )
         if not futures:
             return []
         outcomes = await asyncio.gather(
@@ -379,7 +473,7 @@ class Engine:
         return_exceptions: bool = False,
     ) -> list[Prediction] | list[Outcome]:
         """Blocking :meth:`evaluate` for threads (not for the event loop's thread)."""
-        if threading.current_thread() is self._worker.thread:
+        if any(threading.current_thread() is w.thread for w in self._workers):
             raise RuntimeError("evaluate_sync on the engine worker thread would deadlock")
         futures = self.submit(structures, model, stress=stress, bec=bec)
         _, not_done = concurrent.futures.wait(futures, timeout)
@@ -397,7 +491,38 @@ class Engine:
                 outcomes.append(exc)
         return _collect(outcomes, return_exceptions)
 
+    def step_group(self, key: str, size: int) -> StepGroup:
+        """The step group named ``key`` (e.g. an i-PI address) of ``size`` members."""
+        with self._lock:
+            group = self._step_groups.get(key)
+            if group is None:
+                timeout_s = self.settings.step_wait_ms / 1000.0
+                group = self._step_groups[key] = StepGroup(key, size, timeout_s)
+            group.size = size
+            return group
+
     # -- internals -----------------------------------------------------------------------------
+    def _device_failed(self, worker: Worker, reason: str) -> None:
+        """A worker's device died: fail everything waiting, refuse new work, tell listeners."""
+        with self._lock:
+            if self._fatal is not None:
+                return
+            self._fatal = f"{worker.device or 'model device'}: {reason}"
+            callbacks = list(self._fatal_callbacks)
+        self.stats.device_failed(worker.label, reason)
+        removed = self._queue.close(drain=False)
+        self.stats.leave_queue(len(removed))
+        for item in removed:
+            reject(item, self._device_error(), self.stats)
+        for callback in callbacks:
+            try:
+                callback(self._fatal)
+            except Exception:  # a listener's bug must not hide the failure
+                logger.exception("device-failure callback failed")
+
+    def _device_error(self) -> DeviceFailed:
+        return DeviceFailed(f"the device failed and the server is restarting ({self._fatal})")
+
     def _resolve_model(self, name: str | None) -> str:
         key = self._default if name is None else name
         if key not in self._names:
@@ -410,10 +535,12 @@ class Engine:
         return Lane.SMALL if n_atoms <= self.settings.small_request_atoms else Lane.BULK
 
     def _check_accepting(self, model: str | None) -> str:
+        if self._fatal is not None:
+            raise self._device_error()
         if self._closing:
             raise EngineClosed("engine is closed")
-        if not self._worker.ready.is_set():
-            if self._worker.error is not None:
+        if not self._all_ready():
+            if self.startup_error is not None:
                 raise EngineClosed("engine failed to start")
             raise NotReady("engine is starting (loading and warming up models)")
         return self._resolve_model(model)
@@ -435,7 +562,13 @@ class Engine:
                             f"expected a Structure, got {type(item.structure).__name__}"
                         )
                     check_inputs(item.structure, required)
-                    item.prepared = model.prepare(item.structure)
+                    if item.session is None:
+                        item.prepared = model.prepare(item.structure)
+                        self.stats.neighbor_list(reused=False)
+                    else:  # counts built and reused lists itself
+                        item.prepared = self._sessions.prepare(
+                            item.model, model, item.session, item.index, item.structure
+                        )
                 except StructureError as exc:
                     reject(item, InvalidStructure(str(exc), index=item.index), self.stats)
                 except Exception as exc:
@@ -456,7 +589,21 @@ class Engine:
     def _fail_closed(self, items: list[WorkItem]) -> None:
         self.stats.leave_queue(len(items))
         for item in items:
-            reject(item, EngineClosed(_CLOSED_BEFORE), self.stats)
+            error = EngineClosed(_CLOSED_BEFORE) if self._fatal is None else self._device_error()
+            reject(item, error, self.stats)
+
+
+def _labels(devices: Sequence[str | None]) -> list[str]:
+    names = [d or "default" for d in devices]
+    return [n if names.count(n) == 1 else f"{n}#{k}" for k, n in enumerate(names)]
+
+
+def _copies(sources: Mapping[str, ModelSource]) -> dict[str, ModelSource]:
+    """Model files as they are; built models deep-copied (a worker moves its own)."""
+    return {
+        name: source if isinstance(source, (str, os.PathLike)) else copy.deepcopy(source)
+        for name, source in sources.items()
+    }
 
 
 def _release_atoms(stats: EngineStats, n_atoms: int, _future: Future[Prediction]) -> None:

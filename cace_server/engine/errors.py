@@ -77,7 +77,22 @@ class EngineClosed(EngineError):
     kind = "engine_closed"
 
 
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+class DeviceFailed(EngineError):
+    """The device's context is dead (device-side assert, illegal memory access...).
+
+    Nothing can run on it any more in this process: the engine fails what it holds,
+    reports unhealthy and the server exits non-zero so that it is restarted.
+    """
+
+    kind = "device_failed"
+
+
+_OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "cublas_status_alloc_failed",  # cuBLAS could not get its workspace: memory, not a dead GPU
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -95,3 +110,37 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(m in text for m in _OOM_MESSAGES)
+
+
+# What CUDA says when its context is poisoned: every later call on the device fails
+# too (the CUDA runtime's "sticky" errors), so retrying smaller batches cannot help.
+_FATAL_MESSAGES = (
+    "device-side assert",
+    "illegal memory access",
+    "illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "cublas_status_execution_failed",
+    "cublas_status_internal_error",
+    "cudnn_status_execution_failed",
+    "cuda error: an illegal",
+    "cuda error: unknown error",
+    "cuda error: the launch timed out",
+    "cuda error: uncorrectable ecc error",
+    "cuda driver error",
+)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device context is dead (not out of memory).
+
+    torch raises ``torch.AcceleratorError`` (a RuntimeError) for CUDA runtime errors
+    since 2.8, and plain RuntimeErrors from cuBLAS/cuDNN, so the type name and the
+    message are both checked.
+    """
+    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
+        return False
+    if type(exc).__name__ == "AcceleratorError":
+        return True
+    text = str(exc).lower()
+    return any(m in text for m in _FATAL_MESSAGES)

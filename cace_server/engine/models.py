@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -179,3 +179,38 @@ def warmup_structure(info: ModelInfo) -> Structure:
     positions = grid[: len(numbers)] * spacing
     arrays = {name: np.zeros(len(numbers)) for name in info.required_inputs}
     return Structure.create(numbers, positions, arrays=arrays)
+
+
+def warmup_box(info: ModelInfo, seed: int = 0) -> Structure:
+    """A periodic cubic box of 64 atoms (every element, in turn) on a jittered lattice."""
+    side = 4
+    spacing = min(1.5, 0.4 * info.cutoff)
+    grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)])
+    rng = np.random.default_rng(seed)
+    positions = (grid + rng.uniform(-0.1, 0.1, grid.shape)) * spacing
+    numbers = [info.elements[i % len(info.elements)] for i in range(len(grid))]
+    arrays = {name: np.zeros(len(numbers)) for name in info.required_inputs}
+    return Structure.create(numbers, positions, np.eye(3) * side * spacing, True, arrays)
+
+
+def warmup_batches(
+    info: ModelInfo,
+    *,
+    largest_atoms: int,
+    largest_pairs: int,
+    prepare: Callable[[Structure], Any],
+) -> Iterator[tuple[str, list[Any]]]:
+    """(label, prepared structures) of each warm-up call.
+
+    An open cluster, one periodic box, a batch of four boxes, and, when
+    ``largest_atoms`` is above that, as many boxes as fit in ``largest_atoms`` atoms
+    and ``largest_pairs`` pairs (the largest batch the engine forms).
+    """
+    yield "open cluster", [prepare(warmup_structure(info))]
+    boxes = [prepare(warmup_box(info, seed)) for seed in range(4)]
+    yield "periodic box", boxes[:1]
+    yield "4 periodic boxes", boxes
+    atoms, pairs = boxes[0].n_atoms, max(boxes[0].n_pairs, 1)
+    n = min(largest_atoms // atoms, largest_pairs // pairs)
+    if n > len(boxes):
+        yield f"largest batch ({n} boxes)", [boxes[k % len(boxes)] for k in range(n)]

@@ -15,6 +15,8 @@ class EngineSettings:
 
     ``device``/``dtype`` of ``None`` keep an already-built model where and as it
     is; model files are then loaded on ``cpu`` in the dtype they were saved in.
+    ``device`` may list several devices (``"cuda:0,cuda:1"``): one worker per device,
+    each with its own copy of the models, all taking batches from the one queue.
     """
 
     device: str | None = None
@@ -44,13 +46,36 @@ class EngineSettings:
     # Long-range options per model name ("" for every model), e.g.
     # {"": {"mode": "smooth"}}: passed to the model's ``configure_long_range``.
     long_range: dict[str, dict[str, str]] = field(default_factory=dict)
+    # An i-PI step's batch closes once every connection of its address has
+    # submitted; if one does not within this time of the first, it closes anyway.
+    # A safety net only (a connection i-PI stopped using costs it once or twice), so
+    # generous: i-PI hands 32 beads out one by one, slowly on a loaded machine.
+    step_wait_ms: float = 1000.0
+    # Verlet skin (Å) of the neighbour lists kept per i-PI connection and HTTP
+    # session; 0 builds every list afresh. Lists of the least recently used sessions
+    # beyond ``max_neighbor_lists`` are dropped.
+    neighbor_skin: float = 0.5
+    max_neighbor_lists: int = 1024
 
     def long_range_for(self, name: str) -> dict[str, str]:
         return {**self.long_range.get("", {}), **self.long_range.get(name, {})}
 
+    @property
+    def devices(self) -> list[str | None]:
+        """One entry per worker (``[None]``: the model's own device)."""
+        if self.device is None:
+            return [None]
+        return [d.strip() for d in self.device.split(",")]
+
+    def _device_names(self) -> list[str]:
+        return [] if self.device is None else [d.strip() for d in self.device.split(",")]
+
     def __post_init__(self) -> None:
-        if self.device is not None and not _DEVICE.match(self.device):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if not all(_DEVICE.match(d) for d in self._device_names()):
+            raise ValueError(
+                f"device must be cpu, cuda, cuda:N or mps, or a comma-separated list of "
+                f"them, got {self.device!r}"
+            )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in (
@@ -60,10 +85,12 @@ class EngineSettings:
             "max_queue_atoms",
             "small_request_atoms",
             "prepare_threads",
+            "max_neighbor_lists",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"batch_wait_ms must not be negative, got {self.batch_wait_ms}")
+        for name in ("batch_wait_ms", "step_wait_ms", "neighbor_skin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")

@@ -77,7 +77,13 @@ class StatsSnapshot:
     ``requests``: evaluate calls (rejected ones included); ``structures``/``atoms``:
     accepted for evaluation; ``batches``: batches taken from the queue;
     ``model_calls``: forward passes (more than batches when out-of-memory splits
-    happen); ``errors``: failed structures (or rejected requests) by error kind.
+    happen), ``model_calls_by_device`` the same per device (one worker each);
+    ``errors``: failed structures (or rejected requests) by error kind;
+    ``device_failures``: device -> why it died (empty while healthy);
+    ``neighbor_lists_built``/``_reused``: neighbour lists built, and Verlet lists of
+    sessions (i-PI connections, HTTP sessions) reused; ``step_batches``: batches
+    closed because every connection of an i-PI step had submitted
+    (``step_timeouts``: closed by the time limit instead).
     ``queue_wait``: per structure, submission to start of its batch (includes the
     neighbour list); ``pending_atoms``: atoms accepted and not yet answered;
     ``compute``: per batch; ``latency``: per request, submission
@@ -90,7 +96,13 @@ class StatsSnapshot:
     atoms: int
     batches: int
     model_calls: int
+    model_calls_by_device: dict[str, int]
     oom_splits: int
+    device_failures: dict[str, str]
+    neighbor_lists_built: int
+    neighbor_lists_reused: int
+    step_batches: int
+    step_timeouts: int
     errors: dict[str, int]
     structures_by_model: dict[str, int]
     queue_depth: int
@@ -120,7 +132,13 @@ class EngineStats:
         self._atoms = 0
         self._batches = 0
         self._model_calls = 0
+        self._calls_by_device: Counter[str] = Counter()
         self._oom_splits = 0
+        self._device_failures: dict[str, str] = {}
+        self._lists_built = 0
+        self._lists_reused = 0
+        self._step_batches = 0
+        self._step_timeouts = 0
         self._errors: Counter[str] = Counter()
         self._by_model: Counter[str] = Counter()
         self._queue_depth = 0
@@ -195,9 +213,28 @@ class EngineStats:
             self._in_flight = 0
             self._compute.observe(seconds)
 
-    def model_call(self) -> None:
+    def model_call(self, device: str | None = None) -> None:
         with self._lock:
             self._model_calls += 1
+            self._calls_by_device[device or "default"] += 1
+
+    def device_failed(self, device: str | None, reason: str) -> None:
+        with self._lock:
+            self._device_failures[device or "default"] = reason
+
+    def neighbor_list(self, reused: bool) -> None:
+        with self._lock:
+            if reused:
+                self._lists_reused += 1
+            else:
+                self._lists_built += 1
+
+    def step_closed(self, complete: bool) -> None:
+        with self._lock:
+            if complete:
+                self._step_batches += 1
+            else:
+                self._step_timeouts += 1
 
     def oom_split(self) -> None:
         with self._lock:
@@ -216,7 +253,13 @@ class EngineStats:
                 atoms=self._atoms,
                 batches=self._batches,
                 model_calls=self._model_calls,
+                model_calls_by_device=dict(self._calls_by_device),
                 oom_splits=self._oom_splits,
+                device_failures=dict(self._device_failures),
+                neighbor_lists_built=self._lists_built,
+                neighbor_lists_reused=self._lists_reused,
+                step_batches=self._step_batches,
+                step_timeouts=self._step_timeouts,
                 errors=dict(self._errors),
                 structures_by_model=dict(self._by_model),
                 queue_depth=self._queue_depth,

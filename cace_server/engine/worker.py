@@ -1,9 +1,12 @@
-"""The worker: the one thread that owns the device and runs the models.
+"""The worker: the one thread that owns a device and runs the models on it.
 
 It loads the models, warms them up, then takes batches from the queue, runs one
 ``model.predict`` per batch and resolves every item's future. On out-of-memory it
 splits the batch in halves and retries; any other model error is isolated the same
-way, so only the structure that really fails gets an error.
+way, so only the structure that really fails gets an error. A fatal device error
+(a dead CUDA context) is different: nothing can run on that device any more, so
+the worker fails its batch with :class:`DeviceFailed`, reports to the engine and
+stops. With several devices there is one worker per device, all draining one queue.
 """
 
 from __future__ import annotations
@@ -13,25 +16,28 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from cace_server.engine.batching import PendingQueue, WorkItem, reject, resolve
 from cace_server.engine.errors import (
+    DeviceFailed,
     EvaluationError,
     NonFiniteResult,
     OutOfMemory,
+    is_fatal_device_error,
     is_out_of_memory,
 )
+from cace_server.engine.faults import inject_faults
 from cace_server.engine.models import (
     ModelInfo,
     ModelSource,
     ServedModel,
     describe,
     materialize,
-    warmup_structure,
+    warmup_batches,
 )
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats
@@ -64,6 +70,22 @@ def _predict(model: ServedModel, prepared: list[Any], stress: bool, bec: bool) -
     return model.predict(prepared, stress=stress)
 
 
+class _DeviceDead(Exception):
+    """Raised inside the worker when a model call hit a fatal device error."""
+
+
+def synchronize(device: str | None) -> None:
+    """Wait for the device's queued kernels, so that their errors surface here.
+
+    CUDA reports a failed kernel at the next synchronising call; without this, a
+    device-side assert of one batch could be charged to the next one.
+    """
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 class Worker:
     """Owns the models and the device; everything torch happens on its thread."""
 
@@ -74,18 +96,29 @@ class Worker:
         settings: EngineSettings,
         queue: PendingQueue,
         stats: EngineStats,
+        *,
+        device: str | None = None,
+        label: str | None = None,
+        on_fatal: Callable[[Worker, str], None] | None = None,
+        name: str = "cace-engine-worker",
     ) -> None:
         self._sources = dict(sources)
         self._default = default
         self._settings = settings
         self._queue = queue
         self._stats = stats
+        self.device = device
+        #: how statistics name this worker: its device, numbered if two share one
+        self.label = label or device or "default"
+        self._on_fatal = on_fatal
         self.models: dict[str, ServedModel] = {}
         self.infos: dict[str, ModelInfo] = {}
         self.started = threading.Event()  # set when start-up finished, failed or not
         self.ready = threading.Event()  # set when start-up succeeded
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="cace-engine-worker", daemon=True)
+        #: why the device died (a short text), once it did
+        self.fatal: str | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     # -- thread control -----------------------------------------------------------------------
     def start(self) -> None:
@@ -125,8 +158,14 @@ class Worker:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
+        if self.device is not None and self.device.startswith("cuda:"):
+            import torch
+
+            # Kernels, cuBLAS handles and the caching allocator of this thread use the
+            # worker's device, not cuda:0, also where a library omits the index.
+            torch.cuda.set_device(self.device)
         for name, source in self._sources.items():
-            model = materialize(source, settings.device, settings.dtype)
+            model = materialize(source, self.device, settings.dtype)
             long_range = settings.long_range_for(name)
             configure = getattr(model, "configure_long_range", None)
             if long_range and configure is not None:
@@ -148,22 +187,61 @@ class Worker:
         if settings.warmup:
             for name, model in self.models.items():
                 self._warm_up(name, model)
+        # Only with the debug setting (see faults.py): after warm-up, so it counts traffic.
+        self.models = {name: inject_faults(model) for name, model in self.models.items()}
         # The sources (paths or the caller's objects) are no longer needed.
         self._sources.clear()
 
     def _warm_up(self, name: str, model: ServedModel) -> None:
+        """Run the shapes real traffic brings before /readyz says ready.
+
+        An open cluster (direct long-range sum), a periodic box (reciprocal sum), a
+        batch of several boxes and, on a GPU, the largest batch the settings allow
+        (kernel selection, cuBLAS workspaces, the caching allocator's pool). The CPU
+        has no such first-call costs, so it skips the largest batch: warm-up stays
+        about a second there. Models with Born effective charges compute them too.
+        """
         info = self.infos[name]
-        structure = warmup_structure(info)
+        on_gpu = str(getattr(model, "device", self.device or "cpu")).startswith("cuda")
+        limit = self._settings.max_batch_atoms if on_gpu else 0
         start = time.monotonic()
-        prediction = _predict(model, [model.prepare(structure)], True, "bec" in info.outputs)[0]
-        bad = non_finite_fields(prediction)
-        if bad:
-            logger.warning("warm-up of model %r gave NaN/inf in %s", name, ", ".join(bad))
+        atoms = 0
+        batches = warmup_batches(
+            info,
+            largest_atoms=limit,
+            largest_pairs=self._settings.max_batch_pairs,
+            prepare=model.prepare,
+        )
+        for k, (label, structures) in enumerate(batches):
+            try:
+                predictions = _predict(model, structures, True, "bec" in info.outputs)
+                synchronize(self.device)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or k == 0:
+                    raise
+                # Serving splits batches that do not fit (and refuses structures that
+                # do not fit alone); say so, but serve.
+                logger.warning(
+                    "warm-up of model %r: %s ran out of memory (%s); batches that large "
+                    "will be split (lower max_batch_atoms to avoid it)",
+                    name,
+                    label,
+                    _first_line(str(exc)),
+                )
+                self._release_memory_of(model)
+                continue
+            atoms += sum(p.n_atoms for p in structures)
+            bad = sorted({field for p in predictions for field in non_finite_fields(p)})
+            if bad:
+                logger.warning(
+                    "warm-up of model %r (%s) gave NaN/inf in %s", name, label, ", ".join(bad)
+                )
         logger.info(
-            "model %r warmed up in %.3f s (%d atoms)",
+            "model %r warmed up in %.3f s (%d atoms in all) on %s",
             name,
             time.monotonic() - start,
-            len(structure),
+            atoms,
+            self.device or "its device",
         )
 
     # -- serving -------------------------------------------------------------------------------
@@ -189,12 +267,29 @@ class Worker:
             )
             try:
                 self._run_batch(live)
+            except _DeviceDead as dead:
+                self._die(str(dead), live)
+                return
             except Exception as exc:  # a bug here must cost one batch, not the worker
                 logger.exception("engine worker failed on a batch")
                 for item in live:
                     reject(item, EvaluationError(f"internal error: {exc}"), self._stats)
             finally:
                 self._stats.batch_finished(time.monotonic() - start)
+
+    def _die(self, reason: str, batch: list[WorkItem]) -> None:
+        """The device is gone: fail this batch, tell the engine, end the thread."""
+        self.fatal = reason
+        logger.critical("device %s failed, this worker stops: %s", self.device or "?", reason)
+        error = DeviceFailed(
+            f"the device ({self.device or 'model device'}) failed and the server is "
+            f"restarting: {reason}"
+        )
+        for item in batch:
+            if not item.future.done():
+                reject(item, error, self._stats)
+        if self._on_fatal is not None:
+            self._on_fatal(self, reason)
 
     def _run_batch(self, items: list[WorkItem]) -> None:
         name = items[0].model
@@ -235,14 +330,20 @@ class Worker:
     def _call(
         self, model: ServedModel, part: list[WorkItem], stress: bool, bec: bool
     ) -> tuple[list[Prediction] | None, str, bool]:
-        """One forward pass: (predictions, "", False) or (None, failure message, is_oom)."""
-        self._stats.model_call()
+        """One forward pass: (predictions, "", False) or (None, failure message, is_oom).
+
+        Raises _DeviceDead for a fatal device error: no retry can help then.
+        """
+        self._stats.model_call(self.label)
         try:
             predictions = _predict(model, [item.prepared for item in part], stress, bec)
+            synchronize(self.device)
         except Exception as exc:
             # Only the message leaves this block: the traceback would keep the
             # failed pass's tensors alive while the halves are retried.
             oom = is_out_of_memory(exc)
+            if is_fatal_device_error(exc):
+                raise _DeviceDead(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
             if not oom:
                 logger.debug("model call on %d structures failed", len(part), exc_info=True)
             return None, f"{type(exc).__name__}: {exc}", oom
@@ -268,7 +369,11 @@ class Worker:
             resolve(item, prediction)
 
     def _release_memory(self, name: str) -> None:
-        if self.infos[name].device.startswith("cuda"):
+        self._release_memory_of(self.models[name])
+
+    @staticmethod
+    def _release_memory_of(model: ServedModel) -> None:
+        if str(getattr(model, "device", "")).startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()

@@ -135,12 +135,21 @@ class _Api:
         return work()
 
     async def evaluate(
-        self, structures: list[Structure], model: str, props: frozenset[Property], batch: bool
+        self,
+        structures: list[Structure],
+        model: str,
+        props: frozenset[Property],
+        batch: bool,
+        session: str | None = None,
     ) -> list[Prediction]:
         try:
             return await asyncio.wait_for(
                 self.engine.evaluate(
-                    structures, model, stress="stress" in props, bec="bec" in props
+                    structures,
+                    model,
+                    stress="stress" in props,
+                    bec="bec" in props,
+                    session=session,
                 ),
                 self.settings.request_timeout_s,
             )
@@ -172,6 +181,16 @@ def _validate(model: type[BaseModel], obj: dict[str, Any]) -> Any:
         return model.model_validate(obj)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+SESSION_HEADER = "x-cace-session"
+
+
+def _session(request: Request) -> str | None:
+    """A client's session id (``X-CACE-Session``): its structures evolve step by step
+    (MD through ASE), so the engine keeps their neighbour lists (Verlet, with a skin)."""
+    value = request.headers.get(SESSION_HEADER)
+    return f"http:{value[:200]}" if value else None
 
 
 def _count(request: Request, structures: list[Structure], binary: bool) -> None:
@@ -293,8 +312,15 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     # -- health ----------------------------------------------------------------------------
-    @app.get("/healthz", tags=["health"], summary="The process is alive (no auth)")
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="The process is alive and its device works (no auth)",
+        responses=_errors(503),
+    )
     async def healthz() -> dict[str, str]:
+        if not engine.healthy:
+            raise ApiError(503, "device_failed", f"the device failed: {engine.fatal_error}")
         return {"status": "ok"}
 
     # HEAD too: load balancers and `curl -I` probe with it.
@@ -304,6 +330,8 @@ def create_app(
 
     @app.get("/readyz", tags=["health"], summary="Models loaded and warm", responses=_errors(503))
     async def readyz() -> Response:
+        if not engine.healthy:
+            raise ApiError(503, "device_failed", f"the device failed: {engine.fatal_error}")
         if not engine.ready:
             error = engine.startup_error
             message = "engine is starting" if error is None else f"engine failed: {error}"
@@ -373,7 +401,9 @@ def create_app(
 
         _req, info, structure, props = await api.parse(request, build)
         _count(request, [structure], binary)
-        (pred,) = await api.evaluate([structure], info.name, props, batch=False)
+        (pred,) = await api.evaluate(
+            [structure], info.name, props, batch=False, session=_session(request)
+        )
         out = result_dict(pred, len(structure), props, binary)
         out["model"] = info.name
         fmt = "msgpack" if binary else "json"
@@ -428,7 +458,9 @@ def create_app(
 
         info, structures, props = await api.parse(request, build)
         _count(request, structures, binary)
-        preds = await api.evaluate(structures, info.name, props, batch=True)
+        preds = await api.evaluate(
+            structures, info.name, props, batch=True, session=_session(request)
+        )
         results = [
             result_dict(p, len(s), props, binary) for p, s in zip(preds, structures, strict=True)
         ]

@@ -88,6 +88,8 @@ _ENGINE_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.Overloaded: 503,
     engine_errors.NotReady: 503,
     engine_errors.EngineClosed: 503,
+    # The device died; the process exits and is restarted: retry against the new one.
+    engine_errors.DeviceFailed: 503,
     engine_errors.EvaluationError: 500,
 }
 

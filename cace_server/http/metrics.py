@@ -56,6 +56,19 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "cace_engine_ready", "1 when models are loaded and warm", value=float(self.engine.ready)
         )
+        yield GaugeMetricFamily(
+            "cace_engine_healthy",
+            "0 once a device failed (the process exits and should be restarted)",
+            value=float(self.engine.healthy),
+        )
+        failed = GaugeMetricFamily(
+            "cace_engine_device_failed",
+            "1 for a device that failed, with the error that killed it",
+            labels=["device", "reason"],
+        )
+        for device, reason in sorted(s.device_failures.items()):
+            failed.add_metric([device, reason], 1.0)
+        yield failed
         yield GaugeMetricFamily("cace_engine_uptime_seconds", "engine age", value=s.uptime_s)
         counters = {
             "requests": ("evaluation requests (rejected ones included)", s.requests),
@@ -64,9 +77,22 @@ class EngineCollector(Collector):
             "batches": ("batches taken from the queue", s.batches),
             "model_calls": ("model forward passes", s.model_calls),
             "oom_splits": ("batches split after running out of memory", s.oom_splits),
+            "neighbor_lists_built": ("neighbour lists built", s.neighbor_lists_built),
+            "neighbor_lists_reused": (
+                "Verlet neighbour lists reused (sessions, i-PI connections)",
+                s.neighbor_lists_reused,
+            ),
+            "step_batches": ("i-PI step batches closed complete", s.step_batches),
+            "step_timeouts": ("i-PI step batches closed by the time limit", s.step_timeouts),
         }
         for key, (doc, value) in counters.items():
             yield CounterMetricFamily(f"cace_engine_{key}", doc, value=value)
+        by_device = CounterMetricFamily(
+            "cace_engine_device_model_calls", "model forward passes per device", labels=["device"]
+        )
+        for device, n in sorted(s.model_calls_by_device.items()):
+            by_device.add_metric([device], n)
+        yield by_device
         errors = CounterMetricFamily(
             "cace_engine_errors", "failed structures or rejected requests", labels=["kind"]
         )

@@ -7,6 +7,7 @@ from cace_server.ipi.driver import (
     DriverConnection,
     DriverOptions,
     Evaluator,
+    Source,
 )
 from cace_server.ipi.pool import DriverPool
 from cace_server.ipi.protocol import DriverDecoder, ProtocolError, ServerDecoder
@@ -22,5 +23,6 @@ __all__ = [
     "IpiAddress",
     "ProtocolError",
     "ServerDecoder",
+    "Source",
     "parse_address",
 ]

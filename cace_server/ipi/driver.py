@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +35,28 @@ from cace_server.structures import Prediction, Structure, StructureError
 
 logger = logging.getLogger("cace_server.ipi")
 
-Evaluator = Callable[[list[Structure]], Awaitable[list[Prediction]]]
+
+@dataclass(frozen=True)
+class Source:
+    """Who asks for an evaluation: one connection, and the i-PI address it serves.
+
+    An engine uses ``connection`` to keep per-connection state (a Verlet neighbour
+    list of the bead it drives) and ``address``/``peers`` to close a batch as soon as
+    every connection of that i-PI has submitted its bead for the step.
+    """
+
+    connection: str
+    address: str
+    peers: int  # connections of this pool to the same address, this one included
+
+
+class Evaluator(Protocol):
+    """What connections call with every POSDATA's structures."""
+
+    def __call__(
+        self, structures: list[Structure], *, source: Source
+    ) -> Awaitable[list[Prediction]]: ...
+
 
 _READ_CHUNK = 1 << 20
 
@@ -161,8 +182,14 @@ class DriverConnection:
         self.batch_size = 1
         self.last_error: str | None = None
         self.last_step_seconds: float | None = None
+        #: connections to the same address in this connection's pool (set by the pool)
+        self.peers = 1
 
     # ------------------------------------------------------------ public
+
+    @property
+    def source(self) -> Source:
+        return Source(self.name, str(self.address), self.peers)
 
     def status(self) -> ConnectionStatus:
         transport = "shm" if self.address.shm else ("unix" if self.address.is_unix else "tcp")
@@ -433,7 +460,7 @@ class DriverConnection:
                 unique.append(structure)
                 index.append(len(unique) - 1)
         try:
-            results = await self.evaluate(unique)
+            results = await self.evaluate(unique, source=self.source)
         finally:
             self.state = ConnectionState.IDLE
         if len(results) != len(unique):

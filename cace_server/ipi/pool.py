@@ -49,6 +49,9 @@ class DriverPool:
             for i in range(clients)
         ]
         self.connections.extend(added)
+        same = [c for c in self.connections if c.address == parsed]
+        for c in same:
+            c.peers = len(same)
         if self._tasks:
             self._tasks.extend(self._spawn(c) for c in added)
         return added

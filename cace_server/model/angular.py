@@ -251,8 +251,9 @@ class Symmetrizer(torch.nn.Module):
         scatter = torch.zeros(self.n_components, len(rows))
         scatter[torch.tensor(rows, dtype=torch.long), torch.arange(len(rows))] = 1.0
         self.register_buffer("scatter", scatter, persistent=False)
-        # Columns (atoms x radial x channels) per chunk: bounds the scratch of the
-        # gathered factors to ~F x chunk values, forward and backward.
+        # Columns (atoms x radial x channels) per chunk on a CPU: bounds the scratch of
+        # the gathered factors to ~F x chunk values (cache), forward and backward. Other
+        # devices take one pass (fewer launches; memory is bounded by the model's blocks).
         self.chunk = 1 << 16
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
@@ -339,7 +340,7 @@ class _Symmetrize(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.sym = sym  # type: ignore[attr-defined]
-        chunk = sym.chunk
+        chunk = sym.chunk if x.device.type == "cpu" else x.shape[1]
         m = x.shape[1]
         if m <= chunk:
             return sym._forward_chunk(x)
@@ -353,7 +354,7 @@ class _Symmetrize(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
         sym: Symmetrizer = ctx.sym  # type: ignore[attr-defined]
-        chunk = sym.chunk
+        chunk = sym.chunk if x.device.type == "cpu" else x.shape[1]
         m = x.shape[1]
         if m <= chunk:
             return sym._backward_chunk(x, grad), None

@@ -9,8 +9,10 @@ which is what lets the model evaluate large systems in bounded memory.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,10 @@ from ase.data import chemical_symbols
 
 from cace_server.structures import Structure, StructureError
 
+# Pair arrays: numpy on the CPU, torch tensors on the model's (CUDA) device.
+Pairs = npt.NDArray[np.int64] | torch.Tensor
+Shifts = npt.NDArray[np.float64] | torch.Tensor
+
 
 @dataclass
 class PreparedStructure:
@@ -27,9 +33,9 @@ class PreparedStructure:
 
     structure: Structure
     species: npt.NDArray[np.int64]  # index into the model's element list
-    receivers: npt.NDArray[np.int64]  # [n_pairs], sorted
-    senders: npt.NDArray[np.int64]  # [n_pairs]
-    unit_shifts: npt.NDArray[np.float64]  # [n_pairs, 3], image of the sender in cell units
+    receivers: Pairs  # [n_pairs], sorted
+    senders: Pairs  # [n_pairs]
+    unit_shifts: Shifts  # [n_pairs, 3], image of the sender in cell units
 
     @property
     def n_atoms(self) -> int:
@@ -38,6 +44,16 @@ class PreparedStructure:
     @property
     def n_pairs(self) -> int:
         return int(self.receivers.shape[0])
+
+    @cached_property
+    def max_neighbors(self) -> int:
+        """Most edges into one receiver; read once here, in the preparing thread (for a
+        list built on the device too), so the model call need not read it back."""
+        if self.n_pairs == 0:
+            return 0
+        if isinstance(self.receivers, np.ndarray):
+            return int(np.bincount(self.receivers).max())
+        return int(torch.bincount(self.receivers).max())
 
 
 def species_indices(
@@ -108,13 +124,9 @@ def check_neighbor_grid(structure: Structure, cutoff: float) -> None:
         )
 
 
-def neighbor_list(
-    structure: Structure, cutoff: float
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """Full neighbour list within ``cutoff``: (receivers, senders, sender unit shifts)."""
-    positions = structure.positions
-    pbc = structure.pbc
-    if pbc.any():
+def _checked_cell(structure: Structure, cutoff: float) -> npt.NDArray[np.float64]:
+    """The cell vesin is given (zero when nothing is periodic), after the sanity checks."""
+    if structure.pbc.any():
         cell = structure.cell.copy()
         if abs(np.linalg.det(cell)) < 1e-8:
             raise StructureError(
@@ -124,16 +136,45 @@ def neighbor_list(
     else:
         cell = np.zeros((3, 3))
     check_neighbor_grid(structure, cutoff)
+    return cell
+
+
+def neighbor_list(
+    structure: Structure, cutoff: float, device: torch.device | None = None
+) -> tuple[Pairs, Pairs, Shifts]:
+    """Full neighbour list within ``cutoff``: (receivers, senders, sender unit shifts).
+
+    numpy arrays, or with ``device`` torch tensors computed on that device.
+    """
+    cell = _checked_cell(structure, cutoff)
+    periodic = [bool(p) for p in structure.pbc]
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True, sorted=True)
     try:
-        i, j, shifts = calculator.compute(
-            points=positions, box=cell, periodic=[bool(p) for p in pbc], quantities="ijS"
-        )
+        if device is not None:
+            points = torch.as_tensor(structure.positions, dtype=torch.float64).to(device)
+            box = torch.as_tensor(cell, dtype=torch.float64).to(device)
+            i, j, shifts = calculator.compute(
+                points=points, box=box, periodic=periodic, quantities="ijS"
+            )
+        else:
+            i, j, shifts = calculator.compute(
+                points=structure.positions, box=cell, periodic=periodic, quantities="ijS"
+            )
     except Exception as exc:  # vesin raises RuntimeError/ValueError with its own text
         raise StructureError(f"neighbour list failed: {exc}") from exc
     # vesin gives D = r_j - r_i + S.cell for pair (i, j). We take i as the receiver
     # and j as the sender, so the sender's image is at r_j + S.cell and the edge
     # vector r_i - (r_j + S.cell) is -D.
+    if device is not None:
+        on_device = i.to(torch.int64)
+        # A stable sort on the device (a no-op order for a sorted list) rather than a
+        # host check of sortedness, which would wait for the device.
+        by_receiver = torch.argsort(on_device, stable=True)
+        return (
+            on_device[by_receiver],
+            j.to(torch.int64)[by_receiver],
+            shifts.to(torch.float64)[by_receiver],
+        )
     receivers = np.asarray(i, dtype=np.int64)
     senders = np.asarray(j, dtype=np.int64)
     unit_shifts = np.asarray(shifts, dtype=np.float64)
@@ -144,17 +185,105 @@ def neighbor_list(
 
 
 def prepare_structure(
-    structure: Structure, elements: Sequence[int], cutoff: float
+    structure: Structure,
+    elements: Sequence[int],
+    cutoff: float,
+    device: torch.device | None = None,
 ) -> PreparedStructure:
     structure.validate()
     species = species_indices(structure.numbers, elements)
-    receivers, senders, unit_shifts = neighbor_list(structure, cutoff)
+    receivers, senders, unit_shifts = neighbor_list(structure, cutoff, device)
     return PreparedStructure(structure, species, receivers, senders, unit_shifts)
+
+
+class VerletList:
+    """The neighbour list of one evolving structure, with a skin, rebuilt when needed.
+
+    The list is built at ``cutoff + skin`` and reused while the atoms (the same
+    species, the same periodicity) are within ``skin / 2`` of where they were at the
+    build and the cell is unchanged: then no pair can have come from beyond
+    ``cutoff + skin`` to within ``cutoff``, so the reused list holds every pair
+    within the cutoff. On the CPU the pairs beyond the cutoff are dropped (cheap, and
+    the model then does the same work as on a fresh list). On a device they are
+    kept, since selecting them would wait for the device: they contribute exactly
+    zero, because the model's cutoff function and its derivative are exactly zero
+    beyond the cutoff (``PolynomialCutoff`` masks r >= cutoff).
+    """
+
+    def __init__(
+        self,
+        elements: Sequence[int],
+        cutoff: float,
+        skin: float,
+        device: torch.device | None = None,
+    ) -> None:
+        if skin <= 0:
+            raise ValueError(f"skin must be positive, got {skin}")
+        self.elements = tuple(elements)
+        self.cutoff = float(cutoff)
+        self.skin = float(skin)
+        self.device = device
+        self.builds = 0
+        self.reuses = 0
+        self._lock = threading.Lock()  # one session may be prepared from two threads
+        self._reference: Structure | None = None
+        self._pairs: tuple[Pairs, Pairs, Shifts] | None = None
+
+    def covers(self, structure: Structure) -> bool:
+        """Whether the kept list is valid for ``structure`` (see the class)."""
+        with self._lock:
+            return self._pairs is not None and self._still_valid(structure)
+
+    def prepare(self, structure: Structure) -> tuple[PreparedStructure, bool]:
+        """(the prepared structure, whether the list was reused)."""
+        structure.validate()
+        species = species_indices(structure.numbers, self.elements)
+        with self._lock:
+            reused = self._pairs is not None and self._still_valid(structure)
+            if not reused:
+                self._pairs = neighbor_list(structure, self.cutoff + self.skin, self.device)
+                self._reference = structure
+                self.builds += 1
+            else:
+                self.reuses += 1
+            assert self._pairs is not None
+            receivers, senders, shifts = self._pairs
+        if self.device is None:
+            receivers, senders, shifts = self._within_cutoff(structure, receivers, senders, shifts)
+        return PreparedStructure(structure, species, receivers, senders, shifts), reused
+
+    def _still_valid(self, structure: Structure) -> bool:
+        ref = self._reference
+        if ref is None or len(ref) != len(structure):
+            return False
+        if not (
+            np.array_equal(ref.numbers, structure.numbers)
+            and np.array_equal(ref.pbc, structure.pbc)
+            and np.array_equal(ref.cell, structure.cell)
+        ):
+            return False
+        moved = np.einsum("ij,ij->i", d := structure.positions - ref.positions, d)
+        return bool(moved.max(initial=0.0) <= (0.5 * self.skin) ** 2)
+
+    def _within_cutoff(
+        self, structure: Structure, receivers: Pairs, senders: Pairs, shifts: Shifts
+    ) -> tuple[Pairs, Pairs, Shifts]:
+        assert isinstance(receivers, np.ndarray) and isinstance(senders, np.ndarray)
+        assert isinstance(shifts, np.ndarray)
+        positions = structure.positions
+        vectors = positions[receivers] - positions[senders] - shifts @ structure.cell
+        keep = np.einsum("ij,ij->i", vectors, vectors) < self.cutoff**2
+        return receivers[keep], senders[keep], shifts[keep]
 
 
 @dataclass
 class GraphBatch:
-    """Several structures as one disjoint graph, as tensors on the model's device."""
+    """Several structures as one disjoint graph, as tensors on the model's device.
+
+    The per-structure sizes and cells are also kept on the host (``n_atoms``,
+    ``n_pairs``, ``cell_host``, ``pbc_host``): code that needs them as numbers reads
+    them there instead of copying device tensors back, which would wait for the device.
+    """
 
     positions: torch.Tensor  # [N, 3] float64
     cell: torch.Tensor  # [B, 3, 3] float64
@@ -164,11 +293,14 @@ class GraphBatch:
     receivers: torch.Tensor  # [E], sorted
     senders: torch.Tensor  # [E]
     unit_shifts: torch.Tensor  # [E, 3] float64
+    edge_system: torch.Tensor  # [E] index of the structure each edge belongs to
     n_atoms: list[int]
+    # Edges of each structure, known on the host.
+    n_pairs: list[int] = field(default_factory=list)
     # Most edges into one receiver, known on the host (spares the model a read-back).
     max_neighbors: int | None = None
     # The same cells and periodicity on the host, for shape decisions made before the
-    # call (the long-range plan) without reading the device tensors back.
+    # call (the long-range plan, image shifts) without reading the device tensors back.
     cell_host: npt.NDArray[np.float64] | None = None
     pbc_host: npt.NDArray[np.bool_] | None = None
 
@@ -177,11 +309,27 @@ class GraphBatch:
         return len(self.n_atoms)
 
 
+def _pairs_on(
+    arrays: Sequence[Pairs | Shifts],
+    offsets: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Concatenate per-structure pair arrays (numpy or device tensors), plus offsets."""
+    parts = []
+    for a, o in zip(arrays, offsets, strict=True):
+        t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=dtype)
+        parts.append(t + o if o else t)
+    whole = parts[0] if len(parts) == 1 else torch.cat([p.to(device) for p in parts])
+    return whole.to(device, dtype, non_blocking=True)
+
+
 def collate(prepared: Sequence[PreparedStructure], device: torch.device) -> GraphBatch:
     if not prepared:
         raise ValueError("cannot collate an empty list of structures")
     n_atoms = [p.n_atoms for p in prepared]
-    offsets = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)
+    n_pairs = [p.n_pairs for p in prepared]
+    offsets = [0, *np.cumsum(n_atoms)[:-1].tolist()]
 
     def cat(arrays: list[np.ndarray]) -> np.ndarray:
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
@@ -189,28 +337,27 @@ def collate(prepared: Sequence[PreparedStructure], device: torch.device) -> Grap
     positions = cat([p.structure.positions for p in prepared])
     species = cat([p.species for p in prepared])
     system = np.repeat(np.arange(len(prepared), dtype=np.int64), n_atoms)
-    receivers = cat([p.receivers + o for p, o in zip(prepared, offsets, strict=True)])
-    senders = cat([p.senders + o for p, o in zip(prepared, offsets, strict=True)])
-    unit_shifts = cat([p.unit_shifts for p in prepared])
-    cell = np.stack([p.structure.cell for p in prepared])
+    edge_system = np.repeat(np.arange(len(prepared), dtype=np.int64), n_pairs)
+    cell = np.stack([p.structure.cell for p in prepared]).astype(np.float64)
     pbc = np.stack([p.structure.pbc for p in prepared])
 
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)
 
+    zeros = [0] * len(prepared)
     return GraphBatch(
         positions=t(positions, torch.float64),
         cell=t(cell, torch.float64),
         pbc=t(pbc, torch.bool),
         species=t(species, torch.long),
         system=t(system, torch.long),
-        receivers=t(receivers, torch.long),
-        senders=t(senders, torch.long),
-        unit_shifts=t(unit_shifts, torch.float64),
+        receivers=_pairs_on([p.receivers for p in prepared], offsets, torch.long, device),
+        senders=_pairs_on([p.senders for p in prepared], offsets, torch.long, device),
+        unit_shifts=_pairs_on([p.unit_shifts for p in prepared], zeros, torch.float64, device),
+        edge_system=t(edge_system, torch.long),
         n_atoms=n_atoms,
-        max_neighbors=max(
-            (int(np.bincount(p.receivers).max()) for p in prepared if p.n_pairs), default=0
-        ),
+        n_pairs=n_pairs,
+        max_neighbors=max((p.max_neighbors for p in prepared), default=0),
         cell_host=cell.astype(np.float64),
         pbc_host=pbc.astype(bool),
     )

@@ -19,7 +19,13 @@ from cace_server.model.config import ModelConfig
 from cace_server.model.dipole import DipoleOutput, PolarizationHead
 from cace_server.model.longrange import EwaldSum, LongRangeOptions
 from cace_server.model.mlp import AtomwiseReadout
-from cace_server.model.neighbors import GraphBatch, PreparedStructure, collate, prepare_structure
+from cace_server.model.neighbors import (
+    GraphBatch,
+    PreparedStructure,
+    VerletList,
+    collate,
+    prepare_structure,
+)
 from cace_server.model.representation import CACERepresentation
 from cace_server.structures import Prediction, Structure
 
@@ -169,8 +175,18 @@ class CACEPotential(torch.nn.Module):
 
     # -- evaluation --------------------------------------------------------------------------
     def prepare(self, structure: Structure) -> PreparedStructure:
-        """Validate a structure and build its neighbour list (CPU, numpy)."""
-        return prepare_structure(structure, self.config.elements, self.cutoff)
+        """Validate a structure and build its neighbour list (on a CUDA model's device)."""
+        return prepare_structure(structure, self.config.elements, self.cutoff, self._list_device)
+
+    def verlet_list(self, skin: float) -> VerletList:
+        """A reusable neighbour list for one evolving structure (see VerletList)."""
+        return VerletList(self.config.elements, self.cutoff, skin, self._list_device)
+
+    @property
+    def _list_device(self) -> torch.device | None:
+        """Where neighbour lists are built: a CUDA model's device; None: numpy on the CPU."""
+        device = self.device
+        return device if device.type == "cuda" else None
 
     def compute(
         self,
@@ -314,18 +330,14 @@ class CACEPotential(torch.nn.Module):
     def _images(batch: GraphBatch, cell: torch.Tensor) -> torch.Tensor:
         """Cartesian image shift of each edge's sender: unit_shifts @ cell of its system.
 
-        Edges are sorted by receiver, so each system owns a contiguous range of edges
-        and one small matrix product per system avoids a [edges, 3, 3] gather.
+        One gather of each edge's cell (the edge's system is known from the host at
+        collation), so the op count does not grow with the number of structures and
+        nothing waits for the device.
         """
         if batch.n_systems == 1:
             return batch.unit_shifts @ cell[0]
-        starts = [0, *np.cumsum(batch.n_atoms).tolist()]
-        bounds = torch.searchsorted(
-            batch.receivers, torch.tensor(starts, device=batch.receivers.device)
-        ).tolist()
-        return torch.cat(
-            [batch.unit_shifts[bounds[b] : bounds[b + 1]] @ cell[b] for b in range(batch.n_systems)]
-        )
+        per_edge = cell.index_select(0, batch.edge_system)  # [E, 3, 3]
+        return torch.einsum("ei,eij->ej", batch.unit_shifts, per_edge)
 
     def configure_long_range(self, options: LongRangeOptions | None = None, **changes: Any) -> None:
         """Choose how the long-range term is evaluated (mode, back end); no-op without one.
@@ -405,17 +417,33 @@ class CACEPotential(torch.nn.Module):
     def _to_predictions(
         self, prepared: Sequence[PreparedStructure], out: BatchOutput
     ) -> list[Prediction]:
-        def np64(t: torch.Tensor) -> np.ndarray:
-            return t.detach().to("cpu", torch.float64).numpy()
-
-        energy = np64(out.energy)
-        forces = np64(out.forces) if out.forces is not None else None
-        virial = np64(out.virial) if out.virial is not None else None
-        atom_energy = np64(out.atom_energy)
-        charges = np64(out.charges) / self.charge_unit if out.charges is not None else None
-        dipole = np64(out.dipole) if out.dipole is not None else None
-        bec = np64(out.bec) if out.bec is not None else None
-        descriptors = np64(out.descriptors) if out.descriptors is not None else None
+        # Every output in one float64 buffer: one device-to-host copy per pass.
+        parts = {
+            "energy": out.energy,
+            "forces": out.forces,
+            "virial": out.virial,
+            "atom_energy": out.atom_energy,
+            "charges": out.charges,
+            "dipole": out.dipole,
+            "bec": out.bec,
+            "descriptors": out.descriptors,
+        }
+        present = {k: v.detach() for k, v in parts.items() if v is not None}
+        flat = torch.cat([v.reshape(-1).to(torch.float64) for v in present.values()])
+        host = flat.to("cpu").numpy()
+        arrays: dict[str, np.ndarray] = {}
+        start = 0
+        for key, value in present.items():
+            arrays[key] = host[start : start + value.numel()].reshape(value.shape)
+            start += value.numel()
+        energy = arrays["energy"]
+        forces = arrays.get("forces")
+        virial = arrays.get("virial")
+        atom_energy = arrays["atom_energy"]
+        charges = arrays["charges"] / self.charge_unit if "charges" in arrays else None
+        dipole = arrays.get("dipole")
+        bec = arrays.get("bec")
+        descriptors = arrays.get("descriptors")
         results = []
         start = 0
         for b, p in enumerate(prepared):

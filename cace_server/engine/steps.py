@@ -1,0 +1,84 @@
+"""Step groups: the connections of one i-PI run, whose beads of a step make one batch.
+
+i-PI sends a step's beads over its connections one after the other and waits for
+all forces before the next step. A timer window either closes before the last bead
+arrives (one step becomes several model calls) or waits longer than needed. A
+:class:`StepGroup` knows which members (connections) are active and closes the
+batch as soon as every active member's structure of this step is queued.
+
+Until every one of ``size`` connections has been seen, a step waits for all of
+them. After that, a member is active when it submitted in this step or the
+previous one, so a connection that i-PI no longer uses (fewer beads than
+connections, a run that ended) stops being waited for after one step. A step whose
+members do not all arrive within ``timeout_s`` of the first one is closed anyway
+(counted as a step timeout; from then on only members seen are waited for). Every
+method is called under the queue's lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+
+class StepGroup:
+    """The members of one i-PI address and what each has queued in the current step."""
+
+    def __init__(self, key: str, size: int, timeout_s: float) -> None:
+        self.key = key
+        self.size = size  # connections to this address
+        self.timeout_s = timeout_s
+        self.step = 0
+        self._learned = False  # True once we know who is active without counting to size
+        self._last_seen: dict[str, int] = {}  # member -> step it last submitted in
+        self._queued: Counter[str] = Counter()  # member -> items waiting in the queue
+        self._taken: set[str] = set()  # members whose item of this step was batched
+
+    def arrived(self, member: str) -> None:
+        """A member's structure entered the queue."""
+        if member in self._taken:
+            # A second structure of the same member: i-PI has begun the next step
+            # (or a member serves several beads); the current step is over.
+            self._next_step()
+        self._last_seen[member] = self.step
+        self._queued[member] += 1
+
+    def active(self) -> list[str]:
+        return [m for m, seen in self._last_seen.items() if seen >= self.step - 1]
+
+    def complete(self) -> bool:
+        """Every active member has this step's structure queued or already batched."""
+        if not self._learned and len(self._last_seen) < self.size:
+            return False
+        return all(self._queued[m] > 0 or m in self._taken for m in self.active())
+
+    def taken(self, members: Iterable[str]) -> None:
+        """Structures of these members went into a batch."""
+        for member in members:
+            self._queued[member] -= 1
+            if self._queued[member] <= 0:
+                del self._queued[member]
+            self._taken.add(member)
+        if all(m in self._taken for m in self.active()):
+            self._next_step()
+
+    def timed_out(self) -> None:
+        """A step was closed by the time limit: wait only for members seen from now on."""
+        self._learned = True
+
+    def forget(self, member: str) -> None:
+        """A member's structure left the queue unbatched (engine closing)."""
+        self._queued[member] -= 1
+        if self._queued[member] <= 0:
+            del self._queued[member]
+
+    def _next_step(self) -> None:
+        if len(self._last_seen) >= self.size:
+            self._learned = True
+        self.step += 1
+        self._taken.clear()
+        # Members silent for two steps are no longer active: drop them for good.
+        stale = [m for m, seen in self._last_seen.items() if seen < self.step - 1]
+        for m in stale:
+            if not self._queued[m]:
+                del self._last_seen[m]

@@ -1,0 +1,129 @@
+"""Verlet lists and device-built neighbour lists give the forces of fresh lists.
+
+The device path (torch tensors through vesin) runs here on CPU tensors: the same
+code a CUDA model runs, on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cace_server.model import random_model
+from cace_server.model.neighbors import VerletList, prepare_structure
+from cace_server.model.radial import PolynomialCutoff
+from cace_server.structures import Structure
+
+TOL = 1e-10  # eV/Å, float64
+
+
+def water_like(seed: int, n: int = 48, length: float = 7.5) -> Structure:
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(n ** (1 / 3)))
+    grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)])[:n]
+    positions = (grid + rng.uniform(-0.15, 0.15, (n, 3))) * (length / side)
+    return Structure.create(np.tile([8, 1, 1], n // 3), positions, np.eye(3) * length, True)
+
+
+def moved(s: Structure, rng: np.random.Generator, step: float) -> Structure:
+    return Structure.create(s.numbers, s.positions + rng.normal(0, step, s.positions.shape),
+                            s.cell, s.pbc)  # fmt: skip
+
+
+def pair_set(prepared) -> set[tuple[int, int, int, int, int]]:
+    arrays = [
+        np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a)
+        for a in (prepared.receivers, prepared.senders, prepared.unit_shifts)
+    ]
+    r, s, sh = arrays
+    return {(int(a), int(b), *map(int, c)) for a, b, c in zip(r, s, sh, strict=True)}
+
+
+def test_cutoff_function_and_its_derivative_are_exactly_zero_beyond_the_cutoff() -> None:
+    cutoff = PolynomialCutoff(5.0, 6)
+    r = torch.tensor([5.0, 5.0 + 1e-12, 5.3, 7.0], dtype=torch.float64, requires_grad=True)
+    value = cutoff(r)
+    (grad,) = torch.autograd.grad(value.sum(), r)
+    assert torch.all(value == 0) and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("device", [None, torch.device("cpu")], ids=["numpy", "torch-tensors"])
+def test_verlet_list_reuse_gives_the_forces_of_fresh_lists(device: torch.device | None) -> None:
+    model = random_model((1, 8), seed=11, dtype="float64", cutoff=3.5)
+    skin = 0.6
+    verlet = VerletList(model.elements, model.cutoff, skin, device)
+    rng = np.random.default_rng(0)
+    s = water_like(1)
+    reused = []
+    for _ in range(8):
+        s = moved(s, rng, 0.02)  # beads move little per step
+        prepared, was_reused = verlet.prepare(s)
+        reused.append(was_reused)
+        fresh = prepare_structure(s, model.elements, model.cutoff)
+        if device is None:  # on the CPU the reused list is cut back to the cutoff
+            assert pair_set(prepared) == pair_set(fresh)
+        else:  # on a device it keeps the skin pairs, which contribute exactly zero
+            assert pair_set(prepared) >= pair_set(fresh)
+        got, want = model.predict([prepared])[0], model.predict([fresh])[0]
+        assert abs(got.energy - want.energy) <= TOL
+        np.testing.assert_allclose(got.forces, want.forces, rtol=0, atol=TOL)
+        np.testing.assert_allclose(got.stress, want.stress, rtol=0, atol=TOL)
+    assert reused[0] is False and any(reused)
+    assert verlet.builds + verlet.reuses == 8 and verlet.builds < 8
+
+
+def test_verlet_list_rebuilds_when_needed() -> None:
+    model = random_model((1, 8), seed=11, dtype="float64", cutoff=3.5)
+    verlet = VerletList(model.elements, model.cutoff, 0.4)
+    s = water_like(2)
+    assert verlet.prepare(s)[1] is False
+    assert verlet.prepare(s)[1] is True
+    # one atom moves just over half the skin: rebuild
+    positions = s.positions.copy()
+    positions[5, 0] += 0.21
+    far = Structure.create(s.numbers, positions, s.cell, s.pbc)
+    assert verlet.prepare(far)[1] is False
+    # the cell changes (NPT): rebuild
+    squeezed = Structure.create(far.numbers, far.positions, far.cell * 0.999, True)
+    assert verlet.prepare(squeezed)[1] is False
+    assert verlet.prepare(squeezed)[1] is True
+    # another structure (different species): rebuild
+    swapped = Structure.create(squeezed.numbers[::-1], squeezed.positions, squeezed.cell, True)
+    assert verlet.prepare(swapped)[1] is False
+    assert verlet.builds == 4 and verlet.reuses == 2
+
+
+def test_device_built_lists_equal_host_lists() -> None:
+    model = random_model((1, 8), seed=5, dtype="float64", cutoff=3.5, long_range=True)
+    structures = [water_like(k) for k in range(3)]
+    host = [prepare_structure(s, model.elements, model.cutoff) for s in structures]
+    device = [
+        prepare_structure(s, model.elements, model.cutoff, torch.device("cpu")) for s in structures
+    ]
+    for h, d in zip(host, device, strict=True):
+        assert isinstance(d.receivers, torch.Tensor)
+        assert torch.all(d.receivers[1:] >= d.receivers[:-1])  # sorted by receiver
+        assert pair_set(h) == pair_set(d)
+    for got, want in zip(model.predict(device), model.predict(host), strict=True):
+        assert abs(got.energy - want.energy) <= TOL
+        np.testing.assert_allclose(got.forces, want.forces, rtol=0, atol=TOL)
+
+
+def test_one_connection_serving_several_beads_keeps_a_list_for_each() -> None:
+    from cace_server.engine.sessions import SessionLists
+    from cace_server.engine.stats import EngineStats
+
+    model = random_model((1, 8), seed=11, dtype="float64", cutoff=3.5)
+    stats = EngineStats()
+    lists = SessionLists(skin=0.4, max_neighbor_lists=16, stats=stats)
+    rng = np.random.default_rng(3)
+    beads = [moved(water_like(1), rng, 0.3) for _ in range(4)]  # far apart from each other
+    for _step in range(3):  # i-PI sends bead 0, 1, 2, 3 over the one connection, each step
+        beads = [moved(b, rng, 0.01) for b in beads]
+        for b in beads:
+            prepared = lists.prepare("m", model, "ipi:c0", 0, b)
+            fresh = prepare_structure(b, model.elements, model.cutoff)
+            assert pair_set(prepared) == pair_set(fresh)
+    snap = stats.snapshot()
+    assert (snap.neighbor_lists_built, snap.neighbor_lists_reused) == (4, 8)
