@@ -24,6 +24,7 @@ import pytest
 
 from cace_server.engine import Engine, EngineSettings
 from cace_server.ipi import DriverPool, Source
+from cace_server.ipi.evaluate import ipi_evaluator
 from cace_server.structures import Prediction, Structure
 from cace_server.units import (
     ANGSTROM_PER_BOHR,
@@ -277,7 +278,7 @@ def test_pimd_of_published_combine_lr_water(
     model = load_model(converted_published(COMBINE_LR_WATER, tmp_path), dtype="float64")
     run = start_ipi(ipi_runs, tmp_path / "ipi", socket_dir, liquid, nbeads=4, steps=2)
     with Engine(model, settings=EngineSettings(batch_wait_ms=50.0, warmup=False)) as engine:
-        pool = DriverPool(engine.evaluate, options(liquid, model_name="combine-lr"))
+        pool = DriverPool(ipi_evaluator(engine, None), options(liquid, model_name="combine-lr"))
         pool.add(f"unix:{run.socket_path}", clients=4)
         asyncio.run(serve_until_closed(pool, timeout=600))
     assert run.wait() == 0, run.log()
