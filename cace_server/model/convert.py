@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cace_server.host_memory import tune_host_allocator
 from cace_server.model.checkpoint import (
     UnsupportedCheckpointError,
     read_original_checkpoint,
@@ -54,6 +55,7 @@ def finalize(
     model: CACEPotential, *, dtype: str | torch.dtype | None, device: str | torch.device
 ) -> CACEPotential:
     """Move to dtype/device, switch to inference mode, freeze parameters."""
+    tune_host_allocator()
     if dtype is not None:
         model = model.to(dtype=_torch_dtype(dtype))
     model = model.to(device=device)

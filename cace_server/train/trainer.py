@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cace_server.host_memory import tune_host_allocator
 from cace_server.model.build import build_model
 from cace_server.model.config import ModelConfig, ReadoutConfig
 from cace_server.model.io import save_model
@@ -104,6 +105,7 @@ class Trainer:
     ) -> None:
         if not train or not valid:
             raise ValueError("training needs at least one training and one validation structure")
+        tune_host_allocator()
         self.config = config
         self.log = log
         self.progress = progress
