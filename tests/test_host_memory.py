@@ -14,7 +14,8 @@ glibc = pytest.mark.skipif(
     reason="mallopt tuning applies to glibc only",
 )
 
-# Faults of a warm call on 384 random atoms at water's density. Untuned, glibc maps and unmaps every big scratch tensor: thousands of faults.
+# Faults of a warm call on 384 random atoms at water density. Untuned, glibc maps and
+# unmaps every big scratch tensor: thousands of faults.
 _SCRIPT = textwrap.dedent(
     """
     import resource, sys
