@@ -414,6 +414,19 @@ def serve(
     small_request_atoms: int = typer.Option(
         None, help="requests up to this many atoms share device time with larger ones [1024]"
     ),
+    step_wait_ms: float = typer.Option(
+        None,
+        help="an i-PI step's batch waits this long for every connection of its address, "
+        "then runs with the beads it has [1000]",
+    ),
+    neighbor_skin: float = typer.Option(
+        None,
+        help="Verlet skin (A) of the neighbour lists reused per i-PI connection and HTTP "
+        "session; 0 builds every list afresh [0.5]",
+    ),
+    max_neighbor_lists: int = typer.Option(
+        None, help="most Verlet neighbour lists kept; the least recently used go first [1024]"
+    ),
     torch_threads: int = typer.Option(None, help="torch intra-op threads [half the cores]"),
     log_level: str = typer.Option(None, help="debug, info, warning, error [info]"),
     log_json: bool = typer.Option(None, "--log-json/--no-log-json", help="JSON-lines logs [no]"),

@@ -69,6 +69,29 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "data" / "water.safetensors"
 
 
+def engine_settings(settings: ServerSettings, model_names: Sequence[str]) -> EngineSettings:
+    """The engine's share of the server settings, for the models ``model_names``."""
+    return EngineSettings(
+        device=settings.device,
+        dtype=settings.dtype,
+        max_batch_atoms=settings.max_batch_atoms,
+        max_batch_pairs=settings.max_batch_pairs,
+        batch_wait_ms=settings.batch_wait_ms,
+        max_queue=settings.max_queue,
+        max_queue_atoms=settings.max_queue_atoms,
+        small_request_atoms=settings.small_request_atoms,
+        torch_threads=settings.torch_threads or default_torch_threads(settings.device),
+        long_range={
+            name: settings.long_range_for(name)
+            for name in ["", *model_names]
+            if settings.long_range_for(name)
+        },
+        step_wait_ms=settings.step_wait_ms,
+        neighbor_skin=settings.neighbor_skin,
+        max_neighbor_lists=settings.max_neighbor_lists,
+    )
+
+
 def build_engine(settings: ServerSettings) -> Engine:
     sources: dict[str, Any] = settings.model_sources()
     if not sources:
@@ -77,24 +100,7 @@ def build_engine(settings: ServerSettings) -> Engine:
             raise ValueError("no --model given and no bundled default model is installed")
         sources = {"default": str(path)}
     return Engine(
-        sources,
-        default=settings.default_model,
-        settings=EngineSettings(
-            device=settings.device,
-            dtype=settings.dtype,
-            max_batch_atoms=settings.max_batch_atoms,
-            max_batch_pairs=settings.max_batch_pairs,
-            batch_wait_ms=settings.batch_wait_ms,
-            max_queue=settings.max_queue,
-            max_queue_atoms=settings.max_queue_atoms,
-            small_request_atoms=settings.small_request_atoms,
-            torch_threads=settings.torch_threads or default_torch_threads(settings.device),
-            long_range={
-                name: settings.long_range_for(name)
-                for name in ["", *sources]
-                if settings.long_range_for(name)
-            },
-        ),
+        sources, default=settings.default_model, settings=engine_settings(settings, list(sources))
     )
 
 

@@ -78,6 +78,10 @@ class ServerSettings:
     max_queue: int = 4096
     max_queue_atoms: int = 1_000_000
     small_request_atoms: int = 1024
+    # i-PI step batches and Verlet neighbour lists (cace_server.engine.settings).
+    step_wait_ms: float = 1000.0
+    neighbor_skin: float = 0.5
+    max_neighbor_lists: int = 1024
     # None: default_torch_threads() (half the cores).
     torch_threads: int | None = None
     # Logging

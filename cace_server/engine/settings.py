@@ -89,8 +89,12 @@ class EngineSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_wait_ms", "step_wait_ms", "neighbor_skin"):
+        for name in ("batch_wait_ms", "neighbor_skin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        # 0 would close every i-PI step before its second bead arrives (a step timeout
+        # each time): the grouping it exists for would never happen.
+        if not self.step_wait_ms > 0:
+            raise ValueError(f"step_wait_ms must be positive, got {self.step_wait_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
