@@ -35,26 +35,6 @@ CPU_BLOCK_ABOVE = 4096
 _NORM_EPS = 1e-9
 
 
-def scatter_outer(
-    index: torch.Tensor, n_out: int, left: torch.Tensor, right: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """out[index[e]] += left[e] (x) right[e], in chunks of edges.
-
-    left: [E, P], right: [E, Q] -> [n_out, P, Q]. Only one chunk of the [E, P, Q]
-    product exists at a time; autograd keeps the factors, not the products.
-    """
-    n_edges, p = left.shape
-    q = right.shape[1]
-    out = left.new_zeros(n_out, p * q)
-    for start in range(0, max(n_edges, 1), chunk):
-        stop = min(start + chunk, n_edges)
-        if stop <= start:
-            break
-        prod = left[start:stop, :, None] * right[start:stop, None, :]
-        out = out.index_add(0, index[start:stop], prod.reshape(stop - start, p * q))
-    return out.view(n_out, p, q)
-
-
 def _batched_mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """out[n, s, l, c, b] = sum_r x[n, r, l, c] w[r, s, c, b]  -> [n, s, l, c * b].
 
@@ -172,32 +152,6 @@ class CACERepresentation(torch.nn.Module):
         return radial, self.angular(unit), lengths
 
     # -- A basis -------------------------------------------------------------------------
-    def first_a_basis(
-        self,
-        radial: torch.Tensor,
-        angular: torch.Tensor,
-        receivers: torch.Tensor,
-        sender_species: torch.Tensor,
-        receiver_species: torch.Tensor,
-    ) -> torch.Tensor:
-        """Sum over neighbours, then radial mixing: [n, n_radial, L, channels]."""
-        n = receiver_species.shape[0]
-        nz = self.sender_embedding.shape[0]
-        a = self.n_atom_basis
-        n_rbf, n_l = radial.shape[1], angular.shape[1]
-        if nz <= a:
-            # Accumulate per (receiver, sender element); embed afterwards.
-            per_element = scatter_outer(
-                receivers * nz + sender_species, n * nz, radial, angular, self.edge_chunk
-            ).view(n, nz, n_rbf, n_l)
-            a0 = torch.einsum("nzrl,za->nrla", per_element, self.sender_embedding)
-        else:
-            emb = self.sender_embedding.index_select(0, sender_species)  # [E, a]
-            ra = (radial[:, :, None] * emb[:, None, :]).reshape(-1, n_rbf * a)
-            a0 = scatter_outer(receivers, n, ra, angular, self.edge_chunk)
-            a0 = a0.view(n, n_rbf, a, n_l).permute(0, 1, 3, 2)
-        return self._embed_receivers(a0, self.receiver_weights().index_select(0, receiver_species))
-
     def _embed_receivers(self, a0: torch.Tensor, recv: torch.Tensor) -> torch.Tensor:
         """Neighbour sums per sender channel [n, n_rbf, L, a] -> A [n, n_radial, L, a * a]."""
         n, n_rbf = a0.shape[0], a0.shape[1]
@@ -246,26 +200,6 @@ class CACERepresentation(torch.nn.Module):
         per_atom_total = per_atom + per_edge * max(n_edges, 1) / max(n_atoms, 1)
         return max(64, int(free / 4 / per_atom_total))
 
-    @staticmethod
-    def _spans(
-        n: int, receivers: torch.Tensor, block: int | None
-    ) -> list[tuple[int, int, int, int]]:
-        """(first atom, end atom, first edge, end edge) of each block of receivers.
-
-        Edges are sorted by receiver, so a block of atoms owns one slice of edges.
-        Only called when blocking: the edge bounds are read back to the host.
-        """
-        if block is None:
-            return [(0, n, 0, int(receivers.shape[0]))]
-        bounds = torch.arange(0, n + block, block, device=receivers.device).clamp(max=n)
-        edge_bounds = torch.searchsorted(receivers, bounds).tolist()
-        atom_bounds = bounds.tolist()
-        return [
-            (atom_bounds[k], atom_bounds[k + 1], edge_bounds[k], edge_bounds[k + 1])
-            for k in range(len(atom_bounds) - 1)
-            if atom_bounds[k + 1] > atom_bounds[k]
-        ]
-
     def forward(
         self,
         vectors: torch.Tensor,
@@ -286,6 +220,19 @@ class CACERepresentation(torch.nn.Module):
                 _log.warning("out of memory for %d atoms in one pass; blocks of %d", n, block)
         return self._features(vectors, species, receivers, senders, block, max_neighbors)
 
+    # -- features ----------------------------------------------------------------------------
+    # Edges are laid out as [receiver, slot] (slot: the edge's position among its
+    # receiver's edges, padded to the most neighbours of any receiver with dummy edges
+    # beyond the cutoff, whose radial weight is exactly zero). Every neighbour sum is
+    # then a batched matrix product per receiver, and a block of receivers is a slice
+    # of rows, known on the host without reading anything back.
+    #
+    # Neighbour sums are products [b, small, slots] x [b, slots, L_g * n_rbf]: the
+    # long (radial x angular) side is the output's row, which BLAS runs ~5x faster
+    # than the transposed product on these shapes. The (radial x angular) edge tensor
+    # is built per l group, so that no slice of one big edge tensor (whose backward
+    # zero-fills the whole tensor per slice) is ever taken.
+
     def _features(
         self,
         vectors: torch.Tensor,
@@ -295,73 +242,13 @@ class CACERepresentation(torch.nn.Module):
         block: int | None,
         max_neighbors: int | None,
     ) -> torch.Tensor:
-        sender_species = species.index_select(0, senders)
-        if not self.layers:
-            return self._local_features(vectors, species, receivers, sender_species, block)
-        return self._message_passing_features(
-            vectors, species, receivers, senders, sender_species, block, max_neighbors
-        )
-
-    # -- local (no message passing) path ---------------------------------------------------
-    def _local_block(
-        self,
-        vectors: torch.Tensor,
-        receivers: torch.Tensor,
-        sender_species: torch.Tensor,
-        receiver_species: torch.Tensor,
-    ) -> torch.Tensor:
-        radial, angular, _ = self.edge_basis(vectors)
-        a = self.first_a_basis(radial, angular, receivers, sender_species, receiver_species)
-        return self.symmetrizer(a).flatten(1)
-
-    def _local_features(
-        self,
-        vectors: torch.Tensor,
-        species: torch.Tensor,
-        receivers: torch.Tensor,
-        sender_species: torch.Tensor,
-        block: int | None,
-    ) -> torch.Tensor:
-        if block is None:
-            return self._local_block(vectors, receivers, sender_species, species)
-        # Each block is recomputed in the backward pass instead of stored.
-        return torch.cat(
-            [
-                checkpoint(
-                    self._local_block,
-                    vectors[e0:e1],
-                    receivers[e0:e1] - a0,
-                    sender_species[e0:e1],
-                    species[a0:a1],
-                    use_reentrant=False,
-                )
-                for a0, a1, e0, e1 in self._spans(species.shape[0], receivers, block)
-            ]
-        )
-
-    # -- message passing path ---------------------------------------------------------------
-    # Edges are laid out as [receiver, slot] (slot: the edge's position among its
-    # receiver's edges, padded to the most neighbours of any receiver with dummy edges
-    # beyond the cutoff, whose radial weight is exactly zero). Every neighbour sum is
-    # then a batched matrix product per receiver, and a block of receivers is a slice
-    # of rows, known on the host without reading anything back.
-
-    def _message_passing_features(
-        self,
-        vectors: torch.Tensor,
-        species: torch.Tensor,
-        receivers: torch.Tensor,
-        senders: torch.Tensor,
-        sender_species: torch.Tensor,
-        block: int | None,
-        max_neighbors: int | None,
-    ) -> torch.Tensor:
         """Layer by layer: node tensors (A, B, the senders' message factors) of the whole
         system, edge work by blocks of receivers that read the senders' node tensors.
 
         Unblocked, the edge basis is computed once for all layers; blocked, each block is
         recomputed from its edge vectors in the backward pass (activation checkpointing),
-        so memory holds node tensors and one block of edge tensors.
+        so memory holds node tensors and one block of edge tensors. Without message
+        passing the symmetriser runs inside the blocks too: only B is kept.
         """
         n = species.shape[0]
         n_edges = vectors.shape[0]
@@ -376,32 +263,68 @@ class CACERepresentation(torch.nn.Module):
         sender_emb = self.sender_embedding.index_select(0, species)  # [n, a]
         recv_emb = self.receiver_weights().index_select(0, species)  # [n, a]
         spans = [(0, n)] if block is None else [(s, min(s + block, n)) for s in range(0, n, block)]
+        group_sizes = [e - s for s, e in self.l_ranges]
 
         def by_blocks(fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
             """fn over blocks of receivers, each recomputed in the backward pass."""
+            if block is None:
+                return fn(0, n)
             return torch.cat([checkpoint(fn, a0, a1, use_reentrant=False) for a0, a1 in spans])
 
-        edge_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        edge_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        product_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-        def edges(a0: int, a1: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """(radial x angular [b, k, L, n_rbf], lengths [b * k, 1]) of receivers a0:a1."""
-            if block is None and edge_cache:
-                return edge_cache[0]
+        def edges(a0: int, a1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(radial * cutoff [b, k, n_rbf], angular [b, k, L], lengths [b * k, 1]).
+
+            Unblocked, computed once for all layers; blocked, per (checkpointed) call.
+            """
+            if (a0, a1) in edge_cache:
+                return edge_cache[(a0, a1)]
             radial, angular, lengths = self.edge_basis(vec_pad[a0 * k : a1 * k])
-            x = (angular[:, :, None] * radial[:, None, :]).view(a1 - a0, k, -1, radial.shape[1])
+            out = (radial.view(a1 - a0, k, -1), angular.view(a1 - a0, k, -1), lengths)
             if block is None:
-                edge_cache.append((x, lengths))
-            return x, lengths
+                edge_cache[(a0, a1)] = out
+            return out
+
+        def products(a0: int, a1: int) -> list[torch.Tensor]:
+            """radial x angular per l group, [b, k, L_g * n_rbf] (l major)."""
+            if (a0, a1) in product_cache:
+                return product_cache[(a0, a1)]
+            radial, angular, _ = edges(a0, a1)
+            xs = [
+                (ang[:, :, :, None] * radial[:, :, None, :]).flatten(2)
+                for ang in torch.split(angular, group_sizes, dim=2)
+            ]
+            if block is None:
+                product_cache[(a0, a1)] = xs
+            return xs
+
+        nz, a = self.sender_embedding.shape
+        by_element = nz <= a
+        # one_hot() would check the indices' range on the host: rows of an identity do not.
+        identity = torch.eye(nz, dtype=vec_pad.dtype, device=vec_pad.device)
+        sender_rows = identity.index_select(0, species) if by_element else sender_emb
 
         def first_a(a0: int, a1: int) -> torch.Tensor:
-            x, _ = edges(a0, a1)
-            emb = sender_emb.index_select(0, send_pad[a0 * k : a1 * k]).view(a1 - a0, k, -1)
-            nb, _, n_l, n_rbf = x.shape
-            a_sum = torch.bmm(x.reshape(nb, k, -1).transpose(1, 2), emb)  # [b, L * n_rbf, a]
-            a_sum = a_sum.view(nb, n_l, n_rbf, -1).transpose(1, 2)
-            return self._embed_receivers(a_sum, recv_emb[a0:a1])
+            """sum_j s_j (x) radial (x) angular, s_j the sender's one-hot element (fewer
+            elements than embedding channels: the embedding is applied to the sums, as
+            the reference does) or its embedding. s and the radial basis form one narrow
+            per-edge factor [b, k, |s| * n_rbf], summed against the angular basis in
+            one product."""
+            radial, angular, _ = edges(a0, a1)
+            nb, _, n_rbf = radial.shape
+            s = sender_rows.index_select(0, send_pad[a0 * k : a1 * k]).view(nb, k, -1, 1)
+            y = (s * radial[:, :, None, :]).flatten(2)
+            a_sum = torch.bmm(angular.transpose(1, 2), y).view(nb, angular.shape[2], -1, n_rbf)
+            if by_element:
+                a_sum = torch.einsum("blzr,za->blar", a_sum, self.sender_embedding)
+            return self._embed_receivers(a_sum.permute(0, 3, 1, 2), recv_emb[a0:a1])
 
-        a_feat = first_a(0, n) if block is None else by_blocks(first_a)
+        if not self.layers:
+            return by_blocks(lambda a0, a1: self.symmetrizer(first_a(a0, a1)).flatten(1))
+
+        a_feat = by_blocks(first_a)
         b_feat = self.symmetrizer(a_feat)
         features = [b_feat]
         groups = self.group_of_component
@@ -416,11 +339,11 @@ class CACERepresentation(torch.nn.Module):
                 node_v: torch.Tensor | None = node_v,
                 a_feat: torch.Tensor = a_feat,
             ) -> torch.Tensor:
-                x, lengths = edges(a0, a1)
+                _, _, lengths = edges(a0, a1)
                 rows = send_pad[a0 * k : a1 * k]
                 update: torch.Tensor | None = None
                 if node_v is not None:
-                    m = self._bchi_sum(x, node_v, rows)
+                    m = self._bchi_sum(products(a0, a1), node_v, rows)
                     # channel c = (a_send, a_recv): the receiver embedding tiled over a_send
                     recv_c = recv_emb[a0:a1].repeat(1, self.n_atom_basis)
                     update = self.mix_radial(m * recv_c[:, None, None, :])
@@ -431,7 +354,7 @@ class CACERepresentation(torch.nn.Module):
                     return a_feat.new_zeros(a1 - a0, *a_feat.shape[1:])
                 return update
 
-            update = update_of(0, n) if block is None else by_blocks(update_of)
+            update = by_blocks(update_of)
             new_a = update * self.mp_norm
             if layer.memory is not None:
                 new_a = new_a + a_feat * layer.memory[groups].permute(1, 0, 2)
@@ -462,23 +385,22 @@ class CACERepresentation(torch.nn.Module):
         return (send_emb[:, None, :, None] * w).reshape(n, n_groups, self.channels)
 
     def _bchi_sum(
-        self, x: torch.Tensor, node_v: torch.Tensor, senders: torch.Tensor
+        self, xs: list[torch.Tensor], node_v: torch.Tensor, senders: torch.Tensor
     ) -> torch.Tensor:
         """m_i[n, l, c] = sum_(j->i) radial[n] angular[l] v_j[group(l), c]: [b, n_rbf, L, C].
 
         Per receiver and l group this is a product of two small matrices over its
-        neighbour slots, (radial x angular) [slots, L_g * n_rbf] and v [slots, C];
+        neighbour slots, v [C, slots] and (radial x angular) [slots, L_g * n_rbf];
         nothing over (radial x angular x channels) exists per edge.
         """
-        nb, k, _, n_rbf = x.shape
+        nb, k, _ = xs[0].shape
         c = node_v.shape[2]
-        v = node_v.reshape(node_v.shape[0], -1).index_select(0, senders).view(nb, k, -1, c)
-        parts = []
-        for g, (s, e) in enumerate(self.l_ranges):
-            xg = x[:, :, s:e, :].reshape(nb, k, (e - s) * n_rbf)
-            mg = torch.bmm(xg.transpose(1, 2), v[:, :, g, :])  # [b, L_g * n_rbf, C]
-            parts.append(mg.view(nb, e - s, n_rbf, c))
-        return torch.cat(parts, dim=1).transpose(1, 2)
+        parts = [
+            torch.bmm(node_v[:, g].index_select(0, senders).view(nb, k, c).transpose(1, 2), x)
+            for g, x in enumerate(xs)
+        ]
+        m = torch.cat(parts, dim=2).view(nb, c, self.angular.n_components, self.cfg.n_rbf)
+        return m.permute(0, 3, 2, 1)
 
     def _radial_chunk(
         self,
