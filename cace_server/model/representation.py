@@ -413,17 +413,19 @@ class CACERepresentation(torch.nn.Module):
         """sum over slots of A_sender * f_cut * exp(-r / r0): [rows, r', L, C].
 
         The decay depends on l only through its group: it is computed per group
-        ([edges, r', groups, C], a fifth of the A size at l_max 3) and broadcast.
+        ([edges, r', 1, C], a twentieth of the A size at l_max 3) and broadcast. Both
+        factors are formed per group from small node/parameter slices, never sliced
+        from a per-edge tensor (whose backward would zero-fill the whole tensor per
+        slice).
         """
         r = lengths.view(-1, 1, 1, 1)
-        decay = torch.exp(-r * inv_r0) * self.cutoff_fn(r)  # [P, r', G, C]
-        a_send = a_feat.index_select(0, senders)  # [P, r', L, C]
-        parts = [
-            (a_send[:, :, s:e, :] * decay[:, :, g : g + 1, :])
-            .view(-1, k, *a_send.shape[1:2], e - s, a_send.shape[3])
-            .sum(1)
-            for g, (s, e) in enumerate(self.l_ranges)
-        ]
+        f_cut = self.cutoff_fn(r)
+        n_radial, channels = a_feat.shape[1], a_feat.shape[3]
+        parts = []
+        for g, (s, e) in enumerate(self.l_ranges):
+            decay = torch.exp(-r * inv_r0[:, g : g + 1, :]) * f_cut  # [P, r', 1, C]
+            a_send = a_feat[:, :, s:e, :].index_select(0, senders)  # [P, r', L_g, C]
+            parts.append((a_send * decay).view(-1, k, n_radial, e - s, channels).sum(1))
         return torch.cat(parts, dim=2)
 
     def _radial_message(
@@ -445,6 +447,10 @@ class CACERepresentation(torch.nn.Module):
         amp = layer.ar_amplitude[groups].permute(1, 0, 2)  # [r', L, C]
         inv_r0 = layer.ar_inverse_range.permute(1, 0, 2)  # [r', G, C]
         rows = max(1, self.edge_chunk // k)
+        if n_recv <= rows:
+            # One chunk: nothing to bound, and recomputing it in the backward pass
+            # (twice when training on forces) would only cost time.
+            return self._radial_chunk(a_feat, lengths, inv_r0, senders, k) * amp
         parts = [
             checkpoint(
                 self._radial_chunk,
@@ -457,4 +463,4 @@ class CACERepresentation(torch.nn.Module):
             )
             for s in range(0, n_recv, rows)
         ]
-        return (torch.cat(parts) if len(parts) > 1 else parts[0]) * amp
+        return torch.cat(parts) * amp
