@@ -14,6 +14,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts show defaults in brackets ("[/tmp/ipi_]", "[cpu]"): plain text, not
+    # rich markup, which reads "[/...]" as a closing tag and fails to print the help.
+    rich_markup_mode=None,
 )
 
 
