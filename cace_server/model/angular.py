@@ -222,6 +222,7 @@ class Symmetrizer(torch.nn.Module):
         # (first gathered row, number of terms) of each order.
         self.order_rows: list[tuple[int, int]] = []
         self.order_keys: list[int] = []
+        self.order_is_power: list[bool] = []
         assign_blocks: list[torch.Tensor] = []
         self.n_out = 1
         for nu in range(2, max_nu + 1):
@@ -232,6 +233,9 @@ class Symmetrizer(torch.nn.Module):
             key_index = {k: i for i, k in enumerate(keys)}
             self.order_rows.append((len(rows), len(terms)))
             self.order_keys.append(len(keys))
+            # Orders whose every term is one component to the power nu (all of nu = 2:
+            # l1 = l2 contracts a component with itself) need one factor, not nu.
+            self.order_is_power.append(all(len(set(t.components)) == 1 for t in terms))
             for k in range(nu):
                 rows.extend(index[t.components[k]] for t in terms)
             block = torch.zeros(len(keys), len(terms), dtype=torch.float64)
@@ -288,8 +292,11 @@ class Symmetrizer(torch.nn.Module):
         for o, nu in enumerate(self.orders):
             n_terms = self.order_rows[o][1]
             p = x.index_select(0, self._factor_index(o, 0))
-            for k in range(1, nu):
-                p.mul_(x.index_select(0, self._factor_index(o, k)))
+            if self.order_is_power[o]:
+                p = p.pow_(nu)
+            else:
+                for k in range(1, nu):
+                    p.mul_(x.index_select(0, self._factor_index(o, k)))
             block = self.assign[:, t0 : t0 + n_terms]
             n_keys = self.order_keys[o]
             torch.mm(block[row - 1 : row - 1 + n_keys].to(x.dtype), p, out=out[row : row + n_keys])
@@ -306,8 +313,17 @@ class Symmetrizer(torch.nn.Module):
             n_terms = self.order_rows[o][1]
             terms = slice(t0, t0 + n_terms)
             t0 += n_terms
-            weight = self.term_weight[terms]
-            g_terms = grad.index_select(0, self.term_row[terms]) * weight.to(x.dtype)  # [T, m]
+            power = self.order_is_power[o]
+            # d(x^nu)/dx = nu x^(nu - 1): a power's nu goes into its prefactor.
+            weight = self.term_weight[terms].to(x.dtype) * (nu if power else 1)
+            g_terms = grad.index_select(0, self.term_row[terms]) * weight  # [T, m]
+            if power:
+                factor = x.index_select(0, self._factor_index(o, 0))
+                partial = g_terms
+                for _ in range(nu - 1):
+                    partial = partial * factor
+                grad_x.index_add_(0, self._factor_index(o, 0), partial)
+                continue
             index = [self._factor_index(o, k) for k in range(nu)]
             factors = [x.index_select(0, i) for i in index]
             # partial_k = g_terms * prod_{j != k} factor_j, from prefix and suffix products.
