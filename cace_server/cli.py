@@ -419,8 +419,8 @@ def serve(
     ),
     step_wait_ms: float = typer.Option(
         None,
-        help="an i-PI step's batch waits this long for every connection of its address, "
-        "then runs with the beads it has [1000]",
+        help="an i-PI step's batch waits this long for every connection of its address "
+        "(or a tenth of it after the last bead), then runs with the beads it has [1000]",
     ),
     neighbor_skin: float = typer.Option(
         None,

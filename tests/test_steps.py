@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from cace_server.engine.steps import StepGroup
+import time
+
+from cace_server.engine.batching import Lane, PendingQueue, WorkItem
+from cace_server.engine.steps import QUIET_FRACTION, StepGroup
+from cace_server.structures import Structure
 
 
 def test_a_step_is_complete_when_every_connection_submitted() -> None:
@@ -57,3 +61,41 @@ def test_a_connection_that_stops_is_dropped_after_two_steps() -> None:
     group.taken(["c0"])
     group.arrived("c0")
     assert group.complete()
+
+
+def test_a_step_closes_when_its_arrivals_stop_not_only_at_the_time_limit() -> None:
+    group = StepGroup("ipi:a", size=3, timeout_s=1.0)
+    assert group.deadline(10.0) == 11.0  # nothing arrived yet: the time limit
+    group.arrived("c0", now=10.0)
+    assert group.deadline(10.0) == 10.0 + QUIET_FRACTION
+    group.arrived("c1", now=10.05)  # each arrival moves the quiet deadline on
+    assert group.deadline(10.0) == 10.05 + QUIET_FRACTION
+    for k in range(30):  # a steady stream never waits past the time limit
+        group.arrived(f"x{k}", now=10.05 + 0.05 * (k + 1))
+    assert group.deadline(10.0) == 11.0
+    group.timed_out()
+    group.taken(["c0", "c1", *(f"x{k}" for k in range(30))])
+    assert group.deadline(20.0) == 21.0  # a new step starts without arrivals
+
+
+def _item(group: StepGroup, member: str) -> WorkItem:
+    structure = Structure.create([1], [[0.0, 0.0, 0.0]])
+    return WorkItem(
+        "m", structure, 0, stress=False, lane=Lane.IPI, session=member, step_group=group
+    )
+
+
+def test_the_queue_closes_a_stalled_step_after_the_quiet_time_not_the_time_limit() -> None:
+    """Two of three members arrive and the third never does (i-PI is waiting for the
+    answer to a straggler): the batch goes after a tenth of the limit."""
+    group = StepGroup("ipi:a", size=3, timeout_s=2.0)
+    queue = PendingQueue()
+    queue.put_many([_item(group, "c0")])
+    time.sleep(0.05)
+    queue.put_many([_item(group, "c1")])
+    start = time.monotonic()
+    batch = queue.take_batch(max_atoms=100, max_pairs=100)
+    waited = time.monotonic() - start
+    assert batch is not None and [i.session for i in batch] == ["c0", "c1"]
+    # the quiet time (0.2 s) after c1, well before c0's limit (2 s)
+    assert 0.1 < waited < 1.0, waited

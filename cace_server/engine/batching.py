@@ -125,7 +125,7 @@ class PendingQueue:
                 item.enqueued = now
                 self._lanes[item.lane].append(item)
                 if item.step_group is not None and item.session is not None:
-                    item.step_group.arrived(item.session)
+                    item.step_group.arrived(item.session, now)
             self._cond.notify_all()
 
     def take_batch(
@@ -154,13 +154,18 @@ class PendingQueue:
                 group = head.step_group
                 timed_out = False
                 if group is not None or wait_s > 0:
-                    deadline = head.enqueued + (group.timeout_s if group is not None else wait_s)
                     # Nothing can join after close(), so stop waiting then.
                     while not self._closed and self._still_head(lane, head):
                         if group is not None and group.complete():
                             break
                         if self._is_full(self._lanes[lane], max_atoms, max_pairs):
                             break
+                        # a step's deadline moves with its arrivals (StepGroup.deadline)
+                        deadline = (
+                            group.deadline(head.enqueued)
+                            if group is not None
+                            else head.enqueued + wait_s
+                        )
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             timed_out = group is not None

@@ -47,7 +47,8 @@ class EngineSettings:
     # {"": {"mode": "smooth"}}: passed to the model's ``configure_long_range``.
     long_range: dict[str, dict[str, str]] = field(default_factory=dict)
     # An i-PI step's batch closes once every connection of its address has
-    # submitted; if one does not within this time of the first, it closes anyway.
+    # submitted; if one does not within this time of the first, or none arrives for
+    # a tenth of it (steps.QUIET_FRACTION), it closes anyway.
     # A safety net only (a connection i-PI stopped using costs it once or twice), so
     # generous: i-PI hands 32 beads out one by one, slowly on a loaded machine.
     step_wait_ms: float = 1000.0
