@@ -17,10 +17,16 @@ from cace_server.model.neighbors import collate
 from cace_server.model.potential import CACEPotential
 from cace_server.structures import Structure
 
-# Two message-passing layers, every kind of message; and B-chi only with shared weights
-# (the published cacefit / cace-lr-fit models use B-chi only).
+# Two message-passing layers, every kind of message; node memory without the radial
+# message; and B-chi only with shared weights (the published cacefit / cace-lr-fit
+# models use B-chi only, whose A never leaves its block of receivers).
 MP_MODELS = {
     "all-kinds": dict(seed=21, elements=(1, 6, 8), num_message_passing=2, n_atom_basis=2),
+    "memory-bchi": dict(
+        seed=23,
+        num_message_passing=2,
+        message_passing=dict(memory=True, radial=False, bchi=True),
+    ),
     "bchi-shared": dict(
         seed=22,
         num_message_passing=2,

@@ -330,30 +330,47 @@ class CACERepresentation(torch.nn.Module):
         if not self.layers:
             return by_blocks(lambda a0, a1: self.symmetrizer(first_a(a0, a1)).flatten(1))
 
-        a_feat = by_blocks(first_a)
-        b_feat = self.symmetrizer(a_feat)
+        layers = [layer for layer in self.layers if isinstance(layer, MessagePassingLayer)]
+        # A layer reads the previous A at node level for its memory term and its radial
+        # message. An A that no layer reads lives only inside its block: the symmetriser
+        # runs there and only B is kept (at l_max 3 a third of A), which is what bounds
+        # memory at 98,304 atoms.
+        reads_a = [layer.memory is not None or layer.ar_amplitude is not None for layer in layers]
+        a_shape = (self.cfg.n_radial, self.angular.n_components, self.channels)
+
+        def symmetrized(
+            fn: Callable[[int, int], torch.Tensor],
+        ) -> Callable[[int, int], torch.Tensor]:
+            return lambda a0, a1: self.symmetrizer(fn(a0, a1))
+
+        a_feat: torch.Tensor | None = None
+        if reads_a[0]:
+            a_feat = by_blocks(first_a)
+            b_feat = self.symmetrizer(a_feat)
+        else:
+            b_feat = by_blocks(symmetrized(first_a))
         features = [b_feat]
         groups = self.group_of_component
-        for layer in self.layers:
-            assert isinstance(layer, MessagePassingLayer)
-            # per l group, split once (see vec_blocks)
+        for i, layer in enumerate(layers):
+            # per l group or per block, split once (see vec_blocks)
             node_v = (
                 self._bchi_node_factor(layer, b_feat, sender_emb).unbind(1) if layer.bchi else None
             )
-            a_groups = (
-                [t.contiguous() for t in torch.split(a_feat, group_sizes, dim=2)]
-                if layer.ar_amplitude is not None
-                else None
-            )
+            a_groups = a_blocks = None
+            if a_feat is not None and layer.ar_amplitude is not None:
+                a_groups = [t.contiguous() for t in torch.split(a_feat, group_sizes, dim=2)]
+            if a_feat is not None and layer.memory is not None:
+                a_blocks = torch.split(a_feat, step)
 
-            def update_of(
+            def new_a_of(
                 a0: int,
                 a1: int,
                 layer: MessagePassingLayer = layer,
                 node_v: tuple[torch.Tensor, ...] | None = node_v,
-                a_feat: torch.Tensor = a_feat,
                 a_groups: list[torch.Tensor] | None = a_groups,
+                a_blocks: tuple[torch.Tensor, ...] | None = a_blocks,
             ) -> torch.Tensor:
+                """This layer's A of receivers a0:a1."""
                 _, _, lengths = edges(a0, a1)
                 rows = send_pad[a0 * k : a1 * k]
                 update: torch.Tensor | None = None
@@ -366,15 +383,19 @@ class CACERepresentation(torch.nn.Module):
                     ar = self._radial_message(layer, a_groups, lengths, rows, a1 - a0, k)
                     update = ar if update is None else update + ar
                 if update is None:
-                    return a_feat.new_zeros(a1 - a0, *a_feat.shape[1:])
-                return update
+                    update = vec_pad.new_zeros(a1 - a0, *a_shape)
+                new_a = update * self.mp_norm
+                if a_blocks is not None and layer.memory is not None:
+                    memory = layer.memory[groups].permute(1, 0, 2)
+                    new_a = new_a + a_blocks[a0 // step] * memory
+                return new_a
 
-            update = by_blocks(update_of)
-            new_a = update * self.mp_norm
-            if layer.memory is not None:
-                new_a = new_a + a_feat * layer.memory[groups].permute(1, 0, 2)
-            a_feat = new_a
-            b_feat = self.symmetrizer(a_feat)
+            if i + 1 < len(layers) and reads_a[i + 1]:
+                a_feat = by_blocks(new_a_of)
+                b_feat = self.symmetrizer(a_feat)
+            else:
+                a_feat = None
+                b_feat = by_blocks(symmetrized(new_a_of))
             features.append(b_feat)
         return torch.stack(features, dim=-1).flatten(1)
 
