@@ -6,10 +6,10 @@ as one [edges, radial, angular, channels] tensor and sums it over neighbours. Th
 receiver embedding and the radial mixing do not depend on j, so we pull them out of
 the neighbour sum: the sum only accumulates radial (x) angular per sender element
 (or per sender embedding channel, whichever is smaller), and the channels are
-formed per atom afterwards. Models without message passing are local, so large
-systems are evaluated in blocks of atoms whose intermediates are recomputed during
-the backward pass instead of stored (activation checkpointing), which keeps memory
-proportional to the block, not to the system.
+formed per atom afterwards. Large systems are evaluated in blocks of receiving
+atoms whose edge intermediates are recomputed during the backward pass instead of
+stored (activation checkpointing); message-passing layers read the senders' node
+tensors of the whole system, so memory is the node tensors plus one block.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class CACERepresentation(torch.nn.Module):
             [torch.full((e - s,), g, dtype=torch.long) for g, (s, e) in enumerate(self.l_ranges)]
         )
         self.register_buffer("group_of_component", group_of_component, persistent=False)
-        # Bound on the [edges x radial x angular] scratch of one neighbour-sum chunk.
+        # Edges per chunk of the radial message's [edges, r', L, C] products.
         self.edge_chunk = 32768
         # Systems above ``block_above`` atoms are evaluated in blocks of ``atom_block``
         # atoms, recomputing each block in the backward pass: memory stays bounded at
@@ -327,8 +327,14 @@ class CACERepresentation(torch.nn.Module):
                 a_sum = torch.einsum("blzr,za->blar", a_sum, self.sender_embedding)
             return self._embed_receivers(a_sum.permute(0, 3, 1, 2), recv_blocks[a0 // step])
 
+        def symmetrized(
+            fn: Callable[[int, int], torch.Tensor],
+        ) -> Callable[[int, int], torch.Tensor]:
+            """A block function returning A -> one returning B (A never leaves the block)."""
+            return lambda a0, a1: self.symmetrizer(fn(a0, a1))
+
         if not self.layers:
-            return by_blocks(lambda a0, a1: self.symmetrizer(first_a(a0, a1)).flatten(1))
+            return by_blocks(symmetrized(first_a)).flatten(1)
 
         layers = [layer for layer in self.layers if isinstance(layer, MessagePassingLayer)]
         # A layer reads the previous A at node level for its memory term and its radial
@@ -337,11 +343,6 @@ class CACERepresentation(torch.nn.Module):
         # memory at 98,304 atoms.
         reads_a = [layer.memory is not None or layer.ar_amplitude is not None for layer in layers]
         a_shape = (self.cfg.n_radial, self.angular.n_components, self.channels)
-
-        def symmetrized(
-            fn: Callable[[int, int], torch.Tensor],
-        ) -> Callable[[int, int], torch.Tensor]:
-            return lambda a0, a1: self.symmetrizer(fn(a0, a1))
 
         a_feat: torch.Tensor | None = None
         if reads_a[0]:
