@@ -118,6 +118,9 @@ def run_case(
                 subprocess.Popen(
                     cmd,
                     env=env,
+                    # not the repository: ``python -m`` puts the working directory first
+                    # on sys.path, ahead of PYTHONPATH, and would import this tree's code
+                    cwd=workdir,
                     stdout=subprocess.DEVNULL,
                     stderr=open(workdir / f"client{len(procs)}.log", "wb"),  # noqa: SIM115
                 )
@@ -323,6 +326,35 @@ def server_command(
     ]  # fmt: skip
 
 
+def check_imports_from(tree: Path, cwd: Path) -> None:
+    """Fail unless a server started as in ``run_case`` imports cace_server from ``tree``."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import cace_server; print(cace_server.__file__)"],
+        env=dict(os.environ, PYTHONPATH=str(tree)),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"a server meant to run {tree} imports cace_server from {found}")
+
+
+def converted_by(tree: Path, dest: Path, cwd: Path) -> str:
+    """The reference LR checkpoint converted and saved by the code of ``tree``."""
+    code = (
+        "import sys; from cace_server.model import convert_original, save_model; "
+        "save_model(convert_original(sys.argv[1]), sys.argv[2])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(REFERENCE / "best_model.pth"), str(dest)],
+        env=dict(os.environ, PYTHONPATH=str(tree)),
+        cwd=cwd,
+        check=True,
+    )
+    return str(dest)
+
+
 def against(args: argparse.Namespace) -> None:
     import ase.io
 
@@ -338,13 +370,14 @@ def against(args: argparse.Namespace) -> None:
     )
     rows = []
     try:
-        model_path = args.model
-        if model_path is None:
-            from cace_server.model import convert_original, save_model
-
-            model_path = str(
-                save_model(convert_original(REFERENCE / "best_model.pth"), work / "w.safetensors")
-            )
+        for side in (tree, REPO):
+            check_imports_from(side, work)
+        # Each side converts the original checkpoint with its own code: a revision
+        # may not read the file format of a later one.
+        model_paths = {
+            side: args.model or converted_by(path, work / f"{side}.safetensors", work)
+            for side, path in (("rev", tree), ("ours", REPO))
+        }
         template = work / "template.extxyz"
         ase.io.write(template, atoms, format="extxyz")
         for beads in (int(b) for b in args.beads.split(",")):
@@ -355,12 +388,14 @@ def against(args: argparse.Namespace) -> None:
                     "batched": ("unix", beads, 1, "unix"),
                     "shm": ("shm", beads, 1, "shm"),
                 }[mode]
-                command = server_command(model_path, dtype, template, clients, args.threads, scheme)
                 times: dict[str, list[float]] = {"rev": [], "ours": []}
                 for r in range(args.repeats):
                     # alternate which side runs first, so drifts in load cancel
                     for side in ("rev", "ours") if r % 2 == 0 else ("ours", "rev"):
                         path = tree if side == "rev" else REPO
+                        command = server_command(
+                            model_paths[side], dtype, template, clients, args.threads, scheme
+                        )
                         tag = f"{beads}-{mode}-{side}-{r}"
                         seconds = run_case(
                             work / tag,
