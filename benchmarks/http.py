@@ -335,13 +335,14 @@ def contention(args: argparse.Namespace, model: Path) -> None:
     torch_default = torch.get_num_threads()
     water = systems()["H2O"]
     content, headers = body(water, binary=False)
-    # what `cace-server serve` sets, and what it left to libgomp before
+    # OpenMP threads that wait at a barrier: libgomp's own policy (spin a while, then
+    # sleep), or sleep at once (what a user sets for cores shared with other work)
     passive: dict[str, str | None] = {"OMP_WAIT_POLICY": "PASSIVE"}
     unset: dict[str, str | None] = {"OMP_WAIT_POLICY": None}
     configs = [
-        (f"server default ({default_torch_threads('cpu')}, passive)", 0, passive),
-        ("--torch-threads 1", 1, passive),
-        (f"torch default ({torch_default}, old default)", torch_default, unset),
+        (f"server default ({default_torch_threads('cpu')})", 0, unset),
+        (f"{torch_default} (torch default)", torch_default, unset),
+        (f"{torch_default}, OMP_WAIT_POLICY=PASSIVE", torch_default, passive),
     ]
     rows = []
     for hog in (False, True):

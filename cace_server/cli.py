@@ -443,12 +443,7 @@ def serve(
     CACE_SERVER_<NAME> environment variables, and these flags.
     """
     import asyncio
-    import os
 
-    # Before torch is imported: OpenMP threads that wait at a barrier sleep instead
-    # of spinning, so they do not steal the cores the rest of the server needs
-    # (benchmarks/http.py --contention). An explicit setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from cace_server.server import serve as run
     from cace_server.server import setup_logging
     from cace_server.settings import load_settings
@@ -456,7 +451,7 @@ def serve(
     flags = {
         k: v
         for k, v in locals().items()
-        if k not in ("config", "asyncio", "os", "run", "setup_logging", "load_settings")
+        if k not in ("config", "asyncio", "run", "setup_logging", "load_settings")
         and v not in (None, [])
     }
     try:
