@@ -152,16 +152,33 @@ class CACERepresentation(torch.nn.Module):
         return radial, self.angular(unit), lengths
 
     # -- A basis -------------------------------------------------------------------------
-    def _embed_receivers(self, a0: torch.Tensor, recv: torch.Tensor) -> torch.Tensor:
-        """Neighbour sums per sender channel [n, n_rbf, L, a] -> A [n, n_radial, L, a * a]."""
-        n, n_rbf = a0.shape[0], a0.shape[1]
+    def _sender_mixing(self, sender_map: torch.Tensor) -> torch.Tensor:
+        """[L, z * n_rbf, n_radial * C]: the map from a neighbour sum's sender index z to
+        the sender embedding channel s, and the radial mixing W[g(l), r, r', (s, t)] of
+        each component's l group, as one weight per component."""
+        n_l, a = self.angular.n_components, self.n_atom_basis
+        w = self.radial_mixing.index_select(0, self.group_of_component)  # [L, r, r', C]
+        n_rbf, n_radial = w.shape[1], w.shape[2]
+        w = w.view(n_l, 1, n_rbf, n_radial, a, a) * sender_map.view(1, -1, 1, 1, a, 1)
+        return w.reshape(n_l, -1, n_radial * a * a)
+
+    def _embed_receivers(
+        self, a_sum: torch.Tensor, recv: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Neighbour sums [n, L, z * n_rbf] -> A [n, n_radial, L, a * a].
+
+        A[n, r', l, (s, t)] = sum_{z, r} a_sum[n, l, (z, r)] weight[l, (z, r), (r', s, t)]
+        recv[n, t]: one matrix product per component (see ``_sender_mixing``). A is
+        returned as a view of a components-first [L, n, n_radial, a * a] tensor, the
+        layout in which the symmetriser reads it (no copy there).
+        """
+        n, n_l = a_sum.shape[0], a_sum.shape[1]
         a = self.n_atom_basis
-        mixed = []
-        for g, (s, e) in enumerate(self.l_ranges):
-            w = self.radial_mixing[g].view(n_rbf, -1, a, a)  # [r, r', a_send, a_recv]
-            out = _batched_mix(a0[:, :, s:e, :], w.reshape(n_rbf, -1, a, a))
-            mixed.append(out.view(n, -1, e - s, a, a) * recv[:, None, None, None, :])
-        return torch.cat(mixed, dim=2).flatten(3)
+        x = a_sum.transpose(0, 1).reshape(n_l, n, -1)
+        out = torch.bmm(x, weight).view(n_l, n, self.cfg.n_radial, a * a)
+        # channel c = (s, t): the receiver embedding tiled over s
+        out = out * recv.repeat(1, a)[None, :, None, :]
+        return out.permute(1, 2, 0, 3)
 
     def mix_radial(self, x: torch.Tensor) -> torch.Tensor:
         """Radial mixing of a full-channel A-like tensor [n, n_rbf, L, C]."""
@@ -311,6 +328,10 @@ class CACERepresentation(torch.nn.Module):
         # one_hot() would check the indices' range on the host: rows of an identity do not.
         identity = torch.eye(nz, dtype=vec_pad.dtype, device=vec_pad.device)
         sender_rows = identity.index_select(0, species) if by_element else sender_emb
+        # The sums are per sender element (then the embedding maps them to channels, as
+        # the reference does) or already per embedding channel.
+        sender_map = self.sender_embedding if by_element else torch.eye(a).to(vec_pad)
+        sender_weight = self._sender_mixing(sender_map)
 
         def first_a(a0: int, a1: int) -> torch.Tensor:
             """sum_j s_j (x) radial (x) angular, s_j the sender's one-hot element (fewer
@@ -319,13 +340,11 @@ class CACERepresentation(torch.nn.Module):
             per-edge factor [b, k, |s| * n_rbf], summed against the angular basis in
             one product."""
             radial, angular, _ = edges(a0, a1)
-            nb, _, n_rbf = radial.shape
+            nb = radial.shape[0]
             s = sender_rows.index_select(0, send_pad[a0 * k : a1 * k]).view(nb, k, -1, 1)
             y = (s * radial[:, :, None, :]).flatten(2)
-            a_sum = torch.bmm(angular.transpose(1, 2), y).view(nb, angular.shape[2], -1, n_rbf)
-            if by_element:
-                a_sum = torch.einsum("blzr,za->blar", a_sum, self.sender_embedding)
-            return self._embed_receivers(a_sum.permute(0, 3, 1, 2), recv_blocks[a0 // step])
+            a_sum = torch.bmm(angular.transpose(1, 2), y)  # [b, L, z * n_rbf]
+            return self._embed_receivers(a_sum, recv_blocks[a0 // step], sender_weight)
 
         def symmetrized(
             fn: Callable[[int, int], torch.Tensor],
