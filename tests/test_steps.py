@@ -49,6 +49,26 @@ def test_fewer_beads_than_connections_are_learned_after_one_timeout() -> None:
     assert group.complete()  # no more waiting for c2 and c3
 
 
+def test_a_late_connection_joins_the_step_it_belongs_to() -> None:
+    # The first step closed (quiet time) before the last connection's bead came: that
+    # bead is still this step's, and the next step is one batch of all four again.
+    group = StepGroup("ipi:a", size=4, timeout_s=1.0)
+    for member in ("c0", "c1", "c2"):
+        group.arrived(member)
+    group.timed_out()
+    group.taken(["c0", "c1", "c2"])
+    assert group.step == 0
+    group.arrived("c3")
+    assert group.complete()
+    group.taken(["c3"])
+    assert group.step == 1
+    for member in ("c0", "c1", "c2"):
+        group.arrived(member)
+        assert not group.complete()
+    group.arrived("c3")
+    assert group.complete()
+
+
 def test_a_connection_that_stops_is_dropped_after_two_steps() -> None:
     group = StepGroup("ipi:a", size=2, timeout_s=1.0)
     for _ in range(2):

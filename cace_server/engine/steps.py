@@ -78,7 +78,12 @@ class StepGroup:
             if self._queued[member] <= 0:
                 del self._queued[member]
             self._taken.add(member)
-        if all(m in self._taken for m in self.active()):
+        # Until every connection has been seen, one still unseen may bring this step's
+        # bead late (i-PI accepts a few connections per poll): the step then ends when
+        # a member that was served in it submits again (``arrived``). Ending it here
+        # would count the late beads as the next step's, and every later step would be
+        # split in two the same way.
+        if len(self._last_seen) >= self.size and all(m in self._taken for m in self.active()):
             self._next_step()
 
     def timed_out(self) -> None:
