@@ -330,7 +330,11 @@ class CACERepresentation(torch.nn.Module):
         sender_rows = identity.index_select(0, species) if by_element else sender_emb
         # The sums are per sender element (then the embedding maps them to channels, as
         # the reference does) or already per embedding channel.
-        sender_map = self.sender_embedding if by_element else torch.eye(a).to(vec_pad)
+        sender_map = (
+            self.sender_embedding
+            if by_element
+            else torch.eye(a, dtype=vec_pad.dtype, device=vec_pad.device)
+        )
         sender_weight = self._sender_mixing(sender_map)
 
         def first_a(a0: int, a1: int) -> torch.Tensor:
