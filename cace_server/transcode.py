@@ -18,7 +18,11 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
+import select
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -103,6 +107,32 @@ def json_to_msgpack(body: bytes) -> tuple[bytes | None, str | None]:
         return None, f"cannot be handled: {exc}"
 
 
+def _exit_with(server_pid: int) -> None:
+    """Worker initializer: end this worker when the server process is gone.
+
+    A pool worker waits for tasks on a pipe it also holds the other end of, so it
+    never sees the server die; a server killed (SIGKILL, a second signal) would leave
+    the worker, and the fork server it keeps alive, behind for good.
+    """
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(server_pid)  # Linux: readable once the process has exited
+        except ProcessLookupError:
+            os._exit(0)
+        except (AttributeError, OSError):  # pragma: no cover - no pidfd: poll instead
+            while True:
+                try:
+                    os.kill(server_pid, 0)
+                except ProcessLookupError:
+                    os._exit(0)
+                time.sleep(1.0)
+        select.select([fd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
+
+
 class ProcessParser:
     """One worker process (started on first use) that parses JSON bodies."""
 
@@ -121,7 +151,12 @@ class ProcessParser:
                 context = forkserver
             else:  # pragma: no cover - platforms without fork
                 context = multiprocessing.get_context("spawn")
-            options: dict[str, Any] = {"max_workers": 1, "mp_context": context}
+            options: dict[str, Any] = {
+                "max_workers": 1,
+                "mp_context": context,
+                "initializer": _exit_with,
+                "initargs": (os.getpid(),),
+            }
             if sys.version_info >= (3, 11):
                 # a fresh worker per body: a parse of hundreds of MB leaves its
                 # memory behind in the process that did it

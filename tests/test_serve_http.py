@@ -173,3 +173,47 @@ def test_a_second_signal_exits_at_once(servers, tmp_path) -> None:
     assert server.proc.wait(timeout=15) == 128 + signal.SIGINT, server.log()
     assert any(m.startswith("second SIGINT: exiting now") for m in server.messages())
     stalled.close()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc), including reparented ones seen
+    before their parent died: call it while ``pid`` is alive."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_killed_server_leaves_no_process_behind(servers, tmp_path) -> None:
+    server = start(servers, tmp_path)
+    # the JSON parser's fork server and its worker start with the app
+    deadline = time.monotonic() + 30
+    while len(left := descendants(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(left) >= 2, left
+    server.proc.kill()
+    server.proc.wait(10)
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in left if alive(p)], "processes outlived the killed server"
