@@ -53,3 +53,16 @@ class PolynomialCutoff(torch.nn.Module):
             - 0.5 * p * (p + 1.0) * x ** (p + 2.0)
         )
         return envelope * (r < self.cutoff)
+
+    def value_and_derivative(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(envelope, d envelope / dr), both zero beyond the cutoff."""
+        p = self.p
+        x = r / self.cutoff
+        inside = r < self.cutoff
+        a, b, c = 0.5 * (p + 1.0) * (p + 2.0), p * (p + 2.0), 0.5 * p * (p + 1.0)
+        # one (slow, transcendental) power; the others by products
+        x_p1 = x ** (p - 1.0)
+        x_p = x_p1 * x
+        envelope = 1.0 - a * x_p + b * (x_p * x) - c * (x_p * x * x)
+        slope = x_p1 * (-a * p + x * (b * (p + 1.0) - c * (p + 2.0) * x)) / self.cutoff
+        return envelope * inside, slope * inside

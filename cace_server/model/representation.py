@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cace_server.model.angular import AngularBasis, Symmetrizer, explicit_terms, l_slices
 from cace_server.model.config import ModelConfig
+from cace_server.model.edge_basis import FusedEdgeBasis
 from cace_server.model.mlp import MLP
 from cace_server.model.radial import BesselBasis, PolynomialCutoff
 
@@ -30,9 +31,6 @@ _log = logging.getLogger(__name__)
 # CPU blocking, measured on water: blocks of 1,024 atoms for systems above 4,096.
 CPU_ATOM_BLOCK = 1024
 CPU_BLOCK_ABOVE = 4096
-
-# Unit vectors are v / (|v| + eps), as in the reference.
-_NORM_EPS = 1e-9
 
 
 def _batched_mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -107,6 +105,7 @@ class CACERepresentation(torch.nn.Module):
         self.radial_basis = BesselBasis(cfg.cutoff, cfg.n_rbf, trainable=cfg.trainable_rbf)
         self.cutoff_fn = PolynomialCutoff(cfg.cutoff, cfg.cutoff_p)
         self.angular = AngularBasis(cfg.max_l)
+        self.fused_edge_basis = FusedEdgeBasis(self.radial_basis, self.cutoff_fn, self.angular)
         # W[l][n, n', c]: mixes radial channels per angular order and edge channel.
         self.radial_mixing = torch.nn.Parameter(
             torch.rand(cfg.max_l + 1, cfg.n_rbf, cfg.n_radial, self.channels)
@@ -145,11 +144,10 @@ class CACERepresentation(torch.nn.Module):
 
     # -- edge quantities ---------------------------------------------------------------
     def edge_basis(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (radial * cutoff [E, n_rbf], angular [E, L], lengths [E, 1])."""
+        """-> (radial * cutoff [E, n_rbf], angular [L, E] (components first), lengths [E, 1])."""
+        radial, angular = self.fused_edge_basis(vectors)
         lengths = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-        unit = vectors / (lengths + _NORM_EPS)
-        radial = self.radial_basis(lengths) * self.cutoff_fn(lengths)
-        return radial, self.angular(unit), lengths
+        return radial, angular, lengths
 
     # -- A basis -------------------------------------------------------------------------
     def _sender_mixing(self, sender_map: torch.Tensor) -> torch.Tensor:
@@ -298,14 +296,14 @@ class CACERepresentation(torch.nn.Module):
         product_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
 
         def edges(a0: int, a1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """(radial * cutoff [b, k, n_rbf], angular [b, k, L], lengths [b * k, 1]).
+            """(radial * cutoff [b, k, n_rbf], angular [L, b, k], lengths [b * k, 1]).
 
             Unblocked, computed once for all layers; blocked, per (checkpointed) call.
             """
             if (a0, a1) in edge_cache:
                 return edge_cache[(a0, a1)]
             radial, angular, lengths = self.edge_basis(vec_blocks[a0 // step])
-            out = (radial.view(a1 - a0, k, -1), angular.view(a1 - a0, k, -1), lengths)
+            out = (radial.view(a1 - a0, k, -1), angular.view(-1, a1 - a0, k), lengths)
             if block is None:
                 edge_cache[(a0, a1)] = out
             return out
@@ -316,8 +314,8 @@ class CACERepresentation(torch.nn.Module):
                 return product_cache[(a0, a1)]
             radial, angular, _ = edges(a0, a1)
             xs = [
-                (ang[:, :, :, None] * radial[:, :, None, :]).flatten(2)
-                for ang in torch.split(angular, group_sizes, dim=2)
+                (ang.permute(1, 2, 0)[:, :, :, None] * radial[:, :, None, :]).flatten(2)
+                for ang in torch.split(angular, group_sizes)
             ]
             if block is None:
                 product_cache[(a0, a1)] = xs
@@ -347,7 +345,7 @@ class CACERepresentation(torch.nn.Module):
             nb = radial.shape[0]
             s = sender_rows.index_select(0, send_pad[a0 * k : a1 * k]).view(nb, k, -1, 1)
             y = (s * radial[:, :, None, :]).flatten(2)
-            a_sum = torch.bmm(angular.transpose(1, 2), y)  # [b, L, z * n_rbf]
+            a_sum = torch.bmm(angular.transpose(0, 1), y)  # [b, L, z * n_rbf]
             return self._embed_receivers(a_sum, recv_blocks[a0 // step], sender_weight)
 
         def symmetrized(
