@@ -75,6 +75,11 @@ def test_symmetrizer_in_chunks_equals_one_pass_with_second_gradients():
     sym = Symmetrizer(3, 4)
     a = torch.randn(3, 2, 20, 2, dtype=torch.float64, requires_grad=True)
     whole = sym(a)
+    g = torch.randn_like(whole)
+    (grad_whole,) = torch.autograd.grad(whole, a, g)
     sym.chunk = 5  # columns per chunk: 12 columns -> 3 ragged chunks
-    torch.testing.assert_close(sym(a), whole, rtol=1e-13, atol=1e-13)
+    chunked = sym(a)
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+    (grad_chunked,) = torch.autograd.grad(chunked, a, g)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=1e-13, atol=1e-13)
     assert torch.autograd.gradgradcheck(sym, (a,))

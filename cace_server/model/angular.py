@@ -273,6 +273,7 @@ class Symmetrizer(torch.nn.Module):
         # Columns (atoms x radial x channels) per chunk on a CPU: bounds the scratch of
         # the gathered factors to ~F x chunk values (cache), forward and backward. Other
         # devices take one pass (fewer launches; memory is bounded by the model's blocks).
+        # (16,384 was measured too: 3 % faster at 1,536 atoms, 5 % slower at 12,288.)
         self.chunk = 1 << 16
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
@@ -291,9 +292,10 @@ class Symmetrizer(torch.nn.Module):
         start, n_terms = self.order_rows[order]
         return self.gather_index[start + k * n_terms : start + (k + 1) * n_terms]
 
-    def _forward_chunk(self, x: torch.Tensor) -> torch.Tensor:
-        """[L, m] -> [K, m]; runs without autograd (the Function's forward)."""
-        out = x.new_empty(self.n_out, x.shape[1])
+    def _forward_chunk(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[L, m] -> [K, m] (into ``out`` if given); runs without autograd."""
+        if out is None:
+            out = x.new_empty(self.n_out, x.shape[1])
         out[0] = x[0]
         row = 1
         t0 = 0
@@ -312,9 +314,12 @@ class Symmetrizer(torch.nn.Module):
             t0 += n_terms
         return out
 
-    def _backward_chunk(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """d(sum grad * B)/dA. Differentiable (in-place only on fresh tensors)."""
-        grad_x = torch.zeros_like(x)
+    def _backward_chunk(
+        self, x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """d(sum grad * B)/dA, into ``out`` if given. Differentiable without ``out``
+        (in-place only on fresh tensors)."""
+        grad_x = torch.zeros_like(x) if out is None else out.zero_()
         grad_x[0] = grad[0]
         t0 = 0
         for o, nu in enumerate(self.orders):
@@ -355,7 +360,8 @@ class _Symmetrize(torch.autograd.Function):
     Plain autograd would keep every gathered factor and partial product, several
     times the size of A. The backward recomputes them from A, chunk by chunk, and
     is written in differentiable torch operations, so second derivatives (training
-    on forces) still work.
+    on forces) still work. Chunks write into one output (no concatenation: at 98,304
+    atoms A is ~0.9 GB); the differentiable backward concatenates.
     """
 
     @staticmethod
@@ -364,13 +370,13 @@ class _Symmetrize(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.sym = sym  # type: ignore[attr-defined]
-        chunk = sym.chunk if x.device.type == "cpu" else x.shape[1]
-        m = x.shape[1]
-        if m <= chunk:
+        spans = _chunks(x, sym.chunk)
+        if len(spans) == 1:
             return sym._forward_chunk(x)
-        return torch.cat(
-            [sym._forward_chunk(x[:, s : s + chunk]) for s in range(0, m, chunk)], dim=1
-        )
+        out = x.new_empty(sym.n_out, x.shape[1])
+        for s, e in spans:
+            sym._forward_chunk(x[:, s:e], out[:, s:e])
+        return out
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -378,12 +384,21 @@ class _Symmetrize(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
         sym: Symmetrizer = ctx.sym  # type: ignore[attr-defined]
-        chunk = sym.chunk if x.device.type == "cpu" else x.shape[1]
-        m = x.shape[1]
-        if m <= chunk:
+        spans = _chunks(x, sym.chunk)
+        if len(spans) == 1:
             return sym._backward_chunk(x, grad), None
-        parts = [
-            sym._backward_chunk(x[:, s : s + chunk], grad[:, s : s + chunk])
-            for s in range(0, m, chunk)
-        ]
-        return torch.cat(parts, dim=1), None
+        if torch.is_grad_enabled():  # a second derivative will be taken
+            parts = [sym._backward_chunk(x[:, s:e], grad[:, s:e]) for s, e in spans]
+            return torch.cat(parts, dim=1), None
+        grad_x = torch.empty_like(x)
+        for s, e in spans:
+            sym._backward_chunk(x[:, s:e], grad[:, s:e], grad_x[:, s:e])
+        return grad_x, None
+
+
+def _chunks(x: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
+    """Column spans: one pass off the CPU or up to one chunk's worth of columns."""
+    m = x.shape[1]
+    if x.device.type != "cpu" or m <= chunk:
+        return [(0, m)]
+    return [(s, min(s + chunk, m)) for s in range(0, m, chunk)]
