@@ -42,27 +42,26 @@ class PolynomialCutoff(torch.nn.Module):
         super().__init__()
         self.cutoff = float(cutoff)
         self.p = float(p)
+        # env(x) = 1 - a x^p + b x^(p+1) - c x^(p+2), x = r / cutoff
+        p_ = self.p
+        self._coefficients = (0.5 * (p_ + 1.0) * (p_ + 2.0), p_ * (p_ + 2.0), 0.5 * p_ * (p_ + 1.0))
+
+    def _envelope(self, x: torch.Tensor, x_p: torch.Tensor) -> torch.Tensor:
+        a, b, c = self._coefficients
+        return 1.0 - a * x_p + b * (x_p * x) - c * (x_p * x * x)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        p = self.p
         x = r / self.cutoff
-        envelope = (
-            1.0
-            - 0.5 * (p + 1.0) * (p + 2.0) * x**p
-            + p * (p + 2.0) * x ** (p + 1.0)
-            - 0.5 * p * (p + 1.0) * x ** (p + 2.0)
-        )
-        return envelope * (r < self.cutoff)
+        # one (slow, transcendental) power; the others by products
+        return self._envelope(x, x**self.p) * (r < self.cutoff)
 
     def value_and_derivative(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(envelope, d envelope / dr), both zero beyond the cutoff."""
         p = self.p
+        a, b, c = self._coefficients
         x = r / self.cutoff
         inside = r < self.cutoff
-        a, b, c = 0.5 * (p + 1.0) * (p + 2.0), p * (p + 2.0), 0.5 * p * (p + 1.0)
-        # one (slow, transcendental) power; the others by products
         x_p1 = x ** (p - 1.0)
-        x_p = x_p1 * x
-        envelope = 1.0 - a * x_p + b * (x_p * x) - c * (x_p * x * x)
+        envelope = self._envelope(x, x_p1 * x)
         slope = x_p1 * (-a * p + x * (b * (p + 1.0) - c * (p + 2.0) * x)) / self.cutoff
         return envelope * inside, slope * inside

@@ -143,11 +143,9 @@ class CACERepresentation(torch.nn.Module):
         return self.receiver_embedding
 
     # -- edge quantities ---------------------------------------------------------------
-    def edge_basis(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (radial * cutoff [E, n_rbf], angular [L, E] (components first), lengths [E, 1])."""
-        radial, angular = self.fused_edge_basis(vectors)
-        lengths = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-        return radial, angular, lengths
+    def edge_basis(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (radial * cutoff [E, n_rbf], angular [L, E] (components first))."""
+        return self.fused_edge_basis(vectors)  # type: ignore[no-any-return]
 
     # -- A basis -------------------------------------------------------------------------
     def _sender_mixing(self, sender_map: torch.Tensor) -> torch.Tensor:
@@ -292,18 +290,18 @@ class CACERepresentation(torch.nn.Module):
                 return fn(0, n)
             return torch.cat([checkpoint(fn, a0, a1, use_reentrant=False) for a0, a1 in spans])
 
-        edge_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        edge_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         product_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-        def edges(a0: int, a1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """(radial * cutoff [b, k, n_rbf], angular [L, b, k], lengths [b * k, 1]).
+        def edges(a0: int, a1: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """(radial * cutoff [b, k, n_rbf], angular [L, b, k]).
 
             Unblocked, computed once for all layers; blocked, per (checkpointed) call.
             """
             if (a0, a1) in edge_cache:
                 return edge_cache[(a0, a1)]
-            radial, angular, lengths = self.edge_basis(vec_blocks[a0 // step])
-            out = (radial.view(a1 - a0, k, -1), angular.view(-1, a1 - a0, k), lengths)
+            radial, angular = self.edge_basis(vec_blocks[a0 // step])
+            out = (radial.view(a1 - a0, k, -1), angular.view(-1, a1 - a0, k))
             if block is None:
                 edge_cache[(a0, a1)] = out
             return out
@@ -312,7 +310,7 @@ class CACERepresentation(torch.nn.Module):
             """radial x angular per l group, [b, k, L_g * n_rbf] (l major)."""
             if (a0, a1) in product_cache:
                 return product_cache[(a0, a1)]
-            radial, angular, _ = edges(a0, a1)
+            radial, angular = edges(a0, a1)
             xs = [
                 (ang.permute(1, 2, 0)[:, :, :, None] * radial[:, :, None, :]).flatten(2)
                 for ang in torch.split(angular, group_sizes)
@@ -341,7 +339,7 @@ class CACERepresentation(torch.nn.Module):
             the reference does) or its embedding. s and the radial basis form one narrow
             per-edge factor [b, k, |s| * n_rbf], summed against the angular basis in
             one product."""
-            radial, angular, _ = edges(a0, a1)
+            radial, angular = edges(a0, a1)
             nb = radial.shape[0]
             s = sender_rows.index_select(0, send_pad[a0 * k : a1 * k]).view(nb, k, -1, 1)
             y = (s * radial[:, :, None, :]).flatten(2)
@@ -393,7 +391,6 @@ class CACERepresentation(torch.nn.Module):
                 a_blocks: tuple[torch.Tensor, ...] | None = a_blocks,
             ) -> torch.Tensor:
                 """This layer's A of receivers a0:a1."""
-                _, _, lengths = edges(a0, a1)
                 rows = send_pad[a0 * k : a1 * k]
                 update: torch.Tensor | None = None
                 if node_v is not None:
@@ -402,6 +399,8 @@ class CACERepresentation(torch.nn.Module):
                     recv_c = recv_blocks[a0 // step].repeat(1, self.n_atom_basis)
                     update = self.mix_radial(m * recv_c[:, None, None, :])
                 if a_groups is not None:
+                    vec = vec_blocks[a0 // step]
+                    lengths = torch.linalg.vector_norm(vec, dim=-1, keepdim=True)
                     ar = self._radial_message(layer, a_groups, lengths, rows, a1 - a0, k)
                     update = ar if update is None else update + ar
                 if update is None:
