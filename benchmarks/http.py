@@ -234,7 +234,7 @@ def model_times(model: Path, dtype: str, threads: int, cases: list[tuple[str, An
 
 def _timed(m: Any, structures: list[Any]) -> float:
     t0 = time.perf_counter()
-    m.predict(structures, stress=True)
+    m.predict(structures)
     return time.perf_counter() - t0
 
 

@@ -13,6 +13,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from cace_server.model.io import load_model
 from cace_server.model.potential import CACEPotential
+from cace_server.outputs import Outputs
 from cace_server.structures import Structure, voigt
 
 
@@ -45,7 +46,10 @@ class CACECalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         structure = Structure.from_ase(self.atoms)
         want_stress = "stress" in properties and bool(structure.pbc.all())
-        prediction = self.model.predict([structure], forces=True, stress=want_stress)[0]
+        outputs = self.model.default_outputs
+        if not want_stress:
+            outputs = Outputs(name for name in outputs if name != "stress")
+        prediction = self.model.predict([structure], outputs)[0]
         self.results = {"energy": prediction.energy, "free_energy": prediction.energy}
         self.results["forces"] = prediction.forces
         if prediction.energies is not None:

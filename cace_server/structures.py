@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+
+from cace_server.outputs import ARRAY_FIELDS, Outputs
 
 
 class StructureError(ValueError):
@@ -124,6 +126,18 @@ class Structure:
         return float(abs(np.linalg.det(self.cell)))
 
 
+class BatchCost(NamedTuple):
+    """What one prepared structure adds to a batch, in the units the engine bounds.
+
+    A model reports it (``ServedModel.batch_cost``): a committee of M members, say,
+    costs M times the pairs of one. The engine's ``max_batch_atoms`` and
+    ``max_batch_pairs`` bound the sums over a batch.
+    """
+
+    atoms: int
+    pairs: int
+
+
 @dataclass
 class Prediction:
     """What a model computed for one structure (ASE units).
@@ -147,6 +161,24 @@ class Prediction:
     # Per-atom descriptors (the node features the heads read), when asked for.
     descriptors: npt.NDArray[np.float64] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def keep_only(self, outputs: Outputs) -> Prediction:
+        """Drop (in place) the arrays of outputs not in ``outputs``; returns self.
+
+        A model may compute more than was asked (cheap outputs come with the energy
+        pass, and a batch computes what any of its structures asked for); a caller
+        gets exactly what it asked for.
+        """
+        wanted = outputs.fields
+        for name in ARRAY_FIELDS:
+            if name not in wanted:
+                setattr(self, name, None)
+        return self
+
+    def array_outputs(self) -> dict[str, npt.NDArray[np.float64]]:
+        """The arrays present, by ``Prediction`` attribute name."""
+        present = {name: getattr(self, name) for name in ARRAY_FIELDS}
+        return {name: value for name, value in present.items() if value is not None}
 
 
 def voigt(stress: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

@@ -261,7 +261,7 @@ def check_run_against_model(run: IpiRun, model: object, numbers: np.ndarray) -> 
         for step in range(run.steps + 1):
             frames.append((bead, step, positions[step], forces[step], extras[step]))
     structures = [ipi_structure(pos, numbers) for _, _, pos, _, _ in frames]
-    direct = model.predict(structures, stress=True)  # type: ignore[attr-defined]
+    direct = model.predict(structures)  # type: ignore[attr-defined]
     for (bead, step, _, frc, extras), expected in zip(frames, direct, strict=True):
         want = expected.forces * FORCE_AU_PER_EV_ANGSTROM
         got = ipi_to_au("force", frc.get_forces())

@@ -178,11 +178,12 @@ def compare_checkpoint(directory: Path, name: str, *, float32: bool = False) -> 
             continue
         if record.get("status") == "partial" and prefix == "cluster" and model.has_bec:
             continue  # the original cannot evaluate open systems with dipole models
-        pred = model.predict(
-            [structure(npz, prefix)],
-            bec=model.has_bec and not float32,
-            descriptors=bool(descriptor_keys),
-        )[0]
+        wanted = set(model.default_outputs)
+        if model.has_bec and not float32:
+            wanted.add("bec")
+        if descriptor_keys:
+            wanted.add("descriptors")
+        pred = model.predict([structure(npz, prefix)], wanted)[0]
         for key in descriptor_keys:
             ref = np.asarray(npz[key])
             check("descriptors", pred.descriptors, ref.reshape(ref.shape[0], -1))

@@ -54,7 +54,7 @@ class InProcess(Calculator):
         self, atoms: Any = None, properties: Any = ("energy",), system_changes: Any = all_changes
     ) -> None:
         super().calculate(atoms, properties, system_changes)
-        p = self.model.predict([Structure.from_ase(self.atoms)], stress=True)[0]
+        p = self.model.predict([Structure.from_ase(self.atoms)])[0]
         self.results = {"energy": p.energy, "free_energy": p.energy, "forces": p.forces}
         if p.stress is not None:
             s = p.stress

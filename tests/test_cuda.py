@@ -115,18 +115,19 @@ def test_a_real_device_side_assert_is_fatal(tmp_path):
     script = """
 import numpy as np, torch
 from cace_server.engine import Engine, EngineSettings, DeviceFailed
+from cace_server.engine.models import ModelWrapper
 from cace_server.model.build import random_model
 from cace_server.structures import Structure
 
-class Asserting:
-    def __init__(self, model): self.model, self.armed = model, False
-    def __getattr__(self, name): return getattr(self.model, name)
-    def prepare(self, s): return self.model.prepare(s)
-    def predict(self, structures, *, stress=True):
+class Asserting(ModelWrapper):
+    def __init__(self, model):
+        super().__init__(model)
+        self.armed = False
+    def predict(self, structures, outputs):
         if self.armed:  # an index out of bounds inside a kernel: CUDA asserts
             x = torch.zeros(4, device="cuda")
             x[torch.tensor([10], device="cuda")] += 1.0
-        return self.model.predict(structures, stress=stress)
+        return self.inner.predict(structures, outputs)
 
 model = Asserting(random_model(seed=1, device="cuda"))
 rng = np.random.default_rng(0)

@@ -31,9 +31,11 @@ from cace_server.engine import (
     is_out_of_memory,
 )
 from cace_server.engine.batching import WorkItem, select_batch
+from cace_server.engine.models import ModelWrapper
 from cace_server.engine.stats import Histogram
 from cace_server.model import random_model
-from cace_server.structures import Prediction, Structure
+from cace_server.outputs import Outputs
+from cace_server.structures import BatchCost, Prediction, Structure
 
 TOL = 1e-10
 
@@ -62,7 +64,7 @@ def assert_same(got: Prediction, want: Prediction, *, stress: bool = True) -> No
         np.testing.assert_allclose(got.stress, want.stress, rtol=TOL, atol=TOL)
 
 
-class Faulty:
+class Faulty(ModelWrapper):
     """A real model whose ``predict`` can misbehave; everything else is the model's."""
 
     def __init__(
@@ -73,7 +75,7 @@ class Faulty:
         oom_error: type[BaseException] = torch.cuda.OutOfMemoryError,
         nan_for_atoms: int | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.oom_above_atoms = oom_above_atoms
         self.oom_error = oom_error
         self.nan_for_atoms = nan_for_atoms
@@ -83,14 +85,11 @@ class Faulty:
         self.gate.set()
         self.entered = threading.Event()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
     def block(self) -> None:
         self.entered.clear()
         self.gate.clear()
 
-    def predict(self, structures: Sequence[Any], *, stress: bool = True) -> list[Prediction]:
+    def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
         self.calls.append(len(structures))
         self.pairs.append(sum(p.n_pairs for p in structures))
         self.entered.set()
@@ -98,7 +97,7 @@ class Faulty:
         n_atoms = sum(p.n_atoms for p in structures)
         if self.oom_above_atoms is not None and n_atoms > self.oom_above_atoms:
             raise self.oom_error(f"CUDA out of memory. Tried to allocate {n_atoms} GiB")
-        predictions = self.inner.predict(structures, stress=stress)
+        predictions = self.inner.predict(structures, outputs)
         for p, prediction in zip(structures, predictions, strict=True):
             if p.n_atoms == self.nan_for_atoms:
                 prediction.energy = float("nan")
@@ -117,7 +116,7 @@ def structures() -> list[Structure]:
 
 
 def reference(model: Any, structures: Sequence[Structure]) -> list[Prediction]:
-    return [model.predict([s], stress=True)[0] for s in structures]
+    return [model.predict([s])[0] for s in structures]
 
 
 def settings(**kw: Any) -> EngineSettings:
@@ -190,7 +189,9 @@ def test_concurrent_coroutines_and_threads_are_batched(
 def test_stress_flag(model: Any, structures: list[Structure]) -> None:
     periodic = structures[0]
     with Engine(model, settings=settings()) as engine:
-        futures = engine.submit([periodic], stress=False) + engine.submit([periodic])
+        futures = engine.submit([periodic], outputs=["energy", "forces"]) + engine.submit(
+            [periodic]
+        )
         without, with_stress = (f.result(30) for f in futures)
     assert without.stress is None and without.virial is None
     assert with_stress.stress is not None
@@ -306,11 +307,11 @@ def test_non_finite_output_fails_alone(model: Any) -> None:
 
 def test_model_error_is_isolated(model: Any) -> None:
     class Broken(Faulty):
-        def predict(self, structures: Sequence[Any], *, stress: bool = True) -> list[Prediction]:
+        def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
             self.calls.append(len(structures))
             if any(p.n_atoms == 7 for p in structures):
                 raise ValueError("boom")
-            return list(self.inner.predict(structures, stress=stress))
+            return list(self.inner.predict(structures, outputs))
 
     batch = [make_structure(n, seed=600 + n) for n in (5, 7, 6, 8)]
     with Engine(Broken(model), settings=settings(warmup=False)) as engine:
@@ -473,13 +474,9 @@ def test_batch_bounds(model: Any) -> None:
 
 
 def test_select_batch_keeps_one_model_and_order() -> None:
-    class P:
-        def __init__(self, n: int) -> None:
-            self.n_pairs = n
-
     def item(model: str, n: int) -> WorkItem:
-        w = WorkItem(model, make_structure(n, seed=n), 0, True)
-        w.prepared = P(10 * n)
+        w = WorkItem(model, make_structure(n, seed=n), 0, Outputs())
+        w.cost = BatchCost(n, 10 * n)
         return w
 
     from collections import deque

@@ -15,35 +15,35 @@ import numpy as np
 import pytest
 
 from cace_server.engine import Engine, EngineSettings, UnsupportedOutput
+from cace_server.engine.models import ModelWrapper
 from cace_server.model import random_model
+from cace_server.outputs import Outputs
 from cace_server.structures import Prediction
 from tests.test_engine import make_structure
 
 CHARGE = {1: 0.4, 8: -0.8}
+DEFAULT = ("energy", "forces", "stress")
 
 
-class WithDipole:
+class WithDipole(ModelWrapper):
     """A real model plus mu = sum q_i r_i (so BEC[i] = q_i I)."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.bec_calls: list[tuple[int, bool]] = []  # (structures, bec) per predict
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     @property
     def outputs(self) -> tuple[str, ...]:
         return ("energy", "forces", "stress", "energies", "dipole", "bec")
 
-    def predict(
-        self, structures: Sequence[Any], *, stress: bool = True, bec: bool = False
-    ) -> list[Prediction]:
+    def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
+        bec = "bec" in outputs
         self.bec_calls.append((len(structures), bec))
-        out = self.inner.predict(structures, stress=stress)
+        out = self.inner.predict(structures, Outputs(outputs.not_in(("dipole", "bec"))))
         for p, pred in zip(structures, out, strict=True):
             q = np.array([CHARGE[int(z)] for z in p.structure.numbers])
-            pred.dipole = q @ p.structure.positions
+            if "dipole" in outputs:
+                pred.dipole = q @ p.structure.positions
             if bec:
                 pred.bec = q[:, None, None] * np.eye(3)
         return out
@@ -65,7 +65,7 @@ def test_bec_only_for_batches_and_structures_that_ask(inner: Any) -> None:
         model.bec_calls.clear()
         # two requests in one batch, only the second asks for BEC
         plain = engine.submit(structures[:2])
-        wanted = engine.submit(structures[2:], bec=True)
+        wanted = engine.submit(structures[2:], outputs=[*DEFAULT, "bec"])
         results = [f.result(30) for f in plain + wanted]
         assert model.bec_calls == [(3, True)]
         assert results[0].bec is None and results[1].bec is None
@@ -85,7 +85,7 @@ def test_bec_only_for_batches_and_structures_that_ask(inner: Any) -> None:
 def test_bec_from_a_model_without_them_is_refused(inner: Any) -> None:
     with Engine(inner, settings=EngineSettings(warmup=False)) as engine:
         with pytest.raises(UnsupportedOutput, match="Born effective charges"):
-            engine.submit([make_structure(4, seed=1)], bec=True)
+            engine.submit([make_structure(4, seed=1)], outputs=[*DEFAULT, "bec"])
         assert engine.snapshot().errors == {"unsupported_output": 1}
 
 

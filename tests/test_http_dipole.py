@@ -76,7 +76,7 @@ def test_models_says_what_it_offers(client: httpx.Client) -> None:
 
 
 def test_dipole_bec_charges_json(client: httpx.Client, model: Any, box: Structure) -> None:
-    want = model.predict([box], bec=True)[0]
+    want = model.predict([box], model.default_outputs | {"bec"})[0]
     props = ["energy", "forces", "charges", "dipole", "bec"]
     r = client.post("/v1/calculate", json=body_of(box, properties=props))
     assert r.status_code == 200, r.text
@@ -90,7 +90,7 @@ def test_dipole_bec_charges_json(client: httpx.Client, model: Any, box: Structur
 
 
 def test_bec_only_when_asked_and_msgpack(client: httpx.Client, model: Any, box: Structure) -> None:
-    want = model.predict([box], bec=True)[0]
+    want = model.predict([box], model.default_outputs | {"bec"})[0]
     headers = {"content-type": "application/msgpack", "accept": "application/msgpack"}
     body = msgpack.packb(body_of(box, properties=["energy", "dipole"]))
     got = msgpack.unpackb(client.post("/v1/calculate", content=body, headers=headers).content)
@@ -102,7 +102,7 @@ def test_bec_only_when_asked_and_msgpack(client: httpx.Client, model: Any, box: 
 
 def test_batch_mixes_bec_and_no_bec(client: httpx.Client, model: Any, box: Structure) -> None:
     other = water_cluster(8, seed=22, box=6.4)
-    want = model.predict([box, other], bec=True)
+    want = model.predict([box, other], model.default_outputs | {"bec"})
     r = client.post(
         "/v1/calculate/batch",
         json={"structures": [body_of(box), body_of(other)], "properties": ["bec", "dipole"]},
@@ -123,7 +123,7 @@ def test_per_atom_energies_refused(client: httpx.Client, box: Structure) -> None
 def test_ase_calculator_dipole_charges_bec(
     server: BackgroundServer, model: Any, box: Structure
 ) -> None:
-    want = model.predict([box], bec=True)[0]
+    want = model.predict([box], model.default_outputs | {"bec"})[0]
     atoms = ase.Atoms(numbers=box.numbers, positions=box.positions, cell=box.cell, pbc=True)
     atoms.calc = RemoteCACE(server.url)
     np.testing.assert_allclose(atoms.get_dipole_moment(), want.dipole, rtol=TOL, atol=TOL)

@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 from cace_server.engine import Engine, EngineSettings, InvalidStructure
+from cace_server.engine.models import ModelWrapper
 from cace_server.http import BackgroundServer, HttpSettings, create_app
 from cace_server.model import random_model
+from cace_server.outputs import Outputs
 from cace_server.server import species_template
 from cace_server.structures import Prediction, Structure
 from cace_server.units import HARTREE_PER_EV
@@ -42,24 +44,20 @@ from tests.ipi_support import IPI_SCRIPT, start_ipi  # noqa: E402
 KEY = "charge_states"
 
 
-class ReadsChargeStates:
+class ReadsChargeStates(ModelWrapper):
     """A real model that also reads the per-atom input ``charge_states``."""
 
-    required_inputs = (KEY,)
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return (KEY,)
 
     @staticmethod
     def shift(structure: Structure) -> float:
         states = structure.arrays[KEY]
         return 0.5 * float(np.dot(states, np.arange(1, len(states) + 1)))
 
-    def predict(self, structures: Sequence[Any], *, stress: bool = True) -> list[Prediction]:
-        out = self.inner.predict(structures, stress=stress)
+    def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
+        out = self.inner.predict(structures, outputs)
         for p, prediction in zip(structures, out, strict=True):
             prediction.energy += self.shift(getattr(p, "structure", p))
         return out
@@ -110,7 +108,7 @@ def client(server: BackgroundServer) -> Iterator[httpx.Client]:
 
 
 def expected(model: ReadsChargeStates, s: Structure) -> float:
-    return model.predict([model.prepare(s)])[0].energy
+    return model.predict([model.prepare(s)], Outputs(["energy"]))[0].energy
 
 
 def test_models_lists_required_inputs(client: httpx.Client) -> None:

@@ -13,6 +13,10 @@ from cace_server.model.representation import CACERepresentation
 from cace_server.structures import Structure
 
 
+def WITH_BEC(model):
+    return model.default_outputs | {"bec"}
+
+
 def _water(seed: int = 0, periodic: bool = False, n: int = 4) -> Structure:
     rng = np.random.default_rng(seed)
     centres = rng.uniform(0, 6.0, (n, 3))
@@ -45,7 +49,7 @@ def test_one_representation_pass_for_every_head() -> None:
     calls = []
     handle = model.representation.register_forward_hook(lambda *a: calls.append(1))
     try:
-        model.predict([_water(1), _water(2), _water(3, periodic=True)], bec=True)
+        model.predict([_water(1), _water(2), _water(3, periodic=True)], WITH_BEC(model))
     finally:
         handle.remove()
     assert len(calls) == 1
@@ -54,7 +58,7 @@ def test_one_representation_pass_for_every_head() -> None:
 def test_bec_is_the_derivative_of_the_open_dipole() -> None:
     model = _dipole_model()
     s = _water(4)
-    pred = model.predict([s], bec=True)[0]
+    pred = model.predict([s], WITH_BEC(model))[0]
     assert pred.bec is not None and pred.dipole is not None
     h = 1e-5
     for atom, axis in [(0, 0), (1, 2), (5, 1)]:
@@ -71,13 +75,13 @@ def test_bec_acoustic_sum_rule_and_rotation() -> None:
     """Mean-free charges: sum_i Z_i = 0; Z rotates as a rank-2 tensor."""
     model = _dipole_model()
     s = _water(5)
-    pred = model.predict([s], bec=True)[0]
+    pred = model.predict([s], WITH_BEC(model))[0]
     np.testing.assert_allclose(pred.bec.sum(axis=0), 0.0, atol=1e-10)
     angle = 0.7
     rot = np.array(
         [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]]
     )
-    rotated = model.predict([Structure.create(s.numbers, s.positions @ rot.T)], bec=True)[0]
+    rotated = model.predict([Structure.create(s.numbers, s.positions @ rot.T)], WITH_BEC(model))[0]
     np.testing.assert_allclose(rotated.dipole, rot @ pred.dipole, atol=1e-10)
     expected = np.einsum("ab,nbc,dc->nad", rot, pred.bec, rot)
     np.testing.assert_allclose(rotated.bec, expected, atol=1e-9)
@@ -101,9 +105,9 @@ def test_periodic_dipole_is_the_berry_phase_form() -> None:
 def test_batched_heads_equal_one_by_one() -> None:
     model = _dipole_model()
     structures = [_water(7), _water(8, periodic=True), _water(9, n=3)]
-    together = model.predict(structures, bec=True, descriptors=True)
+    together = model.predict(structures, model.outputs)
     for s, t in zip(structures, together, strict=True):
-        alone = model.predict([s], bec=True, descriptors=True)[0]
+        alone = model.predict([s], model.outputs)[0]
         assert t.energy == pytest.approx(alone.energy, abs=1e-10)
         np.testing.assert_allclose(t.forces, alone.forces, atol=1e-10)
         np.testing.assert_allclose(t.dipole, alone.dipole, atol=1e-10)
@@ -155,7 +159,7 @@ def test_outputs_and_description() -> None:
 def test_descriptors_are_the_heads_input() -> None:
     model = random_model()
     s = _water(11)
-    pred = model.predict([s], descriptors=True)[0]
+    pred = model.predict([s], model.default_outputs | {"descriptors"})[0]
     assert pred.descriptors.shape == (len(s), model.representation.n_features)
     head = model.readouts["energy"]
     x = torch.as_tensor(pred.descriptors, dtype=model.dtype)

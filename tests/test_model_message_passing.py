@@ -81,7 +81,7 @@ def forced_blocks(model: CACEPotential, block: int) -> Iterator[None]:
 
 
 def _energy(model: CACEPotential, s: Structure, positions: np.ndarray, cell: np.ndarray) -> float:
-    return model.predict([Structure.create(s.numbers, positions, cell, s.pbc)], forces=False)[
+    return model.predict([Structure.create(s.numbers, positions, cell, s.pbc)], ["energy"])[
         0
     ].energy
 

@@ -86,9 +86,7 @@ def test_permutation_invariance(model):
 
 
 def _energy(model, numbers, positions, cell, pbc) -> float:
-    return model.predict(
-        [Structure.create(numbers, positions, cell, pbc)], forces=False, stress=False
-    )[0].energy
+    return model.predict([Structure.create(numbers, positions, cell, pbc)], ["energy"])[0].energy
 
 
 def test_forces_are_minus_energy_gradient(model):

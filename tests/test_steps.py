@@ -6,6 +6,7 @@ import time
 
 from cace_server.engine.batching import Lane, PendingQueue, WorkItem
 from cace_server.engine.steps import QUIET_FRACTION, StepGroup
+from cace_server.outputs import Outputs
 from cace_server.structures import Structure
 
 
@@ -101,7 +102,7 @@ def test_a_step_closes_when_its_arrivals_stop_not_only_at_the_time_limit() -> No
 def _item(group: StepGroup, member: str) -> WorkItem:
     structure = Structure.create([1], [[0.0, 0.0, 0.0]])
     return WorkItem(
-        "m", structure, 0, stress=False, lane=Lane.IPI, session=member, step_group=group
+        "m", structure, 0, Outputs(["energy"]), Lane.IPI, session=member, step_group=group
     )
 
 

@@ -36,7 +36,8 @@ from typing import Any
 from cace_server.engine.errors import EngineClosed, EngineError
 from cace_server.engine.stats import EngineStats
 from cace_server.engine.steps import StepGroup
-from cace_server.structures import Prediction, Structure
+from cace_server.outputs import Outputs
+from cace_server.structures import BatchCost, Prediction, Structure
 
 
 class Lane(str, enum.Enum):
@@ -57,12 +58,12 @@ class WorkItem:
     model: str
     structure: Structure
     index: int  # position within its request
-    stress: bool
-    bec: bool = False  # Born effective charges asked for (extra backward passes)
+    outputs: Outputs  # what the caller asked for (checked against the model at submit)
     lane: Lane = Lane.SMALL
     future: Future[Prediction] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     prepared: Any = None  # the model's prepared structure (neighbour list), set before queueing
+    cost: BatchCost = field(default=BatchCost(0, 0))  # from the model, set with prepared
     enqueued: float = 0.0
     session: str | None = None  # who submitted it (Verlet lists, step-group member)
     step_group: StepGroup | None = None  # the i-PI step it belongs to, if any
@@ -70,10 +71,6 @@ class WorkItem:
     @property
     def n_atoms(self) -> int:
         return len(self.structure)
-
-    @property
-    def n_pairs(self) -> int:
-        return int(self.prepared.n_pairs) if self.prepared is not None else 0
 
 
 def select_batch(
@@ -85,11 +82,12 @@ def select_batch(
     rest: deque[WorkItem] = deque()
     atoms = pairs = 0
     for item in items:
-        fits = atoms + item.n_atoms <= max_atoms and pairs + item.n_pairs <= max_pairs
+        cost = item.cost
+        fits = atoms + cost.atoms <= max_atoms and pairs + cost.pairs <= max_pairs
         if item.model == model and (fits or not batch):
             batch.append(item)
-            atoms += item.n_atoms
-            pairs += item.n_pairs
+            atoms += cost.atoms
+            pairs += cost.pairs
         else:
             rest.append(item)
     return batch, rest
@@ -233,8 +231,8 @@ class PendingQueue:
         for item in items:
             if item.model != model:
                 continue
-            atoms += item.n_atoms
-            pairs += item.n_pairs
+            atoms += item.cost.atoms
+            pairs += item.cost.pairs
             if atoms >= max_atoms or pairs >= max_pairs:
                 return True
         return False

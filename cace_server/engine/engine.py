@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from types import TracebackType
@@ -39,12 +39,19 @@ from cace_server.engine.errors import (
     UnknownModel,
     UnsupportedOutput,
 )
-from cace_server.engine.models import ModelInfo, ModelSource, check_inputs, default_name
+from cace_server.engine.models import (
+    CatalogueEntry,
+    ModelInfo,
+    ModelSource,
+    check_inputs,
+    default_name,
+)
 from cace_server.engine.sessions import SessionLists
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats, StatsSnapshot
 from cace_server.engine.steps import StepGroup
 from cace_server.engine.worker import Worker
+from cace_server.outputs import CATALOGUE, Outputs, UnknownOutput
 from cace_server.structures import Prediction, Structure, StructureError
 
 logger = logging.getLogger("cace_server.engine")
@@ -131,8 +138,7 @@ class Engine:
             )
             for k, (device, label) in enumerate(zip(devices, _labels(devices), strict=True))
         ]
-        # The first worker's models prepare structures and describe the models.
-        self._worker = self._workers[0]
+        self._entries: dict[str, CatalogueEntry] = {}
         self._sessions = SessionLists(
             self.settings.neighbor_skin, self.settings.max_neighbor_lists, self.stats
         )
@@ -289,14 +295,31 @@ class Engine:
     @property
     def models(self) -> dict[str, ModelInfo]:
         """Descriptions of the served models (empty until they are loaded)."""
-        return dict(self._worker.infos)
+        return {name: entry.info for name, entry in self._catalogue().items()}
 
     def model_info(self, name: str | None = None) -> ModelInfo:
         key = self._resolve_model(name)
         try:
-            return self._worker.infos[key]
+            return self._catalogue()[key].info
         except KeyError:
             raise NotReady(f"model {key!r} is not loaded yet") from None
+
+    def _catalogue(self) -> dict[str, CatalogueEntry]:
+        """Name -> what the engine knows of a served model, once every worker loaded it.
+
+        The description comes from the first worker's copy (all copies are the same
+        model); so does the neighbour-list builder the prepare threads use: it builds
+        on that copy's device (numpy on the CPU; on a CUDA model's device), and a
+        worker on another device moves the lists to its own when it collates a batch.
+        """
+        if not self._entries and self._all_ready():
+            first = self._workers[0]
+            with self._lock:
+                self._entries = {
+                    name: CatalogueEntry(first.infos[name], first.models[name])
+                    for name in self._names
+                }
+        return self._entries
 
     def snapshot(self) -> StatsSnapshot:
         """The engine's counters (see :class:`StatsSnapshot`)."""
@@ -308,16 +331,19 @@ class Engine:
         structures: Sequence[Structure] | Structure,
         model: str | None = None,
         *,
-        stress: bool = True,
-        bec: bool = False,
+        outputs: Iterable[str] | None = None,
         lane: Lane | str | None = None,
         session: str | None = None,
         step_group: StepGroup | None = None,
     ) -> list[Future[Prediction]]:
         """Queue structures for evaluation; one future per structure, in order.
 
-        ``bec`` asks for Born effective charges (models that offer them); a batch
-        computes them when any of its structures asked. ``lane``: ``"ipi"`` for i-PI
+        ``outputs`` (an :class:`~cace_server.outputs.Outputs` or names; default: what
+        the model computes with the energy pass, see ``Outputs.default_for``) is what
+        each prediction holds; an output the model does
+        not offer is refused with UnsupportedOutput. A batch computes what any of its
+        structures asked for (Born effective charges cost extra backward passes).
+        ``lane``: ``"ipi"`` for i-PI
         steps (they go first); otherwise the request waits in the ``small`` or
         ``bulk`` lane by its atom count (see ``batching.py``). ``session`` names the
         caller whose structures evolve step by step (an i-PI connection, an HTTP
@@ -333,22 +359,21 @@ class Engine:
         structures = [structures] if isinstance(structures, Structure) else list(structures)
         try:
             name = self._check_accepting(model)
-            if bec and "bec" not in self._worker.infos[name].outputs:
-                raise UnsupportedOutput(f"model {name!r} computes no Born effective charges")
+            chosen = self._check_outputs(name, outputs)
         except EngineError as exc:
             self.stats.error(exc.kind)
             raise
         sizes = [len(s) if isinstance(s, Structure) else 0 for s in structures]
         n_atoms = sum(sizes)
-        chosen = self._lane(lane, n_atoms)
+        lane_of = self._lane(lane, n_atoms)
         items = [
-            WorkItem(name, s, i, stress, bec, chosen, session=session, step_group=step_group)
+            WorkItem(name, s, i, chosen, lane_of, session=session, step_group=step_group)
             for i, s in enumerate(structures)
         ]
         if not items:
             return []
         # i-PI steps are not held to the atom budget: refusing one ends a simulation.
-        atom_limit = None if chosen is Lane.IPI else self.settings.max_queue_atoms
+        atom_limit = None if lane_of is Lane.IPI else self.settings.max_queue_atoms
         refusal = self.stats.try_admit(
             name, len(items), n_atoms, self.settings.max_queue, atom_limit
         )
@@ -381,8 +406,7 @@ class Engine:
         structures: Sequence[Structure] | Structure,
         model: str | None = ...,
         *,
-        stress: bool = ...,
-        bec: bool = ...,
+        outputs: Iterable[str] | None = ...,
         lane: Lane | str | None = ...,
         return_exceptions: Literal[False] = ...,
         session: str | None = ...,
@@ -395,8 +419,7 @@ class Engine:
         structures: Sequence[Structure] | Structure,
         model: str | None = ...,
         *,
-        stress: bool = ...,
-        bec: bool = ...,
+        outputs: Iterable[str] | None = ...,
         lane: Lane | str | None = ...,
         return_exceptions: Literal[True],
         session: str | None = ...,
@@ -408,8 +431,7 @@ class Engine:
         structures: Sequence[Structure] | Structure,
         model: str | None = None,
         *,
-        stress: bool = True,
-        bec: bool = False,
+        outputs: Iterable[str] | None = None,
         lane: Lane | str | None = None,
         return_exceptions: bool = False,
         session: str | None = None,
@@ -425,8 +447,7 @@ class Engine:
         futures = self.submit(
             structures,
             model,
-            stress=stress,
-            bec=bec,
+            outputs=outputs,
             lane=lane,
             session=session,
             step_group=step_group,
@@ -444,8 +465,7 @@ class Engine:
         structures: Sequence[Structure] | Structure,
         model: str | None = ...,
         *,
-        stress: bool = ...,
-        bec: bool = ...,
+        outputs: Iterable[str] | None = ...,
         timeout: float | None = ...,
         return_exceptions: Literal[False] = ...,
     ) -> list[Prediction]: ...
@@ -456,8 +476,7 @@ class Engine:
         structures: Sequence[Structure] | Structure,
         model: str | None = ...,
         *,
-        stress: bool = ...,
-        bec: bool = ...,
+        outputs: Iterable[str] | None = ...,
         timeout: float | None = ...,
         return_exceptions: Literal[True],
     ) -> list[Outcome]: ...
@@ -467,15 +486,14 @@ class Engine:
         structures: Sequence[Structure] | Structure,
         model: str | None = None,
         *,
-        stress: bool = True,
-        bec: bool = False,
+        outputs: Iterable[str] | None = None,
         timeout: float | None = None,
         return_exceptions: bool = False,
     ) -> list[Prediction] | list[Outcome]:
         """Blocking :meth:`evaluate` for threads (not for the event loop's thread)."""
         if any(threading.current_thread() is w.thread for w in self._workers):
             raise RuntimeError("evaluate_sync on the engine worker thread would deadlock")
-        futures = self.submit(structures, model, stress=stress, bec=bec)
+        futures = self.submit(structures, model, outputs=outputs)
         _, not_done = concurrent.futures.wait(futures, timeout)
         if not_done:
             for f in not_done:
@@ -529,6 +547,20 @@ class Engine:
             raise UnknownModel(f"no model named {key!r} (served: {', '.join(self._names)})")
         return key
 
+    def _check_outputs(self, name: str, outputs: Iterable[str] | None) -> Outputs:
+        offered = self._catalogue()[name].info.outputs
+        if outputs is None:
+            return Outputs.default_for(offered)
+        try:
+            chosen = Outputs(outputs)
+        except UnknownOutput as exc:
+            raise UnsupportedOutput(str(exc)) from None
+        missing = chosen.not_in(offered)
+        if missing:
+            what = "; ".join(f"{n} ({CATALOGUE[n].description})" for n in missing)
+            raise UnsupportedOutput(f"model {name!r} does not compute {what}")
+        return chosen
+
     def _lane(self, lane: Lane | str | None, n_atoms: int) -> Lane:
         if lane is not None:
             return Lane(lane)
@@ -547,8 +579,8 @@ class Engine:
 
     def _prepare(self, items: list[WorkItem], group: _PreparedGroup) -> None:
         """Neighbour lists of (part of) one request, on a prepare thread."""
-        model = self._worker.models[items[0].model]
-        required = self._worker.infos[items[0].model].required_inputs
+        entry = self._catalogue()[items[0].model]
+        model, required = entry.model, entry.info.required_inputs
         ready: list[WorkItem] = []
         for item in items:
             if self._closing and not self._draining:
@@ -569,6 +601,7 @@ class Engine:
                         item.prepared = self._sessions.prepare(
                             item.model, model, item.session, item.index, item.structure
                         )
+                    item.cost = model.batch_cost(item.prepared)
                 except StructureError as exc:
                     reject(item, InvalidStructure(str(exc), index=item.index), self.stats)
                 except Exception as exc:

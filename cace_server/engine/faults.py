@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cace_server.engine.models import ServedModel
+from cace_server.engine.models import ModelWrapper, ServedModel
+from cace_server.outputs import Outputs
 from cace_server.structures import Prediction
 
 ENV_VAR = "CACE_SERVER_DEBUG_DEVICE_FAULT"
@@ -37,35 +38,21 @@ def parse_fault(value: str) -> tuple[int, float]:
     return parsed
 
 
-class FaultyModel:
-    """Delegates to ``model``; model calls fail as a dead device once ``after`` succeeded."""
+class FaultyModel(ModelWrapper):
+    """Forwards to ``inner``; model calls fail as a dead device once ``after`` succeeded."""
 
-    def __init__(self, model: ServedModel, after: int, delay_s: float) -> None:
-        self._model = model
+    def __init__(self, inner: ServedModel, after: int, delay_s: float) -> None:
+        super().__init__(inner)
         self._left = after
         self._delay_s = delay_s
         self._lock = threading.Lock()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    @property
-    def elements(self) -> tuple[int, ...]:
-        return self._model.elements
-
-    @property
-    def cutoff(self) -> float:
-        return self._model.cutoff
-
-    def prepare(self, structure: Any) -> Any:
-        return self._model.prepare(structure)
-
-    def predict(self, structures: Sequence[Any], *, stress: bool = True) -> list[Prediction]:
+    def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
         with self._lock:
             healthy = self._left > 0
             self._left -= healthy
         if healthy:
-            return self._model.predict(structures, stress=stress)
+            return self.inner.predict(structures, outputs)
         import torch
 
         time.sleep(self._delay_s)
@@ -78,4 +65,4 @@ def inject_faults(model: ServedModel, environ: dict[str, str] | None = None) -> 
     if not value:
         return model
     after, delay_s = parse_fault(value)
-    return FaultyModel(model, after, delay_s)  # type: ignore[return-value]
+    return FaultyModel(model, after, delay_s)

@@ -6,30 +6,34 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cace_server.structures import Prediction, Structure, StructureError
+from cace_server.outputs import SERVED, Outputs, ordered
+from cace_server.structures import BatchCost, Prediction, Structure, StructureError
 
 
-@runtime_checkable
-class PreparedLike(Protocol):
-    """A structure with its neighbour list, as returned by ``model.prepare``."""
+class NeighborListCache(Protocol):
+    """A reusable neighbour list of one evolving structure (Verlet list with a skin)."""
 
-    @property
-    def n_atoms(self) -> int: ...
+    def covers(self, structure: Structure) -> bool: ...
 
-    @property
-    def n_pairs(self) -> int: ...
+    def prepare(self, structure: Structure) -> tuple[Any, bool]: ...
 
 
 @runtime_checkable
 class ServedModel(Protocol):
-    """The part of ``cace_server.model.CACEPotential`` the engine relies on."""
+    """Everything the engine uses of a model; every served model implements all of it.
+
+    ``cace_server.model.CACEPotential`` is the reference implementation; test models
+    and wrappers (the fault injector) implement the same members, and
+    ``tests/test_model_conformance.py`` checks every family against this contract.
+    The engine reads nothing else of a model (no ``getattr`` with a fallback).
+    """
 
     @property
     def elements(self) -> tuple[int, ...]: ...
@@ -37,17 +41,115 @@ class ServedModel(Protocol):
     @property
     def cutoff(self) -> float: ...
 
-    def prepare(self, structure: Structure) -> Any: ...
+    @property
+    def dtype(self) -> Any: ...  # torch.dtype; printed as e.g. "float64"
 
-    # The worker passes ``bec`` only as True, and only to a model that lists "bec"
-    # among its outputs: a model without BEC need not take the keyword.
-    def predict(
-        self, structures: Sequence[Any], *, stress: bool = True, bec: bool = False
-    ) -> list[Prediction]: ...
+    @property
+    def device(self) -> Any: ...  # torch.device
+
+    @property
+    def n_parameters(self) -> int: ...
+
+    #: names of :data:`cace_server.outputs.CATALOGUE` that :meth:`predict` can return
+    @property
+    def outputs(self) -> tuple[str, ...]: ...
+
+    #: per-atom arrays each structure must carry in ``Structure.arrays``
+    @property
+    def required_inputs(self) -> tuple[str, ...]: ...
+
+    def describe(self) -> Mapping[str, Any]:
+        """JSON-able description: family, long range, architecture (``/v1/models``)."""
+        ...
+
+    def prepare(self, structure: Structure) -> Any:
+        """Validate a structure and build its neighbour list (any thread)."""
+        ...
+
+    def verlet_list(self, skin: float) -> NeighborListCache:
+        """A neighbour list kept across the steps of one evolving structure."""
+        ...
+
+    def batch_cost(self, prepared: Any) -> BatchCost:
+        """What a prepared structure adds to a batch (atoms, neighbour pairs)."""
+        ...
+
+    def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
+        """One prediction per prepared structure, holding exactly ``outputs``."""
+        ...
+
+    def configure_long_range(self, **options: str) -> None:
+        """Long-range evaluation options (mode, method); a no-op without a long-range term."""
+        ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Move to a device/dtype in place (``torch.nn.Module.to``)."""
+        ...
+
+
+class ModelWrapper:
+    """A served model that forwards every member of :class:`ServedModel` to ``inner``.
+
+    Subclasses override what they change (the fault injector, test models that
+    count or alter calls) and remain complete models.
+    """
+
+    def __init__(self, inner: ServedModel) -> None:
+        self.inner = inner
+
+    @property
+    def elements(self) -> tuple[int, ...]:
+        return self.inner.elements
+
+    @property
+    def cutoff(self) -> float:
+        return self.inner.cutoff
+
+    @property
+    def dtype(self) -> Any:
+        return self.inner.dtype
+
+    @property
+    def device(self) -> Any:
+        return self.inner.device
+
+    @property
+    def n_parameters(self) -> int:
+        return self.inner.n_parameters
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.inner.outputs
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return self.inner.required_inputs
+
+    def describe(self) -> Mapping[str, Any]:
+        return self.inner.describe()
+
+    def prepare(self, structure: Structure) -> Any:
+        return self.inner.prepare(structure)
+
+    def verlet_list(self, skin: float) -> NeighborListCache:
+        return self.inner.verlet_list(skin)
+
+    def batch_cost(self, prepared: Any) -> BatchCost:
+        return self.inner.batch_cost(prepared)
+
+    def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
+        return self.inner.predict(structures, outputs)
+
+    def configure_long_range(self, **options: str) -> None:
+        self.inner.configure_long_range(**options)
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        self.inner.to(*args, **kwargs)
+        return self
 
 
 #: Every output a served model may offer, in the order they are listed.
-OUTPUTS = ("energy", "forces", "stress", "energies", "charges", "dipole", "bec")
+OUTPUTS = SERVED
 
 
 ModelSource = ServedModel | str | os.PathLike[str]
@@ -66,7 +168,6 @@ class ModelInfo:
     n_parameters: int
     has_charges: bool
     source: str | None
-    config: dict[str, Any]
     #: what the model computes (a subset of :data:`OUTPUTS`).
     outputs: tuple[str, ...] = ("energy", "forces", "stress", "energies")
     #: per-atom inputs each structure must carry in ``Structure.arrays``.
@@ -89,6 +190,16 @@ class ModelInfo:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One served model as the engine's frontends side sees it (see ``Engine``)."""
+
+    info: ModelInfo
+    #: the copy whose ``prepare``, ``verlet_list`` and ``batch_cost`` the engine's
+    #: prepare threads call (a worker's copy; workers alone call ``predict``)
+    model: ServedModel
+
+
 def default_name(source: ModelSource) -> str:
     """Name of a model given without one: a file's stem, else ``"default"``."""
     if isinstance(source, (str, os.PathLike)):
@@ -104,9 +215,9 @@ def materialize(source: ModelSource, device: str | None, dtype: str | None) -> S
     if isinstance(source, (str, os.PathLike)):
         from cace_server.model import load_model  # torch-heavy; import where used
 
-        return load_model(str(source), device=device or "cpu", dtype=dtype)  # type: ignore[no-any-return]
-    to = getattr(source, "to", None)
-    if to is not None and (device is not None or dtype is not None):
+        loaded: ServedModel = load_model(str(source), device=device or "cpu", dtype=dtype)
+        return loaded
+    if device is not None or dtype is not None:
         import torch
 
         kwargs: dict[str, Any] = {}
@@ -116,43 +227,27 @@ def materialize(source: ModelSource, device: str | None, dtype: str | None) -> S
             kwargs["dtype"] = getattr(torch, dtype)
         # torch.nn.Module.to works in place; the return value is ignored so that a
         # wrapper delegating ``to`` to the module it wraps stays the served object.
-        to(**kwargs)
+        source.to(**kwargs)
     return source
 
 
 def describe(name: str, model: ServedModel, *, default: bool, source: str | None) -> ModelInfo:
     """Read a model's description once (on the worker thread, after loading)."""
-    config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config_dict = dataclasses.asdict(config)
-    elif isinstance(config, dict):
-        config_dict = dict(config)
-    else:
-        config_dict = {}
-    has_charges = bool(getattr(model, "has_charges", False))
-    outputs = getattr(model, "outputs", None)
-    if outputs is None:  # a model older than the outputs list: what CACEPotential had
-        outputs = ("energy", "forces", "stress", "charges" if has_charges else "energies")
-    describe_model = getattr(model, "describe", None)
+    outputs = tuple(name for name in ordered(model.outputs) if name in SERVED)
     # JSON-safe (it is served as is by /v1/models): anything else becomes its str().
-    description = (
-        json.loads(json.dumps(dict(describe_model()), default=str))
-        if callable(describe_model)
-        else {}
-    )
+    description = json.loads(json.dumps(dict(model.describe()), default=str))
     return ModelInfo(
         name=name,
         default=default,
         elements=tuple(int(z) for z in model.elements),
         cutoff=float(model.cutoff),
-        dtype=str(getattr(model, "dtype", "unknown")).removeprefix("torch."),
-        device=str(getattr(model, "device", "unknown")),
-        n_parameters=int(getattr(model, "n_parameters", 0)),
-        has_charges=has_charges or "charges" in outputs,
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=str(model.device),
+        n_parameters=int(model.n_parameters),
+        has_charges="charges" in outputs,
         source=source,
-        config=config_dict,
-        outputs=tuple(o for o in OUTPUTS if o in outputs),
-        required_inputs=tuple(str(k) for k in getattr(model, "required_inputs", ())),
+        outputs=outputs,
+        required_inputs=tuple(str(k) for k in model.required_inputs),
         description=description,
     )
 
@@ -199,6 +294,7 @@ def warmup_batches(
     largest_atoms: int,
     largest_pairs: int,
     prepare: Callable[[Structure], Any],
+    cost: Callable[[Any], BatchCost],
 ) -> Iterator[tuple[str, list[Any]]]:
     """(label, prepared structures) of each warm-up call.
 
@@ -210,7 +306,8 @@ def warmup_batches(
     boxes = [prepare(warmup_box(info, seed)) for seed in range(4)]
     yield "periodic box", boxes[:1]
     yield "4 periodic boxes", boxes
-    atoms, pairs = boxes[0].n_atoms, max(boxes[0].n_pairs, 1)
+    atoms, pairs = cost(boxes[0])
+    atoms, pairs = max(atoms, 1), max(pairs, 1)
     n = min(largest_atoms // atoms, largest_pairs // pairs)
     if n > len(boxes):
         yield f"largest batch ({n} boxes)", [boxes[k % len(boxes)] for k in range(n)]

@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from cace_server.engine.models import ServedModel
 from cace_server.engine.stats import EngineStats
 from cace_server.structures import Structure
 
@@ -32,10 +33,11 @@ class SessionLists:
         self._lists: OrderedDict[tuple[str, str, int], list[Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def prepare(self, model_name: str, model: Any, session: str, index: int, s: Structure) -> Any:
-        """The prepared structure, from the session's lists where the model has them."""
-        factory = getattr(model, "verlet_list", None)
-        if self.skin <= 0 or factory is None:
+    def prepare(
+        self, model_name: str, model: ServedModel, session: str, index: int, s: Structure
+    ) -> Any:
+        """The prepared structure, from the session's kept lists (built anew with no skin)."""
+        if self.skin <= 0:
             self._stats.neighbor_list(reused=False)
             return model.prepare(s)
         key = (model_name, session, index)
@@ -49,8 +51,10 @@ class SessionLists:
             # Most recently used first; without a match, the least recently used slot
             # (or a new one) is rebuilt.
             verlet = next((v for v in slots if v.covers(s)), None)
-            if verlet is None:
-                verlet = slots.pop() if len(slots) >= SLOTS_PER_KEY else factory(self.skin)
+            if verlet is None and len(slots) >= SLOTS_PER_KEY:
+                verlet = slots.pop()
+            elif verlet is None:
+                verlet = model.verlet_list(self.skin)
             else:
                 slots.remove(verlet)
             slots.insert(0, verlet)

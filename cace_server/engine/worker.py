@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
@@ -41,19 +40,17 @@ from cace_server.engine.models import (
 )
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats
+from cace_server.outputs import Outputs
 from cace_server.structures import Prediction
 
 logger = logging.getLogger("cace_server.engine")
-
-_CHECKED_ARRAYS = ("forces", "stress", "virial", "energies", "charges", "dipole", "bec")
 
 
 def non_finite_fields(prediction: Prediction) -> list[str]:
     """Names of the outputs that contain NaN or infinity."""
     bad = [] if math.isfinite(prediction.energy) else ["energy"]
-    for name in _CHECKED_ARRAYS:
-        value = getattr(prediction, name)
-        if value is not None and not np.all(np.isfinite(value)):
+    for name, value in prediction.array_outputs().items():
+        if not np.all(np.isfinite(value)):
             bad.append(name)
     return bad
 
@@ -62,12 +59,6 @@ def _first_line(text: str, limit: int = 300) -> str:
     """Out-of-memory messages run to many lines of allocator advice; keep the gist."""
     lines = text.strip().splitlines()
     return lines[0][:limit] if lines else ""
-
-
-def _predict(model: ServedModel, prepared: list[Any], stress: bool, bec: bool) -> list[Prediction]:
-    if bec:
-        return model.predict(prepared, stress=stress, bec=True)
-    return model.predict(prepared, stress=stress)
 
 
 class _DeviceDead(Exception):
@@ -167,9 +158,8 @@ class Worker:
         for name, source in self._sources.items():
             model = materialize(source, self.device, settings.dtype)
             long_range = settings.long_range_for(name)
-            configure = getattr(model, "configure_long_range", None)
-            if long_range and configure is not None:
-                configure(**long_range)
+            if long_range:
+                model.configure_long_range(**long_range)
                 logger.info("model %r long range: %s", name, long_range)
             path = str(source) if isinstance(source, (str, os.PathLike)) else None
             self.models[name] = model
@@ -202,7 +192,7 @@ class Worker:
         about a second there. Models with Born effective charges compute them too.
         """
         info = self.infos[name]
-        on_gpu = str(getattr(model, "device", self.device or "cpu")).startswith("cuda")
+        on_gpu = str(model.device).startswith("cuda")
         limit = self._settings.max_batch_atoms if on_gpu else 0
         start = time.monotonic()
         atoms = 0
@@ -211,10 +201,13 @@ class Worker:
             largest_atoms=limit,
             largest_pairs=self._settings.max_batch_pairs,
             prepare=model.prepare,
+            cost=model.batch_cost,
         )
+        # Warm-up runs what a request can ask: every output the model offers.
+        everything = Outputs(info.outputs)
         for k, (label, structures) in enumerate(batches):
             try:
-                predictions = _predict(model, structures, True, "bec" in info.outputs)
+                predictions = model.predict(structures, everything)
                 synchronize(self.device)
             except Exception as exc:
                 if not is_out_of_memory(exc) or k == 0:
@@ -230,7 +223,7 @@ class Worker:
                 )
                 self._release_memory_of(model)
                 continue
-            atoms += sum(p.n_atoms for p in structures)
+            atoms += sum(model.batch_cost(p).atoms for p in structures)
             bad = sorted({field for p in predictions for field in non_finite_fields(p)})
             if bad:
                 logger.warning(
@@ -294,12 +287,13 @@ class Worker:
     def _run_batch(self, items: list[WorkItem]) -> None:
         name = items[0].model
         model = self.models[name]
-        stress = any(item.stress for item in items)
-        bec = any(item.bec for item in items)
+        # One pass computes what any structure of the batch asked for; each caller
+        # then gets its own outputs (see _deliver).
+        outputs = Outputs.combined(item.outputs for item in items)
         parts = [items]
         while parts:
             part = parts.pop()
-            predictions, failure, oom = self._call(model, part, stress, bec)
+            predictions, failure, oom = self._call(model, part, outputs)
             if predictions is not None:
                 self._deliver(name, part, predictions)
                 continue
@@ -318,7 +312,7 @@ class Worker:
             item = part[0]
             if oom:
                 error: EvaluationError | OutOfMemory = OutOfMemory(
-                    f"{item.n_atoms} atoms / {item.n_pairs} pairs do not fit in memory "
+                    f"{item.cost.atoms} atoms / {item.cost.pairs} pairs do not fit in memory "
                     f"even alone ({_first_line(failure)})",
                     index=item.index,
                 )
@@ -328,7 +322,7 @@ class Worker:
             reject(item, error, self._stats)
 
     def _call(
-        self, model: ServedModel, part: list[WorkItem], stress: bool, bec: bool
+        self, model: ServedModel, part: list[WorkItem], outputs: Outputs
     ) -> tuple[list[Prediction] | None, str, bool]:
         """One forward pass: (predictions, "", False) or (None, failure message, is_oom).
 
@@ -336,7 +330,7 @@ class Worker:
         """
         self._stats.model_call(self.label)
         try:
-            predictions = _predict(model, [item.prepared for item in part], stress, bec)
+            predictions = model.predict([item.prepared for item in part], outputs)
             synchronize(self.device)
         except Exception as exc:
             # Only the message leaves this block: the traceback would keep the
@@ -360,11 +354,7 @@ class Worker:
                 logger.warning("%s (%d atoms)", message, item.n_atoms)
                 reject(item, NonFiniteResult(message, index=item.index), self._stats)
                 continue
-            if not item.stress:
-                prediction.stress = None
-                prediction.virial = None
-            if not item.bec:
-                prediction.bec = None
+            prediction.keep_only(item.outputs)
             prediction.extras.setdefault("model", name)
             resolve(item, prediction)
 
@@ -373,7 +363,7 @@ class Worker:
 
     @staticmethod
     def _release_memory_of(model: ServedModel) -> None:
-        if str(getattr(model, "device", "")).startswith("cuda"):
+        if str(model.device).startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()

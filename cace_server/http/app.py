@@ -39,7 +39,6 @@ from cace_server.http.schemas import (
     IpiGroup,
     IpiGroupsResponse,
     ModelsResponse,
-    Property,
 )
 from cace_server.http.settings import HttpSettings
 from cace_server.http.validate import (
@@ -52,6 +51,7 @@ from cace_server.http.validate import (
     read_species,
 )
 from cace_server.ipi import DriverPool
+from cace_server.outputs import Outputs
 from cace_server.structures import Prediction, Structure, voigt
 from cace_server.transcode import ProcessParser
 
@@ -66,7 +66,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
-def result_dict(pred: Prediction, n: int, props: frozenset[Property], binary: bool) -> dict:
+def result_dict(pred: Prediction, n: int, props: Outputs, binary: bool) -> dict:
     out: dict[str, Any] = {"n_atoms": n, "energy": pred.energy, "free_energy": pred.energy}
     if "forces" in props:
         out["forces"] = codec.array_out(pred.forces, binary)
@@ -138,7 +138,7 @@ class _Api:
         self,
         structures: list[Structure],
         model: str,
-        props: frozenset[Property],
+        props: Outputs,
         batch: bool,
         session: str | None = None,
     ) -> list[Prediction]:
@@ -147,8 +147,7 @@ class _Api:
                 self.engine.evaluate(
                     structures,
                     model,
-                    stress="stress" in props,
-                    bec="bec" in props,
+                    outputs=props,
                     session=session,
                 ),
                 self.settings.request_timeout_s,

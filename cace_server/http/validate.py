@@ -19,6 +19,7 @@ from cace_server.http.arrays import read_floats, read_ints
 from cace_server.http.errors import ApiError, invalid, join_path
 from cace_server.http.schemas import DEFAULT_PROPERTIES, Property, StructureIn
 from cace_server.http.settings import HttpSettings
+from cace_server.outputs import Outputs
 from cace_server.structures import Structure, StructureError
 from cace_server.validation import GeometryError, check_geometry
 
@@ -215,8 +216,9 @@ _WHY_MISSING = {
 
 def check_properties(
     requested: Sequence[Property] | None, info: ModelInfo, field: str
-) -> tuple[frozenset[Property], bool]:
-    """The properties to return, and whether stress was asked for explicitly."""
+) -> tuple[Outputs, bool]:
+    """The outputs to compute (HTTP property names are output names), and whether
+    stress was asked for explicitly."""
     if "energy" not in info.outputs:  # a bare representation: descriptors only
         raise invalid(
             f"model {info.name!r} computes no energy (a representation without energy "
@@ -225,7 +227,7 @@ def check_properties(
             kind="unsupported_property",
         )
     if requested is None:
-        return frozenset(DEFAULT_PROPERTIES), False
+        return Outputs(DEFAULT_PROPERTIES), False
     for i, prop in enumerate(requested):
         if prop not in info.outputs:
             why = _WHY_MISSING.get(prop)
@@ -236,7 +238,7 @@ def check_properties(
                 join_path(field, i),
                 kind="unsupported_property",
             )
-    props = frozenset(requested)
+    props = Outputs(requested)
     return props, "stress" in props
 
 

@@ -1,9 +1,11 @@
 """The evaluator that i-PI connections call: the engine, with the outputs i-PI reads.
 
 i-PI asks for nothing beyond energy, forces and virial; what else goes into the
-extras is decided here, per model: Born effective charges (i-PI's ``<bec
-mode="driver">`` reads them) cost extra backward passes, so they are computed only
-when the model has them and the connection wants them.
+extras is decided here, per model (:func:`ipi_outputs`): the latent charges and the
+dipole (i-PI's driven dynamics reads it) come with the energy pass whenever the
+model has them; Born effective charges (i-PI's ``<bec mode="driver">`` reads them)
+cost extra backward passes, so they are computed only when the model has them and
+the connection wants them. ``convert.extras_json`` writes them in i-PI's layout.
 
 Each connection is an engine session (it keeps the Verlet neighbour lists of the
 beads it drives), and the connections of one address form a step group: a step's
@@ -12,19 +14,35 @@ beads make one batch, closed as soon as every connection has submitted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cace_server.ipi.driver import Evaluator, Source
+from cace_server.outputs import Outputs
 from cace_server.structures import Prediction, Structure
 
 if TYPE_CHECKING:
     from cace_server.engine import Engine
 
 
+#: What every i-PI step needs: energy, forces and the virial (the stress output).
+IPI_REQUIRED = ("energy", "forces", "stress")
+#: Outputs sent in the extras when the model offers them (see the module docstring).
+IPI_EXTRAS = ("charges", "dipole")
+
+
+def ipi_outputs(offered: Sequence[str], bec: bool) -> Outputs:
+    """What an i-PI connection asks a model that offers ``offered`` for."""
+    extras = [name for name in IPI_EXTRAS if name in offered]
+    if bec and "bec" in offered:
+        extras.append("bec")
+    return Outputs([*IPI_REQUIRED, *extras])
+
+
 def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evaluator:
     """Evaluate i-PI's structures with ``model`` (None: the default), with BEC if ``bec``
     and the model computes them."""
-    with_bec = bec and "bec" in engine.model_info(model).outputs
+    outputs = ipi_outputs(engine.model_info(model).outputs, bec)
 
     async def evaluate(structures: list[Structure], *, source: Source) -> list[Prediction]:
         group = engine.step_group(f"ipi:{source.address}", source.peers)
@@ -32,7 +50,7 @@ def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evalua
         return await engine.evaluate(
             structures,
             model,
-            bec=with_bec,
+            outputs=outputs,
             lane="ipi",
             session=f"ipi:{source.connection}",
             step_group=group,

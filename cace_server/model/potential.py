@@ -8,7 +8,7 @@ model's dtype; the network runs in the model's dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,8 @@ from cace_server.model.neighbors import (
     prepare_structure,
 )
 from cace_server.model.representation import CACERepresentation
-from cace_server.structures import Prediction, Structure
+from cace_server.outputs import OutputNotOffered, Outputs
+from cace_server.structures import BatchCost, Prediction, Structure
 
 
 @dataclass
@@ -133,6 +134,19 @@ class CACEPotential(torch.nn.Module):
         if self.has_bec:
             names.append("bec")
         return tuple(names)
+
+    @property
+    def default_outputs(self) -> Outputs:
+        """What :meth:`predict` returns when not told: what comes with the energy pass."""
+        return Outputs.default_for(self.outputs)
+
+    def batch_cost(self, prepared: PreparedStructure) -> BatchCost:
+        """What one structure adds to a batch: its atoms and neighbour pairs.
+
+        Memory and time of a pass grow with both (node features with atoms, the edge
+        basis and messages with pairs); the engine bounds batches by each.
+        """
+        return BatchCost(prepared.n_atoms, prepared.n_pairs)
 
     @property
     def required_inputs(self) -> tuple[str, ...]:
@@ -349,44 +363,44 @@ class CACEPotential(torch.nn.Module):
         base = options if options is not None else self.ewald.options
         self.ewald.configure(base.updated(**changes))
 
-    @property
-    def ewald_charge_key(self) -> str:
-        assert self.config.ewald is not None
-        return self.config.ewald.charge_readout
-
     def predict(
         self,
         structures: Sequence[Structure | PreparedStructure],
-        *,
-        forces: bool = True,
-        stress: bool = True,
-        bec: bool = False,
-        descriptors: bool = False,
+        outputs: Iterable[str] | None = None,
     ) -> list[Prediction]:
-        """Energies (and forces, virial, stress) of several structures.
+        """Energies and the ``outputs`` asked for (an :class:`Outputs` or names).
 
-        Dipoles and latent charges come with every prediction of a model that has
-        them; Born effective charges only with ``bec`` (they cost extra backward passes),
-        the per-atom descriptors (node features) only with ``descriptors``. A model
-        without energy heads (a bare representation) gives descriptors only.
+        ``None`` asks for every output the model offers that comes with the energy
+        pass (energy, forces, stress, per-atom energies, latent charges, dipole);
+        Born effective charges (three or six more backward passes) and descriptors
+        only when named. An output the model does not offer is refused
+        (:class:`OutputNotOffered`). Each prediction holds exactly what was asked.
 
         Structures are independent, so they are evaluated in groups of up to
         ``group_atoms`` atoms, one forward and backward pass per group: one group
         for a typical batch on a GPU; on a CPU, where big tensors only fall out of
         cache, groups of a few thousand atoms are faster than one pass.
         """
+        chosen = self.default_outputs if outputs is None else Outputs(outputs)
+        missing = chosen.not_in(self.outputs)
+        if missing:
+            raise OutputNotOffered(
+                f"the model does not compute {', '.join(missing)} (it offers "
+                f"{', '.join(self.outputs)})"
+            )
         prepared = [s if isinstance(s, PreparedStructure) else self.prepare(s) for s in structures]
-        if not self.has_energy:
-            forces = stress = False
-            descriptors = True
         results: list[Prediction] = []
         for group in self._groups(prepared):
             batch = collate(group, self.device)
             with torch.enable_grad():
                 out = self.compute(
-                    batch, forces=forces, virial=stress, bec=bec, descriptors=descriptors
+                    batch,
+                    forces="forces" in chosen,
+                    virial="stress" in chosen,
+                    bec="bec" in chosen,
+                    descriptors="descriptors" in chosen,
                 )
-            results.extend(self._to_predictions(group, out))
+            results.extend(p.keep_only(chosen) for p in self._to_predictions(group, out))
         return results
 
     @property

@@ -21,7 +21,10 @@ def evaluate(
     for k in range(0, len(data), batch_size):
         chunk = data[k : k + batch_size]
         want_stress = any(d.stress is not None for d in chunk)
-        predictions = model.predict([d.structure for d in chunk], forces=True, stress=want_stress)
+        predictions = model.predict(
+            [d.structure for d in chunk],
+            ["energy", "forces", "stress"] if want_stress else ["energy", "forces"],
+        )
         for d, p in zip(chunk, predictions, strict=True):
             errors.add_energy(d.energy, p.energy, d.n_atoms)
             assert p.forces is not None
