@@ -16,7 +16,6 @@ Replies are encoded whole before the first byte is written, and written with a s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -477,10 +476,3 @@ def _same(a: Structure, b: Structure) -> bool:
         and np.array_equal(a.cell, b.cell)
         and np.array_equal(a.pbc, b.pbc)
     )
-
-
-async def cancel_quietly(task: asyncio.Task[None], timeout: float = 5.0) -> None:
-    """Cancel a connection task and wait (bounded) for it to finish."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-        await asyncio.wait_for(task, timeout)

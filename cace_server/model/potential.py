@@ -349,11 +349,6 @@ class CACEPotential(torch.nn.Module):
         base = options if options is not None else self.ewald.options
         self.ewald.configure(base.updated(**changes))
 
-    @property
-    def ewald_charge_key(self) -> str:
-        assert self.config.ewald is not None
-        return self.config.ewald.charge_readout
-
     def predict(
         self,
         structures: Sequence[Structure | PreparedStructure],
