@@ -260,8 +260,8 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
     import uvicorn
 
     from cace_server.http import HttpSettings, create_app
-    from cace_server.http.protocol import timed_protocol
     from cace_server.http.settings import parse_port_ranges
+    from cace_server.http.timeouts import timed_protocol
 
     app = create_app(
         engine,

@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cace_server.model.checkpoint import (
-    UnsafeCheckpointError,
-    UnsupportedCheckpointError,
-    read_original_checkpoint,
-)
+from cace_server.model.checkpoint import UnsafeCheckpointError, UnsupportedCheckpointError
 from cace_server.model.convert import convert_original
+from cace_server.model.importer import read_original_checkpoint
 
 
 class _RunsShell:
@@ -178,4 +175,42 @@ def test_torchscript_archives_are_refused(tmp_path):
     path = tmp_path / "scripted.pt"
     module.save(str(path))
     with pytest.raises(UnsupportedCheckpointError, match="TorchScript"):
+        read_original_checkpoint(path)
+
+
+def test_every_reader_class_is_allowed():
+    """The allow-list is built from what the readers register: each of them loads."""
+    from cace_server.model.importer.registry import (
+        OUTPUT_MODULE_READERS,
+        READ_CLASSES,
+        ROOT_READERS,
+        allow_list,
+    )
+
+    allowed = allow_list()
+    assert set(ROOT_READERS) | set(OUTPUT_MODULE_READERS) <= allowed.classes
+    assert allowed.classes == READ_CLASSES
+    assert {"cace", "les"} <= allowed.packages and "torch" not in allowed.packages
+
+
+@pytest.mark.parametrize(
+    ("module_name", "error"),
+    [
+        ("cace.modules.undeclared", UnsupportedCheckpointError),
+        ("torch.nn.modules.undeclared", UnsafeCheckpointError),
+        ("somepackage.models", UnsafeCheckpointError),
+    ],
+)
+def test_class_no_reader_declares_is_refused(tmp_path, fake_cace_modules, module_name, error):
+    module = fake_cace_modules(module_name)
+
+    class Undeclared:
+        pass
+
+    Undeclared.__module__ = module.__name__
+    Undeclared.__qualname__ = "Undeclared"
+    module.Undeclared = Undeclared
+    path = tmp_path / "undeclared.pth"
+    torch.save(Undeclared(), path)
+    with pytest.raises(error, match=rf"{module_name}\.Undeclared"):
         read_original_checkpoint(path)

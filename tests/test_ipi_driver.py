@@ -341,7 +341,7 @@ def test_ipi_killed_and_restarted(tmp_path: Path, socket_dir: str, ipi_runs: lis
 
     second = asyncio.run(scenario())
     assert check_run_against_evaluator(second, atoms.numbers) == 2 * 4
-    assert all(c.sessions >= 2 for c in connections)
+    assert all(c.links >= 2 for c in connections)
     assert all(s.state is ConnectionState.CLOSED for s in pool.statuses())
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cace_server.http.errors import ApiError, invalid
+from cace_server.http.errors import invalid
 
 FLOAT_DTYPES = frozenset({"<f8"})
 INT_DTYPES = frozenset({"<i8", "<i4", "|u1", "<u1"})
@@ -99,13 +99,3 @@ def pack(array: npt.NDArray[Any]) -> dict[str, Any]:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def check_shape(arr: npt.NDArray[Any], shape: tuple[int, ...], field: str, what: str) -> None:
-    if arr.shape != shape:
-        raise ApiError(
-            422,
-            "invalid_input",
-            f"{what} must have shape {list(shape)}, got {list(arr.shape)}",
-            field=field,
-        )

@@ -32,7 +32,9 @@ STARTUP_GROUP = "startup"
 
 
 @dataclass
-class Group:
+class ConnectionGroup:
+    """The i-PI connections of one attach (one pool, one model), listed and closed together."""
+
     id: str
     address: str
     model: str
@@ -90,17 +92,17 @@ class IpiGroups:
     ) -> None:
         self.engine = engine
         self.settings = settings
-        self.groups: dict[str, Group] = {}
+        self.groups: dict[str, ConnectionGroup] = {}
         self._ids = itertools.count(1)
         self._startup = startup
         self._connects = RateLimit(settings.ipi_connects_per_s, burst=settings.max_ipi_clients)
 
     def _register_startup(self) -> None:
-        # Deferred: Group needs the running loop for its creation time.
+        # Deferred: ConnectionGroup needs the running loop for its creation time.
         # A pool without connections (no --ipi given) is not listed.
         if self._startup is not None and self._startup.connections:
             addresses = sorted({str(c.address) for c in self._startup.connections})
-            self.groups[STARTUP_GROUP] = Group(
+            self.groups[STARTUP_GROUP] = ConnectionGroup(
                 STARTUP_GROUP,
                 ", ".join(addresses),
                 self._startup.options.model_name or self.engine.default_model,
@@ -109,7 +111,7 @@ class IpiGroups:
             )
             self._startup = None
 
-    def list(self) -> list[Group]:
+    def list(self) -> list[ConnectionGroup]:
         self._register_startup()
         return list(self.groups.values())
 
@@ -137,7 +139,7 @@ class IpiGroups:
         reconnect: bool,
         connect_timeout: float,
         sockets_prefix: str,
-    ) -> Group:
+    ) -> ConnectionGroup:
         self._register_startup()
         active = [g for g in self.groups.values() if g.owned and g.state != "closed"]
         if len(active) >= self.settings.max_ipi_groups:
@@ -181,7 +183,7 @@ class IpiGroups:
         for i, connection in enumerate(pool.connections):
             connection.name = f"{group_id}#{i}"
         await pool.start()
-        group = Group(group_id, str(parsed), model, pool, owned=True)
+        group = ConnectionGroup(group_id, str(parsed), model, pool, owned=True)
         self.groups[group_id] = group
         self._forget_old_closed()
         logger.info(
@@ -225,7 +227,7 @@ class IpiGroups:
         for g in closed[: max(0, len(closed) - 4 * self.settings.max_ipi_groups)]:
             del self.groups[g.id]
 
-    async def remove(self, group_id: str) -> Group:
+    async def remove(self, group_id: str) -> ConnectionGroup:
         self._register_startup()
         group = self.groups.pop(group_id, None)
         if group is None:

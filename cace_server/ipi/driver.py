@@ -2,10 +2,11 @@
 
 A :class:`DriverConnection` connects (retrying with backoff while i-PI is not up),
 answers i-PI's messages through the codec of :mod:`cace_server.ipi.protocol`, and
-hands every POSDATA's structures to an injected ``evaluate`` coroutine. When i-PI goes
-away (EOF, EXIT, reset) the session ends cleanly and, if configured, the connection
+hands every POSDATA's structures to an injected ``evaluate`` coroutine. Each socket
+connection to i-PI is a *link* (one i-PI run, with its own protocol state); when i-PI
+goes away (EOF, EXIT, reset) the link ends cleanly and, if configured, the connection
 waits for the next i-PI at the same address. Invalid bytes, truncated messages and
-failed evaluations end that session with a logged reason. Nothing escapes
+failed evaluations end that link with a logged reason. Nothing escapes
 :meth:`DriverConnection.run` but cancellation, so one connection can never take the
 process or its neighbours down.
 
@@ -16,7 +17,6 @@ Replies are encoded whole before the first byte is written, and written with a s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -83,7 +83,7 @@ class DriverOptions:
     model_name: str | None = None
     #: send the JSON extras string; False sends empty strings.
     extras: bool = True
-    #: after i-PI goes away (or the session fails), connect again for the next run.
+    #: after i-PI goes away (or the link fails), connect again for the next run.
     reconnect: bool = True
     #: give up connecting after this many seconds without success (None: never).
     connect_timeout: float | None = None
@@ -99,7 +99,7 @@ class DriverOptions:
     sockets_prefix: str = "/tmp/ipi_"
     #: checks every structure i-PI sends before it is evaluated (the same geometry
     #: checks as HTTP: :func:`cace_server.validation.check_geometry`); a StructureError
-    #: ends the session with a logged reason.
+    #: ends the link with a logged reason.
     validate: Callable[[Structure], None] | None = None
     #: awaited before every connection attempt (rate limits, allow-lists); returning
     #: False gives the connection up (it closes, with ``last_error`` saying why).
@@ -117,7 +117,7 @@ class ConnectionStatus:
     state: ConnectionState
     steps: int
     structures: int
-    sessions: int
+    sessions: int  # links served so far (the wire name of the counter)
     bead_index: int | None
     batch_size: int
     last_error: str | None
@@ -129,8 +129,8 @@ class ConnectionStatus:
         return out
 
 
-class SessionEnd(Exception):
-    """A session ended; the message is the reason (logged, kept as ``last_error``)."""
+class LinkEnded(Exception):
+    """A link ended; the message is the reason (logged, kept as ``last_error``)."""
 
 
 class StructureRefused(Exception):
@@ -142,8 +142,8 @@ _THREAD_CHECK_ATOMS = 4096
 
 
 @dataclass
-class _Session:
-    """Protocol state of one socket connection."""
+class _Link:
+    """Protocol state of one link: one socket connection, from connect to close."""
 
     decoder: p.DriverDecoder
     initialized: bool = False
@@ -177,7 +177,7 @@ class DriverConnection:
         self.state = ConnectionState.CONNECTING
         self.steps = 0
         self.structures = 0
-        self.sessions = 0
+        self.links = 0
         self.bead_index: int | None = None
         self.batch_size = 1
         self.last_error: str | None = None
@@ -200,7 +200,7 @@ class DriverConnection:
             state=self.state,
             steps=self.steps,
             structures=self.structures,
-            sessions=self.sessions,
+            sessions=self.links,
             bead_index=self.bead_index,
             batch_size=self.batch_size,
             last_error=self.last_error,
@@ -222,7 +222,7 @@ class DriverConnection:
                     return
                 if self.steps > steps_before:
                     backoff = self.options.backoff_initial
-                else:  # a session that served nothing: do not spin on a bad peer
+                else:  # a link that served nothing: do not spin on a bad peer
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.options.backoff_max)
         finally:
@@ -279,14 +279,14 @@ class DriverConnection:
     # ------------------------------------------------------------ serving
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.sessions += 1
+        self.links += 1
         self.state = ConnectionState.CONNECTED
         self.bead_index = None
         self.batch_size = 1
-        session = _Session(p.DriverDecoder(shm=self.address.shm, max_atoms=self.options.max_atoms))
+        link = _Link(p.DriverDecoder(shm=self.address.shm, max_atoms=self.options.max_atoms))
         try:
-            await self._session_loop(session, reader, writer)
-        except SessionEnd as end:
+            await self._link_loop(link, reader, writer)
+        except LinkEnded as end:
             logger.info("%s: %s", self.name, end)
         except p.ProtocolError as exc:
             self._fail(f"protocol error, closing the connection: {exc}")
@@ -299,8 +299,8 @@ class DriverConnection:
             self._fail(f"{type(exc).__name__}: {exc}", level=logging.ERROR)
             logger.debug("%s: traceback", self.name, exc_info=exc)
         finally:
-            if session.shm is not None:
-                session.shm.close()
+            if link.shm is not None:
+                link.shm.close()
             await self._close_writer(writer)
 
     def _fail(self, reason: str, level: int = logging.WARNING) -> None:
@@ -317,10 +317,10 @@ class DriverConnection:
             writer.transport.abort()
             raise
 
-    async def _session_loop(
-        self, session: _Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    async def _link_loop(
+        self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        decoder = session.decoder
+        decoder = link.decoder
         while True:
             if decoder.pending:
                 try:
@@ -340,64 +340,64 @@ class DriverConnection:
                         f"truncated message: i-PI closed the connection "
                         f"{decoder.pending} bytes into a message"
                     )
-                raise SessionEnd("i-PI closed the connection")
+                raise LinkEnded("i-PI closed the connection")
             for message in decoder.feed(data):
                 # a ServerDecoder only ever yields server messages
-                reply = await self._handle(session, cast(p.ServerMessage, message))
+                reply = await self._handle(link, cast(p.ServerMessage, message))
                 if reply:
                     writer.write(reply)
                     await writer.drain()
 
-    async def _handle(self, session: _Session, message: p.ServerMessage) -> bytes | None:
+    async def _handle(self, link: _Link, message: p.ServerMessage) -> bytes | None:
         if isinstance(message, p.Status):
-            if not session.initialized:
+            if not link.initialized:
                 return p.NEEDINIT
-            if session.reply is not None:
+            if link.reply is not None:
                 return p.HAVEDATA
             return p.READY
         if isinstance(message, p.Init):
-            session.initialized = True
+            link.initialized = True
             self.bead_index = message.bead_index
             self.batch_size = message.batch_size
             self.state = ConnectionState.IDLE
             logger.debug("%s: INIT bead %d, %r", self.name, message.bead_index, message.init_string)
             return None
         if isinstance(message, p.PosData):
-            self._check_idle(session)
+            self._check_idle(link)
             numbers = self._numbers_for(message.natoms)
             structures = await self._structures(message.cells, message.positions, numbers)
             predictions = await self._evaluate(structures)
             energies, forces, virials = results_to_wire(predictions, structures)
             extras = self._extras(predictions)
-            session.reply = p.encode_forceready(
+            link.reply = p.encode_forceready(
                 energies, forces, virials, extras, batched=message.batched
             )
             return None
         if isinstance(message, p.ShmPosData):
-            self._check_idle(session)
+            self._check_idle(link)
             if message.segment_names is not None:
-                session.shm = ShmSegments(
-                    message.segment_names, message.natoms, session.decoder.batch_size
+                link.shm = ShmSegments(
+                    message.segment_names, message.natoms, link.decoder.batch_size
                 )
-            if session.shm is None or session.shm.natoms != message.natoms:
+            if link.shm is None or link.shm.natoms != message.natoms:
                 raise p.ProtocolError("shm POSDATA before the segments were named")
-            cells, positions = session.shm.read()
+            cells, positions = link.shm.read()
             structures = await self._structures(cells, positions, self._numbers_for(message.natoms))
             predictions = await self._evaluate(structures)
-            session.shm_results = results_to_wire(predictions, structures)
-            session.reply = p.encode_shm_forceready(self._extras(predictions))
+            link.shm_results = results_to_wire(predictions, structures)
+            link.reply = p.encode_shm_forceready(self._extras(predictions))
             return None
         if isinstance(message, p.GetForce):
-            if session.reply is None:
+            if link.reply is None:
                 raise p.ProtocolError("GETFORCE before any POSDATA")
-            reply, session.reply = session.reply, None
-            if session.shm_results is not None and session.shm is not None:
+            reply, link.reply = link.reply, None
+            if link.shm_results is not None and link.shm is not None:
                 # the numbers must be in place before i-PI sees FORCEREADY
-                session.shm.write(*session.shm_results)
-                session.shm_results = None
+                link.shm.write(*link.shm_results)
+                link.shm_results = None
             return reply
         if isinstance(message, p.Exit):
-            raise SessionEnd("i-PI sent EXIT")
+            raise LinkEnded("i-PI sent EXIT")
         raise p.ProtocolError(f"unexpected message {message!r}")  # pragma: no cover
 
     async def _structures(
@@ -429,11 +429,11 @@ class DriverConnection:
             return await asyncio.to_thread(build)
         return build()
 
-    def _check_idle(self, session: _Session) -> None:
-        if session.reply is not None:
+    def _check_idle(self, link: _Link) -> None:
+        if link.reply is not None:
             raise p.ProtocolError("POSDATA while the previous results were not collected")
         # a server that skips INIT (allowed by some engines) gets the classic protocol
-        session.initialized = True
+        link.initialized = True
 
     def _numbers_for(self, natoms: int) -> npt.NDArray[np.int64]:
         if natoms != self.numbers.size:
@@ -477,10 +477,3 @@ def _same(a: Structure, b: Structure) -> bool:
         and np.array_equal(a.cell, b.cell)
         and np.array_equal(a.pbc, b.pbc)
     )
-
-
-async def cancel_quietly(task: asyncio.Task[None], timeout: float = 5.0) -> None:
-    """Cancel a connection task and wait (bounded) for it to finish."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-        await asyncio.wait_for(task, timeout)

@@ -8,10 +8,11 @@ allow-list instead:
 * tensors and storages are rebuilt by torch's own loader (the same functions the
   ``weights_only`` loader allows);
 * a handful of harmless builtins (``set``, ``OrderedDict``, ``torch.device``);
-* every module class of the original package and of ``torch.nn`` that a CACE model
-  uses is replaced by an inert :class:`PickledObject` which only records the
-  attribute dictionary the pickle carries. No code of those classes runs (it is not
-  even installed), and the importer reads the recorded attributes;
+* every module class of the original package and of ``torch.nn`` on the caller's
+  :class:`AllowList` (the importer builds it from the classes its readers declare)
+  is replaced by an inert :class:`PickledObject` which only records the attribute
+  dictionary the pickle carries. No code of those classes runs (it is not even
+  installed), and the importer reads the recorded attributes;
 * activation functions are recorded by name.
 
 Anything else (``os.system``, ``builtins.eval``, an unknown class) is refused with
@@ -20,9 +21,11 @@ Anything else (``os.system``, ``builtins.eval``, an unknown class) is refused wi
 
 from __future__ import annotations
 
+import functools
 import pickle
 import types
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,48 +78,6 @@ class Activation:
         return f"Activation({self.name!r})"
 
 
-# Classes the CACE models we support are built from. Each becomes a PickledObject.
-ALLOWED_CLASSES: frozenset[str] = frozenset(
-    {
-        "cace.models.atomistic.NeuralNetworkPotential",
-        "cace.representations.cace_representation.Cace",
-        "cace.modules.type.NodeEncoder",
-        "cace.modules.type.NodeEmbedding",
-        "cace.modules.type.EdgeEncoder",
-        "cace.modules.radial.BesselRBF",
-        "cace.modules.cutoff.PolynomialCutoff",
-        "cace.modules.angular.AngularComponent",
-        "cace.modules.radial_transform.SharedRadialLinearTransform",
-        "cace.modules.symmetrize_basis.Symmetrizer",
-        "cace.modules.interaction.NodeMemory",
-        "cace.modules.interaction.MessageAr",
-        "cace.modules.interaction.MessageBchi",
-        "cace.modules.atomwise.Atomwise",
-        "cace.modules.blocks.Dense",
-        "cace.modules.ewald.EwaldPotential",
-        "cace.modules.feature_mix.FeatureAdd",
-        "cace.modules.forces.Forces",
-        "cace.modules.preprocess.Preprocess",
-        "cace.models.combined.CombinePotential",
-        "cace.modules.les_wrapper.LesWrapper",
-        "cace.modules.polarization.Polarization",
-        "cace.modules.polarization.Dephase",
-        "cace.modules.grad.Grad",
-        # The external LES package (github ChengUCB/les), used through LesWrapper.
-        "les.les.Les",
-        "les.module.atomwise.Atomwise",
-        "les.module.ewald.Ewald",
-        "les.module.bec.BEC",
-        "les.module.blocks.Dense",
-        "torch.nn.modules.linear.Linear",
-        "torch.nn.modules.linear.Identity",
-        "torch.nn.modules.container.Sequential",
-        "torch.nn.modules.container.ModuleList",
-        "torch.nn.modules.container.ParameterList",
-        "torch.nn.modules.container.ModuleDict",
-    }
-)
-
 ALLOWED_ACTIVATIONS: dict[str, str] = {
     "torch.nn.functional.silu": "silu",
     "torch.nn.functional.relu": "relu",
@@ -161,14 +122,30 @@ class FunctionReference:
         return f"FunctionReference({self.path!r})"
 
 
-# Methods that CombinePotential pickles as its ``operation`` (a sum of the sub-models).
-ALLOWED_METHODS: frozenset[str] = frozenset({"default_operation"})
-# The module-level form of the same operation in older versions of the original.
-ALLOWED_ORIGINAL_FUNCTIONS: frozenset[str] = frozenset({"cace.models.combined.default_operation"})
+@dataclass(frozen=True)
+class AllowList:
+    """The globals of one kind of model file, on top of the fixed entries above.
+
+    The importer builds it from what its readers declare
+    (:func:`cace_server.model.importer.registry.allow_list`).
+    """
+
+    # Dotted class paths; each becomes an inert PickledObject.
+    classes: frozenset[str] = frozenset()
+    # Module-level functions of the original, recorded as FunctionReference.
+    functions: frozenset[str] = frozenset()
+    # Method names a pickle may take from a PickledObject with getattr.
+    methods: frozenset[str] = frozenset()
+    # Packages whose other globals are unsupported features rather than unsafe ones.
+    packages: frozenset[str] = frozenset()
 
 
-def _safe_getattr(obj: Any, name: Any) -> MethodReference:
-    if isinstance(obj, PickledObject) and isinstance(name, str) and name in ALLOWED_METHODS:
+# Plain data only: tensors, containers, numeric numpy scalars.
+NO_MODEL_CLASSES = AllowList()
+
+
+def _safe_getattr(methods: frozenset[str], obj: Any, name: Any) -> MethodReference:
+    if isinstance(obj, PickledObject) and isinstance(name, str) and name in methods:
         return MethodReference(obj, name)
     owner = obj.__class_path__ if isinstance(obj, PickledObject) else type(obj).__name__
     raise UnsafeCheckpointError(
@@ -214,8 +191,6 @@ def _safe_codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
 
 ALLOWED_FUNCTIONS.update(
     {
-        "builtins.getattr": _safe_getattr,
-        "__builtin__.getattr": _safe_getattr,
         "numpy.dtype": _safe_numpy_dtype,
         "numpy.core.multiarray.scalar": _safe_numpy_scalar,
         "numpy._core.multiarray.scalar": _safe_numpy_scalar,
@@ -243,18 +218,27 @@ def _stub_class(path: str) -> type[PickledObject]:
     return _stub_classes[path]
 
 
+_GETATTR = frozenset({"builtins.getattr", "__builtin__.getattr"})
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves globals only from the allow-lists above."""
+    """Unpickler that resolves globals only from the fixed entries and ``allowed``."""
+
+    def __init__(self, file: Any, *, allowed: AllowList, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:
         path = f"{module}.{name}"
         if path in ALLOWED_FUNCTIONS:
             return ALLOWED_FUNCTIONS[path]
+        if path in _GETATTR:
+            return functools.partial(_safe_getattr, self.allowed.methods)
         if path in ALLOWED_ACTIVATIONS:
             return Activation(ALLOWED_ACTIVATIONS[path])
-        if path in ALLOWED_CLASSES:
+        if path in self.allowed.classes:
             return _stub_class(path)
-        if path in ALLOWED_ORIGINAL_FUNCTIONS:
+        if path in self.allowed.functions:
             return FunctionReference(path)
         package = module.split(".")[0]
         if package in FOREIGN_PACKAGES:
@@ -262,7 +246,7 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"this file is {FOREIGN_PACKAGES[package]} (it refers to {path}), not a CACE "
                 "model; cace-server serves CACE models only"
             )
-        if package in ("cace", "les"):
+        if package in self.allowed.packages:
             raise UnsupportedCheckpointError(
                 f"checkpoint uses {path}, which cace-server does not support"
             )
@@ -272,11 +256,17 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-# torch.load(pickle_module=...) needs an object with Unpickler and load attributes.
-restricted_pickle = types.ModuleType("restricted_pickle")
-restricted_pickle.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-restricted_pickle.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-restricted_pickle.__name__ = "restricted_pickle"
+def _pickle_module(allowed: AllowList) -> types.ModuleType:
+    """What torch.load(pickle_module=...) needs: Unpickler and load, bound to ``allowed``."""
+
+    class Unpickler(RestrictedUnpickler):
+        def __init__(self, file: Any, **kwargs: Any) -> None:
+            super().__init__(file, allowed=allowed, **kwargs)
+
+    module = types.ModuleType("restricted_pickle")
+    module.Unpickler = Unpickler  # type: ignore[attr-defined]
+    module.load = lambda f, **kw: Unpickler(f, **kw).load()  # type: ignore[attr-defined]
+    return module
 
 
 def _refuse_torchscript(path: str | Path) -> None:
@@ -310,12 +300,16 @@ def describe_foreign_object(path: str | Path, obj: Any) -> str:
     return f"{path}: expected a pickled CACE model, found {type(obj).__name__}"
 
 
-def load_restricted(path: str | Path) -> Any:
-    """Unpickle any torch file with the allow-list (tensors, dicts, inert modules)."""
+def load_restricted(path: str | Path, allowed: AllowList = NO_MODEL_CLASSES) -> Any:
+    """Unpickle any torch file with the fixed entries plus ``allowed`` (tensors, dicts,
+    inert modules)."""
     _refuse_torchscript(path)
     try:
         obj = torch.load(
-            str(path), map_location="cpu", pickle_module=restricted_pickle, weights_only=False
+            str(path),
+            map_location="cpu",
+            pickle_module=_pickle_module(allowed),
+            weights_only=False,
         )
     except (UnsafeCheckpointError, UnsupportedCheckpointError):
         raise
@@ -324,67 +318,3 @@ def load_restricted(path: str | Path) -> Any:
             f"{path}: not a readable torch checkpoint ({exc})"
         ) from exc
     return obj
-
-
-def read_original_checkpoint(path: str | Path) -> PickledObject:
-    """Unpickle an original CACE checkpoint into a tree of :class:`PickledObject`.
-
-    Raises :class:`UnsafeCheckpointError` for a pickle that references anything off
-    the allow-list, and :class:`UnsupportedCheckpointError` for a CACE module we do
-    not implement, a TorchScript archive, a training checkpoint or a foreign model.
-    """
-    obj = load_restricted(path)
-    if not isinstance(obj, PickledObject):
-        raise UnsupportedCheckpointError(describe_foreign_object(path, obj))
-    return obj
-
-
-def read_training_checkpoint(path: str | Path, architecture: str | Path) -> PickledObject:
-    """An original model tree (from ``architecture``) with the weights of a training
-    checkpoint (``{"model_state_dict": ..., "optimizer_state_dict": ...}``).
-
-    This is how users of the original pick another epoch than the best one: the
-    checkpoint has weights but no architecture, the model file has both.
-    """
-    data = load_restricted(path)
-    if not isinstance(data, dict) or not isinstance(data.get("model_state_dict"), dict):
-        raise UnsupportedCheckpointError(f"{path}: not a training checkpoint (no model_state_dict)")
-    root = read_original_checkpoint(architecture)
-    state: dict[str, Any] = data["model_state_dict"]
-    slots = _tensor_slots(root)
-    missing = sorted(set(slots) - set(state))
-    unexpected = sorted(set(state) - set(slots))
-    if missing or unexpected:
-        raise UnsupportedCheckpointError(
-            f"{path} does not fit the architecture of {architecture}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for key, (table, name) in slots.items():
-        old, new = table[name], state[key]
-        if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(old.shape):
-            raise UnsupportedCheckpointError(f"{path}: {key} has the wrong shape")
-        table[name] = new.to(old.dtype)
-    return root
-
-
-def _tensor_slots(root: PickledObject) -> dict[str, tuple[dict[str, Any], str]]:
-    """state_dict key -> (the parameter/buffer table holding it, name), as torch names them."""
-    slots: dict[str, tuple[dict[str, Any], str]] = {}
-    seen: set[int] = set()
-
-    def walk(obj: PickledObject, prefix: str) -> None:
-        if id(obj) in seen:  # shared submodules appear once in a state_dict
-            return
-        seen.add(id(obj))
-        non_persistent = obj.__dict__.get("_non_persistent_buffers_set") or set()
-        for store in ("_parameters", "_buffers"):
-            table = obj.__dict__.get(store) or {}
-            for name, value in table.items():
-                if value is not None and not (store == "_buffers" and name in non_persistent):
-                    slots[prefix + name] = (table, name)
-        for name, child in (obj.__dict__.get("_modules") or {}).items():
-            if isinstance(child, PickledObject):
-                walk(child, f"{prefix}{name}.")
-
-    walk(root, "")
-    return slots

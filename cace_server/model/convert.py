@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from cace_server.host_memory import tune_host_allocator
-from cace_server.model.checkpoint import (
-    UnsupportedCheckpointError,
+from cace_server.model.checkpoint import UnsupportedCheckpointError
+from cace_server.model.importer import (
+    convert_checkpoint,
     read_original_checkpoint,
     read_training_checkpoint,
 )
-from cace_server.model.importer import convert_checkpoint
 from cace_server.model.potential import CACEPotential
 
 

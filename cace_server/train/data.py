@@ -153,10 +153,6 @@ def files_digest(paths: Sequence[str | Path]) -> str:
     return h.hexdigest()
 
 
-def elements_of(data: Iterable[LabelledStructure]) -> list[int]:
-    return sorted({int(z) for d in data for z in d.structure.numbers})
-
-
 def split(
     data: Sequence[LabelledStructure], fraction: float, seed: int
 ) -> tuple[list[LabelledStructure], list[LabelledStructure]]:

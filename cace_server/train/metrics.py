@@ -82,7 +82,6 @@ COLUMNS = [
     ("forces_rmse", "F RMSE"),
     ("stress_rmse", "S RMSE"),
 ]
-UNITS = "E: meV/atom, F: meV/Å, S: meV/Å^3; each cell is train/valid"
 
 
 def _pair(a: float, b: float) -> str:

@@ -1,8 +1,9 @@
 """Import checkpoints of the original CACE package (and the LES package) into our model.
 
-``read_original_checkpoint`` unpickles the file into inert objects (no code runs);
-the root class picks a reader from :mod:`registry`, and each output module of a
-model is read by the family module that registered its class:
+``read_original_checkpoint`` unpickles the file into inert objects (no code runs,
+and only the classes the readers below declare are allowed); the root class picks a
+reader from :mod:`registry`, and each output module of a model is read by the
+family module that registered its class:
 
 * :mod:`core`: NeuralNetworkPotential, Atomwise, EwaldPotential, FeatureAdd, Forces
 * :mod:`combine`: CombinePotential (weighted sums of sub-models on one representation)
@@ -29,6 +30,7 @@ from cace_server.model.importer import (  # noqa: F401
     les,
     polarization,
 )
+from cace_server.model.importer.files import read_original_checkpoint, read_training_checkpoint
 from cace_server.model.importer.registry import OUTPUT_MODULE_READERS, ROOT_READERS
 
 
@@ -36,11 +38,12 @@ def convert_checkpoint(
     root: PickledObject, source: str = ""
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and weights of our model equivalent to an unpickled original model."""
-    reader = ROOT_READERS.get(root.class_name)
+    reader = ROOT_READERS.get(root.__class_path__)
     if reader is None:
+        supported = sorted(path.rsplit(".", 1)[-1] for path in ROOT_READERS)
         raise UnsupportedCheckpointError(
             f"{root.__class_path__} is not a model cace-server can import "
-            f"(supported: {', '.join(sorted(ROOT_READERS))})"
+            f"(supported: {', '.join(supported)})"
         )
     fields, state = reader(root)
     dtype = state["representation.radial_mixing"].dtype
@@ -60,7 +63,7 @@ def families(root: PickledObject) -> list[str]:
         if not isinstance(obj, PickledObject) or id(obj) in seen:
             return
         seen.add(id(obj))
-        reader = OUTPUT_MODULE_READERS.get(obj.class_name)
+        reader = OUTPUT_MODULE_READERS.get(obj.__class_path__)
         if reader is not None and reader.family not in found:
             found.append(reader.family)
         for child in (obj.__dict__.get("_modules") or {}).values():
@@ -70,4 +73,4 @@ def families(root: PickledObject) -> list[str]:
     return found
 
 
-__all__ = ["convert_checkpoint"]
+__all__ = ["convert_checkpoint", "read_original_checkpoint", "read_training_checkpoint"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cace_server.model.checkpoint import PickledObject, UnsupportedCheckpointError
+from cace_server.model.checkpoint import UnsupportedCheckpointError
 from cace_server.model.config import EwaldConfig, PolarizationConfig, ReadoutConfig
 
 # key -> {term name: coefficient}
@@ -86,7 +86,3 @@ def add_combinations(parts: list[tuple[LinearCombination, float]]) -> LinearComb
         for name, coefficient in terms.items():
             out[name] = out.get(name, 0.0) + weight * coefficient
     return out
-
-
-def class_of(obj: Any) -> str:
-    return obj.class_name if isinstance(obj, PickledObject) else type(obj).__name__

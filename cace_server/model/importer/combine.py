@@ -23,9 +23,12 @@ from cace_server.model.checkpoint import (
 )
 from cace_server.model.importer.assembly import Assembly, add_combinations
 from cace_server.model.importer.core import energy_of, finish, read_potential
-from cace_server.model.importer.registry import root_reader
+from cace_server.model.importer.registry import reads_functions, root_reader
 from cace_server.model.importer.representation import read_representation
 from cace_server.model.importer.tree import attr, children, sub
+
+# The sum of the sub-models: a bound method, or the module-level function in older versions.
+reads_functions(("cace.models.combined", "default_operation"), methods=("default_operation",))
 
 
 def _is_sum(operation: Any) -> bool:
@@ -36,7 +39,7 @@ def _is_sum(operation: Any) -> bool:
     return operation is None
 
 
-@root_reader("CombinePotential")
+@root_reader(("cace.models.combined", "CombinePotential"))
 def read_combine_potential(
     root: PickledObject,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -10,7 +10,12 @@ import torch
 from cace_server.model.checkpoint import PickledObject, UnsupportedCheckpointError
 from cace_server.model.config import EwaldConfig, ReadoutConfig
 from cace_server.model.importer.assembly import Assembly, LinearCombination, ModelScope
-from cace_server.model.importer.registry import output_module_reader, reader_for, root_reader
+from cace_server.model.importer.registry import (
+    output_module_reader,
+    reader_for,
+    reads,
+    root_reader,
+)
 from cace_server.model.importer.representation import read_representation
 from cace_server.model.importer.tree import (
     attr,
@@ -20,6 +25,9 @@ from cace_server.model.importer.tree import (
     require,
     sub,
 )
+
+# Input modules: only the preprocessing step, which our neighbour list replaces.
+reads(("cace.modules.preprocess", "Preprocess"))
 
 
 def feature_key_is_node_features(module: PickledObject, name: str = "feature_key") -> None:
@@ -50,7 +58,7 @@ def read_potential(nnp: PickledObject, assembly: Assembly) -> ModelScope:
     return scope
 
 
-@output_module_reader("Atomwise")
+@output_module_reader(("cace.modules.atomwise", "Atomwise"))
 def read_atomwise(module: PickledObject, scope: ModelScope) -> None:
     a = module.__dict__
     if a.get("residual") or a.get("use_batchnorm") or a.get("post_process") is not None:
@@ -84,7 +92,7 @@ def ewald_charge_inputs(module: PickledObject) -> list[str]:
     return [str(attr(module, "feature_key", "q"))]
 
 
-@output_module_reader("EwaldPotential", charge_inputs=ewald_charge_inputs)
+@output_module_reader(("cace.modules.ewald", "EwaldPotential"), charge_inputs=ewald_charge_inputs)
 def read_ewald(module: PickledObject, scope: ModelScope) -> None:
     e = module.__dict__
     if e.get("external_field") is not None:
@@ -119,7 +127,7 @@ def charges_of(scope: ModelScope, key: str) -> str:
     return readout
 
 
-@output_module_reader("FeatureAdd")
+@output_module_reader(("cace.modules.feature_mix", "FeatureAdd"))
 def read_feature_add(module: PickledObject, scope: ModelScope) -> None:
     keys = list(module.__dict__["feature_keys"])
     if all(k in scope.energy_keys for k in keys):
@@ -130,7 +138,7 @@ def read_feature_add(module: PickledObject, scope: ModelScope) -> None:
         scope.add(module.__dict__["output_key"], total)
 
 
-@output_module_reader("Forces")
+@output_module_reader(("cace.modules.forces", "Forces"))
 def read_forces(module: PickledObject, scope: ModelScope) -> None:
     if scope.forces_energy_key is None:
         scope.forces_energy_key = str(module.__dict__["energy_key"])
@@ -142,7 +150,7 @@ def energy_of(scope: ModelScope) -> LinearCombination:
     return scope.combination(scope.forces_energy_key)
 
 
-@root_reader("NeuralNetworkPotential")
+@root_reader(("cace.models.atomistic", "NeuralNetworkPotential"))
 def read_neural_network_potential(
     root: PickledObject,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ from cace_server.model.importer.registry import root_reader
 from cace_server.model.importer.representation import read_representation
 
 
-@root_reader("Cace")
+@root_reader(("cace.representations.cace_representation", "Cace"))
 def read_bare_representation(
     root: PickledObject,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

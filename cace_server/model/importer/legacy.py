@@ -15,9 +15,15 @@ from typing import Any
 
 from cace_server.model.angular import cartesian_components, symmetrizer_terms
 from cace_server.model.checkpoint import PickledObject, UnsupportedCheckpointError
+from cace_server.model.importer.registry import reads
 from cace_server.model.importer.tree import require, sub
 
 Component = tuple[int, int, int]
+
+reads(
+    ("cace.modules.angular", "AngularComponent"),
+    ("cace.modules.symmetrize_basis", "Symmetrizer"),
+)
 
 
 def component(value: Any) -> Component:

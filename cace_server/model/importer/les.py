@@ -16,14 +16,23 @@ from cace_server.model.checkpoint import PickledObject, UnsupportedCheckpointErr
 from cace_server.model.config import EwaldConfig, ReadoutConfig
 from cace_server.model.importer.assembly import ModelScope
 from cace_server.model.importer.core import feature_key_is_node_features
-from cace_server.model.importer.registry import output_module_reader
+from cace_server.model.importer.registry import output_module_reader, reads
 from cace_server.model.importer.tree import attr, read_linear_branch, read_mlp, require, sub
 
 # 1 / (2 eps0) in eV Å / e^2, as the LES package writes it.
 LES_NORM_FACTOR = 90.0474
 
+# The external LES package (github ChengUCB/les), used through LesWrapper.
+reads(
+    ("les.les", "Les"),
+    ("les.module.atomwise", "Atomwise"),
+    ("les.module.ewald", "Ewald"),
+    ("les.module.bec", "BEC"),
+    ("les.module.blocks", "Dense"),
+)
 
-@output_module_reader("LesWrapper", family="les")
+
+@output_module_reader(("cace.modules.les_wrapper", "LesWrapper"), family="les")
 def read_les_wrapper(module: PickledObject, scope: ModelScope) -> None:
     feature_key_is_node_features(module)
     if attr(module, "compute_bec"):

@@ -23,7 +23,9 @@ def polarization_charge_inputs(module: PickledObject) -> list[str]:
 
 
 @output_module_reader(
-    "Polarization", charge_inputs=polarization_charge_inputs, family="polarization"
+    ("cace.modules.polarization", "Polarization"),
+    charge_inputs=polarization_charge_inputs,
+    family="polarization",
 )
 def read_polarization(module: PickledObject, scope: ModelScope) -> None:
     if attr(module, "output_index") is not None:
@@ -40,7 +42,7 @@ def read_polarization(module: PickledObject, scope: ModelScope) -> None:
     scope.gradients[str(attr(module, "output_key", "polarization"))] = "polarization"
 
 
-@output_module_reader("Grad", family="polarization")
+@output_module_reader(("cace.modules.grad", "Grad"), family="polarization")
 def read_grad(module: PickledObject, scope: ModelScope) -> None:
     y, x = attr(module, "y_key"), attr(module, "x_key")
     polarization = scope.assembly.polarization
@@ -53,7 +55,7 @@ def read_grad(module: PickledObject, scope: ModelScope) -> None:
     scope.gradients[str(attr(module, "output_key", "gradient"))] = "bec"
 
 
-@output_module_reader("Dephase", family="polarization")
+@output_module_reader(("cace.modules.polarization", "Dephase"), family="polarization")
 def read_dephase(module: PickledObject, scope: ModelScope) -> None:
     if scope.gradients.get(attr(module, "input_key")) != "bec":
         raise UnsupportedCheckpointError("Dephase of anything but the BEC is not supported")

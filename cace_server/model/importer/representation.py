@@ -16,7 +16,21 @@ import torch
 from cace_server.model.checkpoint import PickledObject, UnsupportedCheckpointError
 from cace_server.model.config import MessagePassingConfig
 from cace_server.model.importer.legacy import check_angular_tables
+from cace_server.model.importer.registry import reads
 from cace_server.model.importer.tree import attr, children, params, read_mlp, require, sub
+
+reads(
+    ("cace.representations.cace_representation", "Cace"),
+    ("cace.modules.type", "NodeEncoder"),
+    ("cace.modules.type", "NodeEmbedding"),
+    ("cace.modules.type", "EdgeEncoder"),
+    ("cace.modules.radial", "BesselRBF"),
+    ("cace.modules.cutoff", "PolynomialCutoff"),
+    ("cace.modules.radial_transform", "SharedRadialLinearTransform"),
+    ("cace.modules.interaction", "NodeMemory"),
+    ("cace.modules.interaction", "MessageAr"),
+    ("cace.modules.interaction", "MessageBchi"),
+)
 
 
 def read_representation(rep: PickledObject, state: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -11,6 +11,18 @@ from typing import Any
 import torch
 
 from cace_server.model.checkpoint import Activation, PickledObject, UnsupportedCheckpointError
+from cace_server.model.importer.registry import reads
+
+# The MLPs and containers every family stores the same way.
+reads(
+    ("cace.modules.blocks", "Dense"),
+    ("torch.nn.modules.linear", "Linear"),
+    ("torch.nn.modules.linear", "Identity"),
+    ("torch.nn.modules.container", "Sequential"),
+    ("torch.nn.modules.container", "ModuleList"),
+    ("torch.nn.modules.container", "ParameterList"),
+    ("torch.nn.modules.container", "ModuleDict"),
+)
 
 
 def sub(obj: PickledObject, name: str) -> Any:

@@ -29,8 +29,8 @@ from cace_server.model.longrange.plan import (
     DIRECT,
     MESH,
     OPEN,
-    Group,
     LongRangePlan,
+    StructureGroup,
     make_group,
     periodicity,
 )
@@ -174,7 +174,7 @@ class EwaldSum(torch.nn.Module):
         return energies
 
     def _group_energy(
-        self, group: Group, positions: torch.Tensor, q: torch.Tensor, cell: torch.Tensor
+        self, group: StructureGroup, positions: torch.Tensor, q: torch.Tensor, cell: torch.Tensor
     ) -> torch.Tensor:
         g, n = len(group.systems), group.n_max
         if group.start is not None:

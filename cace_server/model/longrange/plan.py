@@ -23,7 +23,7 @@ MESH = "mesh"
 
 
 @dataclass(frozen=True)
-class Group:
+class StructureGroup:
     """Structures evaluated together: same back end, extents and mesh shape."""
 
     kind: str  # OPEN, DIRECT or MESH
@@ -41,7 +41,7 @@ class Group:
 @dataclass(frozen=True)
 class LongRangePlan:
     n_systems: int
-    groups: tuple[Group, ...]
+    groups: tuple[StructureGroup, ...]
 
 
 def periodicity(pbc: npt.NDArray[np.bool_]) -> list[bool]:
@@ -67,13 +67,15 @@ def make_group(
     offsets: Sequence[int],
     extents: tuple[int, int, int] = (0, 0, 0),
     mesh: tuple[int, int, int] | None = None,
-) -> Group:
+) -> StructureGroup:
     sizes = [n_atoms[b] for b in systems]
     n_max = max(sizes)
     consecutive = all(b2 == b1 + 1 for b1, b2 in itertools.pairwise(systems))
     if consecutive and all(s == n_max for s in sizes):
-        return Group(kind, tuple(systems), n_max, int(offsets[systems[0]]), None, extents, mesh)
+        return StructureGroup(
+            kind, tuple(systems), n_max, int(offsets[systems[0]]), None, extents, mesh
+        )
     index = np.full((len(systems), n_max), -1, dtype=np.int64)
     for row, b in enumerate(systems):
         index[row, : n_atoms[b]] = np.arange(offsets[b], offsets[b] + n_atoms[b])
-    return Group(kind, tuple(systems), n_max, None, index, extents, mesh)
+    return StructureGroup(kind, tuple(systems), n_max, None, index, extents, mesh)
