@@ -37,6 +37,7 @@ GROUP_OF_MODULE: dict[str, str] = {
     PACKAGE: "base",  # the package itself: its version
     f"{PACKAGE}.settings": "server",
     f"{PACKAGE}.structures": "base",
+    f"{PACKAGE}.outputs": "base",
     f"{PACKAGE}.units": "base",
     f"{PACKAGE}.host_memory": "base",
     f"{PACKAGE}.transcode": "base",
