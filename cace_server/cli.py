@@ -66,12 +66,27 @@ _ARCHITECTURE_KEYS = {
 }
 
 
+# Entries of a model's wire description (engine.info.info_dict) shown by ``info``:
+# shown name -> key.
+_DESCRIBED_KEYS = {
+    "family": "family",
+    "elements": "elements",
+    "cutoff": "cutoff",
+    "dtype": "dtype",
+    "parameters": "n_parameters",
+    "outputs": "outputs",
+    "long_range": "long_range",
+    "required_inputs": "required_inputs",
+}
+
+
 @app.command()
 def info(
     model: Path = typer.Argument(None, help="native model file [the bundled water model]"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """Show what a model file contains (without a file: the bundled default model)."""
+    from cace_server.engine.info import info_dict
     from cace_server.engine.models import describe as describe_model
     from cace_server.model import ModelFileError, load_model
     from cace_server.model.io import check_integrity, file_digest, read_metadata
@@ -102,20 +117,11 @@ def info(
         "format_version": int(meta["format_version"]),
         "verifies": verifies,
     }
+    described: dict[str, Any] | None = None
     if loaded is not None:
         offers = describe_model(model.stem, loaded, default=True, source=str(model))
-        summary.update(
-            {
-                "family": offers.family,
-                "elements": cfg["elements"],
-                "cutoff": cfg["cutoff"],
-                "dtype": cfg["dtype"],
-                "parameters": loaded.n_parameters,
-                "outputs": list(offers.outputs),
-                "long_range": offers.long_range,
-                "required_inputs": list(offers.required_inputs),
-            }
-        )
+        described = info_dict(offers, sha256=summary["sha256"])
+        summary.update({shown: described[key] for shown, key in _DESCRIBED_KEYS.items()})
     else:
         summary.update(
             {
@@ -132,8 +138,8 @@ def info(
             "extra": meta["extra"],
         }
     )
-    if loaded is not None:
-        for key, value in offers.description.items():
+    if described is not None:
+        for key, value in described["description"].items():
             if key == "long_range" and isinstance(value, dict):
                 key = "long_range_term"  # what the model's description says of it
             summary.setdefault(key, value)

@@ -20,7 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cace_server.engine import Engine, EngineSettings
+from cace_server.engine.info import info_dict
 from cace_server.http import BackgroundServer, HttpSettings, create_app
+from cace_server.http.schemas import ModelOut
 from cace_server.model import load_model, random_model, save_model
 from cace_server.model.io import file_digest
 from cace_server.structures import Structure
@@ -129,6 +131,14 @@ def test_health_ready_models_docs(client: httpx.Client, model_file: Path) -> Non
         spec["paths"]
     )
     assert "CalculateRequest" in spec["components"]["schemas"]
+
+
+def test_model_wire_dict_is_the_schema(engine: Engine) -> None:
+    """/v1/models' schema (ModelOut) has exactly the entries of info_dict, unchanged."""
+    info = engine.model_info()
+    wire = info_dict(info, sha256="0" * 64)
+    assert list(wire) == list(ModelOut.model_fields)
+    assert ModelOut.model_validate(wire).model_dump() == wire
 
 
 @pytest.mark.parametrize("periodic", [False, True])

@@ -321,6 +321,16 @@ class Engine:
                 }
         return self._entries
 
+    def serving(self, name: str | None = None) -> ModelInfo:
+        """The model ``name`` means (None: the default), while the engine serves requests.
+
+        Raises NotReady until start-up ends, once close() begins or after a device
+        failed, and UnknownModel for a name it does not serve: a frontend's one check.
+        """
+        if not self.ready:
+            raise NotReady("the engine is not ready")
+        return self.model_info(name)
+
     def snapshot(self) -> StatsSnapshot:
         """The engine's counters (see :class:`StatsSnapshot`)."""
         return self.stats.snapshot()

@@ -9,12 +9,18 @@ point at it. Only a bug gives 500.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from cace_server.engine import errors as engine_errors
+
+logger = logging.getLogger("cace_server.http")
 
 
 class ApiError(Exception):
@@ -107,3 +113,48 @@ def from_engine_error(exc: engine_errors.EngineError, *, batch: bool) -> ApiErro
         field = f"structures.{exc.index}" if batch else None
     headers = {"Retry-After": "1"} if status == 503 else None
     return ApiError(status, exc.kind, str(exc), field=field, headers=headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every failure as an :class:`ApiError` reply (its kind recorded for the access log)."""
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        request.state.error_kind = exc.kind
+        return exc.response()
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
+        ]
+        first = problems[0] if problems else {"field": None, "message": "invalid request"}
+        error = ApiError(
+            422,
+            "invalid_input",
+            f"{first['field']}: {first['message']}",
+            field=first["field"],
+            errors=problems,
+        )
+        return await api_error(request, error)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        error = ApiError(
+            exc.status_code,
+            kinds.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            headers=dict(exc.headers or {}),
+        )
+        return await api_error(request, error)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        logger.error("internal error on %s", request.url.path, exc_info=exc)
+        error = ApiError(500, "internal_error", f"internal error: {type(exc).__name__}")
+        return await api_error(request, error)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)

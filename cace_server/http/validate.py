@@ -200,11 +200,6 @@ def build_structure(
     return structure
 
 
-def per_atom_energies(info: ModelInfo) -> bool:
-    """Whether the model splits its energy into atoms (long-range models do not)."""
-    return "energies" in info.outputs
-
-
 # Why a model may lack an output, for the refusal's message.
 _WHY_MISSING = {
     "charges": "not a long-range model",

@@ -1,0 +1,9 @@
+"""The API's routes, one router per area, in the order the OpenAPI document lists them."""
+
+from fastapi import APIRouter
+
+from cace_server.http.routes import calculate, health, ipi, models
+
+ROUTERS: tuple[APIRouter, ...] = (health.router, models.router, calculate.router, ipi.router)
+
+__all__ = ["ROUTERS"]
