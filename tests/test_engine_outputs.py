@@ -37,6 +37,7 @@ class WithDipole(ModelWrapper):
         return ("energy", "forces", "stress", "energies", "dipole", "bec")
 
     def predict(self, structures: Sequence[Any], outputs: Outputs) -> list[Prediction]:
+        self.refuse_undeclared(outputs)
         bec = "bec" in outputs
         self.bec_calls.append((len(structures), bec))
         out = self.inner.predict(structures, Outputs(outputs.not_in(("dipole", "bec"))))
