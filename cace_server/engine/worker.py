@@ -78,7 +78,12 @@ def synchronize(device: str | None) -> None:
 
 
 class Worker:
-    """Owns the models and the device; everything torch happens on its thread."""
+    """Owns its device's copy of the models: loads, warms up and runs them on its thread.
+
+    Model calls (``predict``) happen only here. The engine's prepare threads build
+    neighbour lists with the first worker's copy (``Engine._catalogue``), which for a
+    CUDA model runs small kernels on that device from those threads.
+    """
 
     def __init__(
         self,
