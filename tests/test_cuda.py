@@ -101,7 +101,7 @@ def test_verlet_sessions_on_cuda_equal_fresh_lists():
         for _ in range(4):
             s = Structure.create(s.numbers, s.positions + rng.normal(0, 0.01, (len(s), 3)),
                                  s.cell, s.pbc)  # fmt: skip
-            got = engine.evaluate_sync([s], session="md")[0]
+            got = engine.evaluate_sync([s], trajectory="md")[0]
             want = random_model(seed=4, long_range=True, device="cpu").predict([s])[0]
             np.testing.assert_allclose(got.forces, want.forces, atol=1e-9)
         assert engine.snapshot().neighbor_lists_reused == 3

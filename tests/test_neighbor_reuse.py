@@ -111,12 +111,12 @@ def test_device_built_lists_equal_host_lists() -> None:
 
 
 def test_one_connection_serving_several_beads_keeps_a_list_for_each() -> None:
-    from cace_server.engine.sessions import SessionLists
     from cace_server.engine.stats import EngineStats
+    from cace_server.engine.trajectories import TrajectoryLists
 
     model = random_model((1, 8), seed=11, dtype="float64", cutoff=3.5)
     stats = EngineStats()
-    lists = SessionLists(skin=0.4, max_neighbor_lists=16, stats=stats)
+    lists = TrajectoryLists(skin=0.4, max_neighbor_lists=16, stats=stats)
     rng = np.random.default_rng(3)
     beads = [moved(water_like(1), rng, 0.3) for _ in range(4)]  # far apart from each other
     for _step in range(3):  # i-PI sends bead 0, 1, 2, 3 over the one connection, each step

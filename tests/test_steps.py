@@ -102,7 +102,7 @@ def test_a_step_closes_when_its_arrivals_stop_not_only_at_the_time_limit() -> No
 def _item(group: StepGroup, member: str) -> WorkItem:
     structure = Structure.create([1], [[0.0, 0.0, 0.0]])
     return WorkItem(
-        "m", structure, 0, Outputs(["energy"]), Lane.IPI, session=member, step_group=group
+        "m", structure, 0, Outputs(["energy"]), Lane.IPI, trajectory=member, step_group=group
     )
 
 
@@ -117,6 +117,6 @@ def test_the_queue_closes_a_stalled_step_after_the_quiet_time_not_the_time_limit
     start = time.monotonic()
     batch = queue.take_batch(max_atoms=100, max_pairs=100)
     waited = time.monotonic() - start
-    assert batch is not None and [i.session for i in batch] == ["c0", "c1"]
+    assert batch is not None and [i.trajectory for i in batch] == ["c0", "c1"]
     # the quiet time (0.2 s) after c1, well before c0's limit (2 s)
     assert 0.1 < waited < 1.0, waited

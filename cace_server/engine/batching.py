@@ -65,7 +65,8 @@ class WorkItem:
     prepared: Any = None  # the model's prepared structure (neighbour list), set before queueing
     cost: BatchCost = field(default=BatchCost(0, 0))  # from the model, set with prepared
     enqueued: float = 0.0
-    session: str | None = None  # who submitted it (Verlet lists, step-group member)
+    # the caller's structures that evolve step by step (Verlet lists, step-group member)
+    trajectory: str | None = None
     step_group: StepGroup | None = None  # the i-PI step it belongs to, if any
 
     @property
@@ -122,8 +123,8 @@ class PendingQueue:
             for item in items:
                 item.enqueued = now
                 self._lanes[item.lane].append(item)
-                if item.step_group is not None and item.session is not None:
-                    item.step_group.arrived(item.session, now)
+                if item.step_group is not None and item.trajectory is not None:
+                    item.step_group.arrived(item.trajectory, now)
             self._cond.notify_all()
 
     def take_batch(
@@ -180,9 +181,9 @@ class PendingQueue:
     def _step_taken(self, batch: list[WorkItem], complete: bool) -> None:
         groups: dict[int, tuple[StepGroup, list[str]]] = {}
         for item in batch:
-            if item.step_group is not None and item.session is not None:
+            if item.step_group is not None and item.trajectory is not None:
                 groups.setdefault(id(item.step_group), (item.step_group, []))[1].append(
-                    item.session
+                    item.trajectory
                 )
         for group, members in groups.values():
             if not complete:
@@ -201,8 +202,8 @@ class PendingQueue:
                     removed.extend(self._lanes[lane])
                     self._lanes[lane].clear()
                 for item in removed:
-                    if item.step_group is not None and item.session is not None:
-                        item.step_group.forget(item.session)
+                    if item.step_group is not None and item.trajectory is not None:
+                        item.step_group.forget(item.trajectory)
             self._cond.notify_all()
             return removed
 

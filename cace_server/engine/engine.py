@@ -4,8 +4,8 @@ Callers submit structures; a small thread pool builds their neighbour lists; the
 worker thread (which alone owns the device; one per device with several) runs them
 in batches and resolves each structure's future. Concurrent callers, from
 coroutines or threads, share batches. See ``worker.py`` for batching and failure
-isolation, ``steps.py`` for how an i-PI step becomes one batch, ``sessions.py`` for
-the Verlet lists kept per session.
+isolation, ``steps.py`` for how an i-PI step becomes one batch, ``trajectories.py`` for
+the Verlet lists kept per trajectory.
 
 A fatal device error (a dead CUDA context) ends the engine: what it holds fails
 with :class:`DeviceFailed`, :attr:`Engine.healthy` turns false and the callbacks
@@ -46,10 +46,10 @@ from cace_server.engine.models import (
     check_inputs,
     default_name,
 )
-from cace_server.engine.sessions import SessionLists
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats, StatsSnapshot
 from cace_server.engine.steps import StepGroup
+from cace_server.engine.trajectories import TrajectoryLists
 from cace_server.engine.worker import Worker
 from cace_server.outputs import CATALOGUE, Outputs, UnknownOutput
 from cace_server.structures import Prediction, Structure, StructureError
@@ -139,7 +139,7 @@ class Engine:
             for k, (device, label) in enumerate(zip(devices, _labels(devices), strict=True))
         ]
         self._entries: dict[str, CatalogueEntry] = {}
-        self._sessions = SessionLists(
+        self._trajectories = TrajectoryLists(
             self.settings.neighbor_skin, self.settings.max_neighbor_lists, self.stats
         )
         self._step_groups: dict[str, StepGroup] = {}
@@ -343,7 +343,7 @@ class Engine:
         *,
         outputs: Iterable[str] | None = None,
         lane: Lane | str | None = None,
-        session: str | None = None,
+        trajectory: str | None = None,
         step_group: StepGroup | None = None,
     ) -> list[Future[Prediction]]:
         """Queue structures for evaluation; one future per structure, in order.
@@ -355,11 +355,11 @@ class Engine:
         structures asked for (Born effective charges cost extra backward passes).
         ``lane``: ``"ipi"`` for i-PI
         steps (they go first); otherwise the request waits in the ``small`` or
-        ``bulk`` lane by its atom count (see ``batching.py``). ``session`` names the
-        caller whose structures evolve step by step (an i-PI connection, an HTTP
-        session): their neighbour lists are kept and reused. ``step_group`` (with a
-        session) makes the batch of a step close once every member of the group has
-        submitted (:meth:`step_group`).
+        ``bulk`` lane by its atom count (see ``batching.py``). ``trajectory`` names
+        the caller's structures that evolve step by step (an i-PI connection, an HTTP
+        client's X-CACE-Session): their neighbour lists are kept and reused.
+        ``step_group`` (with a trajectory) makes the batch of a step close once every
+        member of the group has submitted (:meth:`step_group`).
 
         Raises UnknownModel, Overloaded, NotReady, EngineClosed or DeviceFailed for
         the whole request; a structure that cannot be evaluated gets its error in
@@ -377,7 +377,7 @@ class Engine:
         n_atoms = sum(sizes)
         lane_of = self._lane(lane, n_atoms)
         items = [
-            WorkItem(name, s, i, chosen, lane_of, session=session, step_group=step_group)
+            WorkItem(name, s, i, chosen, lane_of, trajectory=trajectory, step_group=step_group)
             for i, s in enumerate(structures)
         ]
         if not items:
@@ -419,7 +419,7 @@ class Engine:
         outputs: Iterable[str] | None = ...,
         lane: Lane | str | None = ...,
         return_exceptions: Literal[False] = ...,
-        session: str | None = ...,
+        trajectory: str | None = ...,
         step_group: StepGroup | None = ...,
     ) -> list[Prediction]: ...
 
@@ -432,7 +432,7 @@ class Engine:
         outputs: Iterable[str] | None = ...,
         lane: Lane | str | None = ...,
         return_exceptions: Literal[True],
-        session: str | None = ...,
+        trajectory: str | None = ...,
         step_group: StepGroup | None = ...,
     ) -> list[Outcome]: ...
 
@@ -444,14 +444,14 @@ class Engine:
         outputs: Iterable[str] | None = None,
         lane: Lane | str | None = None,
         return_exceptions: bool = False,
-        session: str | None = None,
+        trajectory: str | None = None,
         step_group: StepGroup | None = None,
     ) -> list[Prediction] | list[Outcome]:
         """Evaluate structures with ``model`` (default: the default model).
 
         Returns one Prediction per structure, in order. A failing structure raises
         its EngineError (after all structures of the call are done), or with
-        ``return_exceptions`` takes its place in the list. ``lane``, ``session`` and
+        ``return_exceptions`` takes its place in the list. ``lane``, ``trajectory`` and
         ``step_group``: see :meth:`submit`.
         """
         futures = self.submit(
@@ -459,7 +459,7 @@ class Engine:
             model,
             outputs=outputs,
             lane=lane,
-            session=session,
+            trajectory=trajectory,
             step_group=step_group,
         )
         if not futures:
@@ -478,6 +478,7 @@ class Engine:
         outputs: Iterable[str] | None = ...,
         timeout: float | None = ...,
         return_exceptions: Literal[False] = ...,
+        trajectory: str | None = ...,
     ) -> list[Prediction]: ...
 
     @overload
@@ -489,6 +490,7 @@ class Engine:
         outputs: Iterable[str] | None = ...,
         timeout: float | None = ...,
         return_exceptions: Literal[True],
+        trajectory: str | None = ...,
     ) -> list[Outcome]: ...
 
     def evaluate_sync(
@@ -499,11 +501,12 @@ class Engine:
         outputs: Iterable[str] | None = None,
         timeout: float | None = None,
         return_exceptions: bool = False,
+        trajectory: str | None = None,
     ) -> list[Prediction] | list[Outcome]:
         """Blocking :meth:`evaluate` for threads (not for the event loop's thread)."""
         if any(threading.current_thread() is w.thread for w in self._workers):
             raise RuntimeError("evaluate_sync on the engine worker thread would deadlock")
-        futures = self.submit(structures, model, outputs=outputs)
+        futures = self.submit(structures, model, outputs=outputs, trajectory=trajectory)
         _, not_done = concurrent.futures.wait(futures, timeout)
         if not_done:
             for f in not_done:
@@ -604,12 +607,12 @@ class Engine:
                             f"expected a Structure, got {type(item.structure).__name__}"
                         )
                     check_inputs(item.structure, required)
-                    if item.session is None:
+                    if item.trajectory is None:
                         item.prepared = model.prepare(item.structure)
                         self.stats.neighbor_list(reused=False)
                     else:  # counts built and reused lists itself
-                        item.prepared = self._sessions.prepare(
-                            item.model, model, item.session, item.index, item.structure
+                        item.prepared = self._trajectories.prepare(
+                            item.model, model, item.trajectory, item.index, item.structure
                         )
                     item.cost = model.batch_cost(item.prepared)
                 except StructureError as exc:

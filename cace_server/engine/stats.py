@@ -81,7 +81,7 @@ class StatsSnapshot:
     ``errors``: failed structures (or rejected requests) by error kind;
     ``device_failures``: device -> why it died (empty while healthy);
     ``neighbor_lists_built``/``_reused``: neighbour lists built, and Verlet lists of
-    sessions (i-PI connections, HTTP sessions) reused; ``step_batches``: batches
+    trajectories (i-PI connections, HTTP sessions) reused; ``step_batches``: batches
     closed because every connection of an i-PI step had submitted
     (``step_timeouts``: closed by the time limit instead).
     ``queue_wait``: per structure, submission to start of its batch (includes the

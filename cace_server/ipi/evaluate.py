@@ -7,7 +7,7 @@ model has them; Born effective charges (i-PI's ``<bec mode="driver">`` reads the
 cost extra backward passes, so they are computed only when the model has them and
 the connection wants them. ``convert.extras_json`` writes them in i-PI's layout.
 
-Each connection is an engine session (it keeps the Verlet neighbour lists of the
+Each connection is an engine trajectory (it keeps the Verlet neighbour lists of the
 beads it drives), and the connections of one address form a step group: a step's
 beads make one batch, closed as soon as every connection has submitted.
 """
@@ -52,7 +52,7 @@ def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evalua
             model,
             outputs=outputs,
             lane="ipi",
-            session=f"ipi:{source.connection}",
+            trajectory=f"ipi:{source.connection}",
             step_group=group,
         )
 

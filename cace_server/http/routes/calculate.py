@@ -131,7 +131,7 @@ def _read(obj: dict[str, Any], state: HttpState, batch: bool) -> _Checked:
 
 
 async def _evaluate(
-    state: HttpState, req: _Checked, batch: bool, session: str | None
+    state: HttpState, req: _Checked, batch: bool, trajectory: str | None
 ) -> list[Prediction]:
     timeout = state.settings.request_timeout_s
     try:
@@ -140,7 +140,7 @@ async def _evaluate(
                 req.structures,
                 req.info.name,
                 outputs=req.props,
-                session=session,
+                trajectory=trajectory,
             ),
             timeout,
         )

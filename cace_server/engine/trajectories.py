@@ -1,8 +1,9 @@
-"""Verlet neighbour lists kept per session: an i-PI connection or an HTTP session id.
+"""Verlet neighbour lists kept per trajectory: structures that evolve step by step.
 
-A session's consecutive structures (a bead, step after step) move little, so its
-neighbour list, built with a skin, is reused until an atom has moved half the skin
-(see :class:`cace_server.model.neighbors.VerletList`). Structures of one request
+A trajectory is named by its caller: an i-PI connection (``ipi:...``) or an HTTP
+client's ``X-CACE-Session`` (``http:...``). Its consecutive structures (a bead, step
+after step) move little, so its neighbour list, built with a skin, is reused until
+an atom has moved half the skin (see :class:`cace_server.model.neighbors.VerletList`). Structures of one request
 are told apart by their position in it (i-PI's batched transport sends all beads
 over one connection). One position may still see several structures in turn (one
 i-PI connection serving all beads of a step one by one): it keeps up to
@@ -23,8 +24,8 @@ from cace_server.structures import Structure
 SLOTS_PER_KEY = 64  # more beads than i-PI runs with on one connection, in practice
 
 
-class SessionLists:
-    """(model, session, index in request) -> the Verlet list of that structure."""
+class TrajectoryLists:
+    """(model, trajectory, index in request) -> the Verlet list of that structure."""
 
     def __init__(self, skin: float, max_neighbor_lists: int, stats: EngineStats) -> None:
         self.skin = skin
@@ -34,13 +35,13 @@ class SessionLists:
         self._lock = threading.Lock()
 
     def prepare(
-        self, model_name: str, model: ServedModel, session: str, index: int, s: Structure
+        self, model_name: str, model: ServedModel, trajectory: str, index: int, s: Structure
     ) -> Any:
-        """The prepared structure, from the session's kept lists (built anew with no skin)."""
+        """The prepared structure, from the trajectory's kept lists (built anew with no skin)."""
         if self.skin <= 0:
             self._stats.neighbor_list(reused=False)
             return model.prepare(s)
-        key = (model_name, session, index)
+        key = (model_name, trajectory, index)
         with self._lock:
             slots = self._lists.get(key)
             if slots is None:
