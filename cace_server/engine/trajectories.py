@@ -2,13 +2,13 @@
 
 A trajectory is named by its caller: an i-PI connection (``ipi:...``) or an HTTP
 client's ``X-CACE-Session`` (``http:...``). Its consecutive structures (a bead, step
-after step) move little, so its neighbour list, built with a skin, is reused until
-an atom has moved half the skin (see :class:`cace_server.model.neighbors.VerletList`). Structures of one request
-are told apart by their position in it (i-PI's batched transport sends all beads
-over one connection). One position may still see several structures in turn (one
-i-PI connection serving all beads of a step one by one): it keeps up to
-``SLOTS_PER_KEY`` lists and uses the one that covers the structure. The least
-recently used keys are dropped beyond a bound.
+after step) move little, so its neighbour list, built with a skin, is reused until an
+atom has moved half the skin (see :class:`cace_server.model.neighbors.VerletList`).
+Structures of one request are told apart by their position in it (i-PI's batched
+transport sends all beads over one connection). One position may still see several
+structures in turn (one i-PI connection serving all beads of a step one by one): it
+keeps up to ``SLOTS_PER_KEY`` lists and uses the one that covers the structure. The
+least recently used keys are dropped beyond a bound.
 """
 
 from __future__ import annotations
