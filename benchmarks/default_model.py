@@ -34,11 +34,11 @@ TEST_DATA = REPO / "data" / "water_gfn2_test.extxyz.gz"
 def held_out_errors(model_path: Path) -> dict[str, float]:
     from cace_server.model import load_model
     from cace_server.train import DataKeys, read_labelled
-    from cace_server.train.evaluate import evaluate
+    from cace_server.train.report import dataset_errors
 
     model = load_model(model_path, dtype="float64")
     data = read_labelled([TEST_DATA], DataKeys())
-    summary = evaluate(model, data).summary()
+    summary = dataset_errors(model, data).summary()
     summary["structures"] = len(data)
     summary["atoms"] = sum(d.n_atoms for d in data)
     return summary

@@ -289,14 +289,13 @@ def evaluate(
     """Print a model's errors on labelled data; optionally draw a parity plot."""
     from cace_server.model import ModelFileError, load_model
     from cace_server.train import DataError, read_labelled
-    from cace_server.train.evaluate import evaluate as evaluate_model
-    from cace_server.train.evaluate import parity_plot
     from cace_server.train.metrics import error_table
+    from cace_server.train.report import dataset_errors, parity_plot
 
     try:
         loaded = load_model(model, device=device, dtype=dtype)
         labelled = read_labelled(data, _data_keys(energy_key, forces_key, stress_key))
-        errors = evaluate_model(loaded, labelled)
+        errors = dataset_errors(loaded, labelled)
     except (ModelFileError, DataError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -30,7 +30,7 @@ import numpy as np
 
 from cace_server.engine import DeviceFailed, Engine, EngineSettings
 from cace_server.ipi import DriverOptions, DriverPool
-from cace_server.ipi.evaluate import ipi_evaluator
+from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.settings import ServerSettings, default_torch_threads
 from cace_server.validation import GeometryLimits, check_geometry
 

@@ -12,7 +12,7 @@ from cace_server.model.io import file_digest, read_metadata
 from cace_server.server import default_model_path
 from cace_server.structures import Structure
 from cace_server.train import DataKeys, read_labelled
-from cace_server.train.evaluate import evaluate
+from cace_server.train.report import dataset_errors
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "water_gfn2_train.extxyz.gz"
@@ -35,7 +35,7 @@ def test_bundled_model_on_held_out_boxes():
     """A quick look at a few held-out boxes (the full table: benchmarks/default_model.py)."""
     model = load_model(default_model_path(), dtype="float64")
     data = read_labelled([TEST], DataKeys())[::8]
-    summary = evaluate(model, data).summary()
+    summary = dataset_errors(model, data).summary()
     assert summary["energy_rmse"] < 3.0  # meV/atom
     assert summary["forces_rmse"] < 80.0  # meV/Å
 

@@ -103,7 +103,7 @@ def test_ipi_evaluator_sends_bec_when_the_model_has_them(inner: Any) -> None:
     import asyncio
 
     from cace_server.ipi import Source
-    from cace_server.ipi.evaluate import ipi_evaluator
+    from cace_server.ipi.engine_evaluator import ipi_evaluator
 
     structures = [make_structure(5, seed=9)]
     source = Source("ipi[unix:/tmp/ipi_x]#0", "unix:/tmp/ipi_x", 1)

@@ -24,7 +24,7 @@ import pytest
 
 from cace_server.engine import Engine, EngineSettings
 from cace_server.http import BackgroundServer, HttpSettings, create_app
-from cace_server.ipi.evaluate import ipi_evaluator
+from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.model import load_model, random_model, save_model
 from tests.ipi_support import IPI_SCRIPT, IpiRun, check_run_against_model, start_ipi
 

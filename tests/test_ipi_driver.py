@@ -28,7 +28,7 @@ import pytest
 from cace_server.engine import Engine, EngineSettings
 from cace_server.ipi import DriverPool, Source
 from cace_server.ipi.driver import ConnectionState
-from cace_server.ipi.evaluate import ipi_evaluator
+from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.structures import Prediction, Structure
 from cace_server.units import (
     BOHR_PER_ANGSTROM,

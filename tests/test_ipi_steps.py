@@ -16,7 +16,7 @@ import pytest
 
 from cace_server.engine import Engine, EngineSettings
 from cace_server.ipi import DriverPool, Source
-from cace_server.ipi.evaluate import ipi_evaluator
+from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.model import load_model
 from cace_server.server import default_model_path
 from cace_server.structures import Prediction, Structure

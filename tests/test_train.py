@@ -191,9 +191,9 @@ def test_training_lowers_validation_loss_and_writes_a_loadable_model(
     assert meta["data_sha256"] == "abc" and meta["epoch"] == best["epoch"]
     assert meta["errors"]["valid"]["forces_rmse"] == pytest.approx(best["valid"]["forces_rmse"])
     # The written model is the EMA model of the best epoch: its errors are reproducible.
-    from cace_server.train.evaluate import evaluate
+    from cace_server.train.report import dataset_errors
 
-    errors = evaluate(model, valid).summary()
+    errors = dataset_errors(model, valid).summary()
     assert errors["forces_rmse"] == pytest.approx(best["valid"]["forces_rmse"], rel=1e-3)
     assert errors["energy_rmse"] == pytest.approx(best["valid"]["energy_rmse"], rel=1e-2, abs=1e-3)
     prediction = model.predict([valid[0].structure])[0]

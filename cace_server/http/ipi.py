@@ -23,7 +23,7 @@ from cace_server.engine import Engine
 from cace_server.http.errors import ApiError, invalid
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, IpiAddress, parse_address
-from cace_server.ipi.evaluate import ipi_evaluator
+from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.validation import check_geometry
 
 logger = logging.getLogger("cace_server.http")

@@ -12,7 +12,7 @@ from cace_server.train.data import LabelledStructure, check_elements
 from cace_server.train.metrics import ErrorAccumulator
 
 
-def evaluate(
+def dataset_errors(
     model: CACEPotential, data: Sequence[LabelledStructure], *, batch_size: int = 16
 ) -> ErrorAccumulator:
     """Energy, force and stress errors of ``model`` on ``data`` (kept for plotting)."""
