@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,11 +28,11 @@ from cace_server.engine.faults import FaultyModel
 from cace_server.engine.models import ModelWrapper, ServedModel
 from cace_server.outputs import CATALOGUE, OutputNotOffered, Outputs
 from cace_server.structures import BatchCost, Structure
+from tests.conftest import REFERENCE_DIR
 from tests.published_support import family_of, manifest, model_names
 from tests.published_support import structure as published_structure
 
-ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT.parent / "shared" / "reference"
+REFERENCE = REFERENCE_DIR
 PUBLISHED = REFERENCE / "published"
 
 
@@ -70,7 +69,7 @@ def _published(name: str) -> tuple[ServedModel, list[Structure]]:
 
 
 def _smallest_per_family() -> dict[str, str]:
-    if not PUBLISHED.is_dir():
+    if not (PUBLISHED / "manifest.json").is_file():
         return {}
     best: dict[str, tuple[int, str]] = {}
     for name in model_names(PUBLISHED):
@@ -86,7 +85,7 @@ def _reference(file: str) -> Callable[[], tuple[ServedModel, list[Structure]]]:
         from cace_server.model import convert_original
 
         if not (REFERENCE / file).is_file():
-            pytest.skip(f"{REFERENCE / file} is absent (the shared reference folder)")
+            pytest.skip(f"{REFERENCE / file} is absent (set CACE_REFERENCE_DIR)")
         return convert_original(REFERENCE / file, dtype="float64"), _waters()
 
     return build
@@ -149,8 +148,8 @@ def family(request: pytest.FixtureRequest) -> tuple[ServedModel, list[Structure]
 
 
 def test_every_importer_family_is_checked() -> None:
-    if not PUBLISHED.is_dir():
-        pytest.skip(f"{PUBLISHED} is absent (the shared reference folder)")
+    if not (PUBLISHED / "manifest.json").is_file():
+        pytest.skip(f"{PUBLISHED} is absent (set CACE_REFERENCE_DIR)")
     families = {family_of(manifest(PUBLISHED)[n]) for n in model_names(PUBLISHED)}
     assert {f"published {f}" for f in families} <= set(FAMILIES)
 
