@@ -167,8 +167,11 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
     engine = settings.engine
     assert (engine.neighbor_skin, engine.step_wait_ms, engine.max_neighbor_lists) == (0.3, 250, 12)
     assert settings.http.max_atoms == 10
-    # an empty optional variable is the default
+    # an empty optional variable is the default, and so is 0 threads
     assert load_settings(environ={"CACE_SERVER_TOKEN": ""}).http.token is None
+    threads = TABLE["torch_threads"][1].default
+    assert load_settings(environ={"CACE_SERVER_TORCH_THREADS": ""}).engine.torch_threads == threads
+    assert load_settings(environ={}, overrides={"torch_threads": 0}).engine.torch_threads == threads
     with pytest.raises(ValueError, match="unknown settings"):
         (tmp_path / "bad.toml").write_text("max_atom = 1\n")
         load_settings(tmp_path / "bad.toml", environ={})

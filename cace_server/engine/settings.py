@@ -120,6 +120,8 @@ class EngineSettings:
     # torch intra-op threads (process-wide); None leaves torch's default.
     torch_threads: int | None = option(
         default_factory=default_torch_threads,
+        # a user's 0 (as before the sections) asks for the default too
+        parse=lambda threads: threads or default_torch_threads(),
         show="half the cores",
         help="torch intra-op threads",
     )
