@@ -76,9 +76,12 @@ def serve(args: argparse.Namespace) -> None:
 
 def server_default_threads() -> int | None:
     try:
-        from cace_server.settings import default_torch_threads
-    except ImportError:  # a revision before the default existed: torch's own
-        return None
+        from cace_server.engine.settings import default_torch_threads
+    except ImportError:
+        try:  # where revisions before the settings sections had it
+            from cace_server.settings import default_torch_threads
+        except ImportError:  # a revision before the default existed: torch's own
+            return None
     return default_torch_threads("cpu")
 
 
@@ -330,7 +333,7 @@ def percentile(values: list[float], q: float) -> float:
 def contention(args: argparse.Namespace, model: Path) -> None:
     import torch
 
-    from cace_server.settings import default_torch_threads
+    from cace_server.engine.settings import default_torch_threads
 
     torch_default = torch.get_num_threads()
     water = systems()["H2O"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -311,136 +312,46 @@ def evaluate(
         typer.echo(f"parity plot: {written}")
 
 
-@app.command()
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses a setting's flag as: a list for tuples, X for ``X | None``."""
+    from typing import get_args, get_origin
+
+    if get_origin(annotation) in (list, tuple):
+        return list[get_args(annotation)[0]]  # type: ignore[misc]
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
+def _setting_parameters() -> list[inspect.Parameter]:
+    """One ``--flag`` per server setting, from its field: type, help and default.
+
+    Every option defaults to None (not given), so that only what the user typed
+    overrides the TOML file and the environment; the help shows the field's default.
+    """
+    from cace_server.settings import server_settings
+
+    out = []
+    for name, (_, setting) in server_settings().items():
+        kind = _cli_type(setting.raw_type)
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        option = typer.Option(
+            None,
+            *decls,
+            *setting.option.aliases,
+            help=f"{setting.option.help} [{setting.shown_default()}]",
+        )
+        out.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+        )
+    return out
+
+
 def serve(
-    model: list[str] = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="model file, or NAME=FILE; repeat to serve several (default: the bundled water model)",
-    ),
-    default_model: str = typer.Option(None, help="name of the default model"),
-    device: str = typer.Option(
-        None, help="cpu, cuda, cuda:N, or a list cuda:0,cuda:1 (one worker each) [cpu]"
-    ),
-    dtype: str = typer.Option(None, help="float32 or float64 [float64]"),
-    long_range_mode: list[str] = typer.Option(
-        None,
-        "--long-range-mode",
-        help="Ewald k-space sum: parity (the original's) or smooth (in the cell, for NPT); "
-        "MODE for all models or NAME=MODE [parity]",
-    ),
-    long_range_method: list[str] = typer.Option(
-        None,
-        "--long-range-method",
-        help="Ewald back end: auto, direct or mesh; METHOD or NAME=METHOD [auto]",
-    ),
-    http: bool = typer.Option(None, "--http/--no-http", help="serve the HTTP API [yes]"),
-    host: str = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
-    port: int = typer.Option(None, help="HTTP port [8000]"),
-    token: str = typer.Option(
-        None, help="bearer token required by HTTP routes (prefer CACE_SERVER_TOKEN)"
-    ),
-    max_request_bytes: int = typer.Option(None, help="largest HTTP request body [256 MiB]"),
-    max_pending_bytes: int = typer.Option(
-        None, help="bytes of HTTP request bodies held at once, over all requests [512 MiB]"
-    ),
-    process_body_bytes: int = typer.Option(
-        None, help="JSON bodies of at least this many bytes are parsed in a worker process [8 MiB]"
-    ),
-    max_atoms: int = typer.Option(None, help="most atoms in one structure [200000]"),
-    max_structures: int = typer.Option(None, help="most structures in one batch request [4096]"),
-    request_timeout_s: float = typer.Option(None, help="HTTP request timeout in seconds [600]"),
-    min_distance: float = typer.Option(
-        None, help="refuse structures with atoms closer than this (A) [0.1]"
-    ),
-    header_timeout_s: float = typer.Option(
-        None, help="seconds an HTTP request head may take to arrive [10]"
-    ),
-    body_timeout_s: float = typer.Option(
-        None, help="seconds an HTTP request body may pause before the client is dropped [30]"
-    ),
-    keep_alive_timeout_s: float = typer.Option(
-        None, help="seconds an idle HTTP keep-alive connection stays open [5]"
-    ),
-    shutdown_timeout_s: float = typer.Option(
-        None,
-        help="at shutdown, seconds open HTTP connections get after the requests already "
-        "received are answered [5]",
-    ),
-    ipi: list[str] = typer.Option(
-        None, "--ipi", help="i-PI address to drive: unix:NAME or HOST:PORT; repeatable"
-    ),
-    ipi_clients: int = typer.Option(None, help="connections per i-PI address (one per bead) [1]"),
-    ipi_template: list[str] = typer.Option(
-        None,
-        "--ipi-template",
-        help="structure file giving the species of the i-PI system (one, or one per --ipi)",
-    ),
-    ipi_reconnect: bool = typer.Option(
-        None,
-        "--ipi-reconnect/--no-ipi-reconnect",
-        help=(
-            "reconnect when i-PI goes away; with --no-http and --no-ipi-reconnect the "
-            "server exits once every i-PI run has ended [yes]"
-        ),
-    ),
-    ipi_model: str = typer.Option(None, help="model for i-PI connections [default model]"),
-    ipi_bec: bool = typer.Option(
-        None,
-        "--ipi-bec/--no-ipi-bec",
-        help="send i-PI Born effective charges (extra BEC) when the model has them [yes]",
-    ),
-    ipi_attach: bool = typer.Option(
-        None,
-        "--ipi-attach/--no-ipi-attach",
-        help="allow POST /v1/ipi/connections (attach to a new i-PI run) [no]",
-    ),
-    ipi_attach_socket_prefix: str = typer.Option(
-        None, help="UNIX sockets the attach route may use: real path prefix [/tmp/ipi_]"
-    ),
-    ipi_attach_hosts: list[str] = typer.Option(
-        None, "--ipi-attach-hosts", help="TCP hosts the attach route may use [loopback]"
-    ),
-    ipi_attach_ports: list[str] = typer.Option(
-        None,
-        "--ipi-attach-ports",
-        help="TCP ports (N or N-M) the attach route may use [31415-31514]",
-    ),
-    ipi_attach_connects_per_s: float = typer.Option(
-        None, help="connection attempts per second of attached i-PI connections [2]"
-    ),
-    max_batch_atoms: int = typer.Option(None, help="most atoms in one engine batch [8192]"),
-    max_batch_pairs: int = typer.Option(
-        None, help="most neighbour pairs in one engine batch [600000]"
-    ),
-    batch_wait_ms: float = typer.Option(None, help="wait this long for a batch to fill [2]"),
-    max_queue: int = typer.Option(None, help="most structures waiting in the engine [4096]"),
-    max_queue_atoms: int = typer.Option(
-        None, help="most atoms accepted and not yet answered (i-PI steps exempt) [1000000]"
-    ),
-    small_request_atoms: int = typer.Option(
-        None, help="requests up to this many atoms share device time with larger ones [1024]"
-    ),
-    step_wait_ms: float = typer.Option(
-        None,
-        help="an i-PI step's batch waits this long for every connection of its address "
-        "(or a tenth of it after the last bead), then runs with the beads it has [1000]",
-    ),
-    neighbor_skin: float = typer.Option(
-        None,
-        help="Verlet skin (A) of the neighbour lists reused per i-PI connection and HTTP "
-        "session; 0 builds every list afresh [0.5]",
-    ),
-    max_neighbor_lists: int = typer.Option(
-        None, help="most Verlet neighbour lists kept; the least recently used go first [1024]"
-    ),
-    torch_threads: int = typer.Option(None, help="torch intra-op threads [half the cores]"),
-    log_level: str = typer.Option(None, help="debug, info, warning, error [info]"),
-    log_json: bool = typer.Option(None, "--log-json/--no-log-json", help="JSON-lines logs [no]"),
     config: Path = typer.Option(
         None, "--config", "-c", help="TOML file with any of these settings"
     ),
+    **flags: Any,
 ) -> None:
     """Serve models over HTTP and/or as an i-PI driver until SIGINT/SIGTERM.
 
@@ -453,18 +364,13 @@ def serve(
     from cace_server.server import setup_logging
     from cace_server.settings import load_settings
 
-    flags = {
-        k: v
-        for k, v in locals().items()
-        if k not in ("config", "asyncio", "run", "setup_logging", "load_settings")
-        and v not in (None, [])
-    }
+    given = {name: value for name, value in flags.items() if value not in (None, [], ())}
     try:
-        settings = load_settings(config, overrides=flags)
+        settings = load_settings(config, overrides=given)
     except (ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    setup_logging(settings.log_level, settings.log_json)
+    setup_logging(settings.log.level, settings.log.json)
     from cace_server.engine import DeviceFailed, EngineError
 
     try:
@@ -476,6 +382,15 @@ def serve(
     except (ValueError, EngineError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+# typer reads the options from the signature: the settings' flags go in after --config.
+_config = inspect.signature(serve).parameters["config"]
+serve.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_config.replace(kind=inspect.Parameter.KEYWORD_ONLY), *_setting_parameters()],
+    return_annotation=None,
+)
+app.command()(serve)
 
 
 def main() -> None:

@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from cace_server.engine import DeviceFailed, Engine, EngineSettings
+from cace_server.engine import DeviceFailed, Engine
+from cace_server.http.settings import HttpSettings
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.ipi.engine_evaluator import ipi_evaluator
-from cace_server.settings import ServerSettings, default_torch_threads
-from cace_server.validation import GeometryLimits, check_geometry
+from cace_server.settings import ServerSettings
+from cace_server.validation import check_geometry
 
 logger = logging.getLogger("cace_server")
 
@@ -69,39 +70,14 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "data" / "water.safetensors"
 
 
-def engine_settings(settings: ServerSettings, model_names: Sequence[str]) -> EngineSettings:
-    """The engine's share of the server settings, for the models ``model_names``."""
-    return EngineSettings(
-        device=settings.device,
-        dtype=settings.dtype,
-        max_batch_atoms=settings.max_batch_atoms,
-        max_batch_pairs=settings.max_batch_pairs,
-        batch_wait_ms=settings.batch_wait_ms,
-        max_queue=settings.max_queue,
-        max_queue_atoms=settings.max_queue_atoms,
-        small_request_atoms=settings.small_request_atoms,
-        torch_threads=settings.torch_threads or default_torch_threads(settings.device),
-        long_range={
-            name: settings.long_range_for(name)
-            for name in ["", *model_names]
-            if settings.long_range_for(name)
-        },
-        step_wait_ms=settings.step_wait_ms,
-        neighbor_skin=settings.neighbor_skin,
-        max_neighbor_lists=settings.max_neighbor_lists,
-    )
-
-
 def build_engine(settings: ServerSettings) -> Engine:
-    sources: dict[str, Any] = settings.model_sources()
+    sources: dict[str, Any] = settings.model.named_sources()
     if not sources:
         path = default_model_path()
         if not path.is_file():
             raise ValueError("no --model given and no bundled default model is installed")
         sources = {"default": str(path)}
-    return Engine(
-        sources, default=settings.default_model, settings=engine_settings(settings, list(sources))
-    )
+    return Engine(sources, default=settings.model.default_model, settings=settings.engine)
 
 
 def species_template(
@@ -126,46 +102,42 @@ def species_template(
 
 def build_driver_pool(settings: ServerSettings, engine: Engine) -> DriverPool:
     """Connections to every --ipi address; more can be added later (HTTP API)."""
-    model = settings.ipi_model
-    evaluate = ipi_evaluator(engine, model, settings.ipi_bec)
+    model = settings.ipi.model
+    evaluate = ipi_evaluator(engine, model, settings.ipi.bec)
     required = engine.model_info(model).required_inputs
     # i-PI structures get the geometry checks HTTP requests get.
     cutoff = engine.model_info(model).cutoff if engine.ready else None
-    limits = GeometryLimits(min_distance=settings.min_distance)
+    limits = settings.http.geometry  # one min_distance for both frontends
     validate = None if cutoff is None else partial(check_geometry, cutoff=cutoff, limits=limits)
 
     per_address = []
-    if settings.ipi:
-        templates = settings.ipi_template
-        if len(templates) == 1:
-            templates = templates * len(settings.ipi)
-        for address, template in zip(settings.ipi, templates, strict=True):
-            numbers, arrays = species_template(template, required)
-            per_address.append(
-                (
-                    address,
-                    DriverOptions(
-                        numbers=numbers.tolist(),
-                        arrays=arrays,
-                        reconnect=settings.ipi_reconnect,
-                        model_name=model or engine.default_model,
-                        validate=validate,
-                    ),
-                )
-            )
+    for address, template in settings.ipi.templates_per_address():
+        numbers, arrays = species_template(template, required)
+        options = DriverOptions(
+            numbers=numbers.tolist(),
+            arrays=arrays,
+            reconnect=settings.ipi.reconnect,
+            model_name=model or engine.default_model,
+            validate=validate,
+        )
+        per_address.append((address, options))
     # Without --ipi the pool has no default species: connections added later must
     # bring their own options (the HTTP API does).
     default = per_address[0][1] if per_address else DriverOptions(numbers=())
     pool = DriverPool(evaluate, default)
     for address, options in per_address:
-        pool.add(address, settings.ipi_clients, options)
+        pool.add(address, settings.ipi.clients, options)
     return pool
 
 
 async def serve(settings: ServerSettings) -> None:
-    settings.validate()
     engine = build_engine(settings)
-    logger.info("loading models %s on %s (%s)", engine.model_names, settings.device, settings.dtype)
+    logger.info(
+        "loading models %s on %s (%s)",
+        engine.model_names,
+        settings.engine.device,
+        settings.engine.dtype,
+    )
     await asyncio.to_thread(engine.start)
     logger.info("engine ready")
     stop = asyncio.Event()
@@ -198,21 +170,21 @@ async def serve(settings: ServerSettings) -> None:
     await pool.start()
     http_server = http_app = None
     http_task = None
-    if settings.http:
+    if settings.http.enabled:
         http_server, http_app = build_http_server(settings, engine, pool)
         http_task = asyncio.create_task(http_server.serve(), name="http")
     try:
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
         if http_task is not None:
             waiters.append(http_task)
-        elif settings.ipi and not settings.ipi_reconnect:
+        elif settings.ipi.addresses and not settings.ipi.reconnect:
             # Nothing else can bring work: stop once every i-PI run has ended.
             waiters.append(asyncio.create_task(pool.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         logger.info("shutting down")
         if http_server is not None and http_task is not None:
-            await stop_http(http_server, http_app, http_task, settings)
+            await stop_http(http_server, http_app, http_task, settings.http)
         await pool.stop()
         await engine.aclose(drain=True, timeout=30)
         logger.info("stopped")
@@ -220,9 +192,7 @@ async def serve(settings: ServerSettings) -> None:
         raise DeviceFailed(f"the device failed: {engine.fatal_error}")
 
 
-async def stop_http(
-    server: Any, app: Any, task: asyncio.Task[Any], settings: ServerSettings
-) -> None:
+async def stop_http(server: Any, app: Any, task: asyncio.Task[Any], settings: HttpSettings) -> None:
     """Stop uvicorn within a bounded time (see the module docstring).
 
     uvicorn alone waits for every open connection to finish, so one client that
@@ -259,39 +229,21 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
     """The uvicorn server and the FastAPI app it serves."""
     import uvicorn
 
-    from cace_server.http import HttpSettings, create_app
-    from cace_server.http.settings import parse_port_ranges
+    from cace_server.http import create_app
     from cace_server.http.timeouts import timed_protocol
 
-    app = create_app(
-        engine,
-        pool,
-        HttpSettings(
-            token=settings.token,
-            max_request_bytes=settings.max_request_bytes,
-            max_pending_bytes=settings.max_pending_bytes,
-            process_body_bytes=settings.process_body_bytes,
-            max_atoms=settings.max_atoms,
-            max_structures=settings.max_structures,
-            request_timeout_s=settings.request_timeout_s,
-            min_distance=settings.min_distance,
-            allow_ipi_control=settings.ipi_attach,
-            ipi_allowed_hosts=tuple(settings.ipi_attach_hosts),
-            ipi_allowed_ports=parse_port_ranges(settings.ipi_attach_ports),
-            ipi_socket_prefix=settings.ipi_attach_socket_prefix,
-            ipi_connects_per_s=settings.ipi_attach_connects_per_s,
-        ),
-    )
+    http = settings.http
+    app = create_app(engine, pool, http)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
+        host=http.host,
+        port=http.port,
+        log_level=settings.log.level,
         access_log=False,
         # "on": the app's shutdown hook stops the i-PI groups created over HTTP.
         lifespan="on",
-        http=timed_protocol(settings.header_timeout_s, settings.body_timeout_s),
-        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # any number: call_later
+        http=timed_protocol(http.header_timeout_s, http.body_timeout_s),
+        timeout_keep_alive=http.keep_alive_timeout_s,  # type: ignore[arg-type]  # any number: call_later
     )
     server = uvicorn.Server(config)
     # Signals are ours (see serve); uvicorn must not install its own handlers.

@@ -34,11 +34,13 @@ class GeometryError(StructureError):
 
 @dataclass(frozen=True)
 class GeometryLimits:
+    """The structure checks of every frontend (defaults: ``HttpSettings``)."""
+
     #: atoms closer than this (Å, periodic images included) make a structure invalid.
-    min_distance: float = 0.1
+    min_distance: float
     #: upper bound of the neighbours per atom within the model cutoff, as estimated on
     #: a grid (about 6x the true count); denser input would exhaust memory, not inform.
-    max_neighbors_per_atom: int = 4000
+    max_neighbors_per_atom: int
 
 
 def check_geometry(structure: Structure, cutoff: float, limits: GeometryLimits) -> None:

@@ -35,13 +35,13 @@ from typing import Any
 import pytest
 import yaml
 
-from cace_server.settings import ServerSettings
+from cace_server.settings import ServerSettings, server_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}
 COMPOSE = DOCKER / "compose.yaml"
-SETTINGS = {f.name for f in dataclasses.fields(ServerSettings)}
+SETTINGS = set(server_settings())
 IPI_SCRIPT = Path(sys.executable).with_name("i-pi")
 
 # ------------------------------------------------------------------ Dockerfile parsing
@@ -178,7 +178,7 @@ def test_runtime_stage_runs_the_server_as_a_non_root_user(
     assert env["CACE_SERVER_HOST"] == "0.0.0.0"
     port = int(env["CACE_SERVER_PORT"])
     assert df.last("EXPOSE").args.split() == [str(port)]
-    assert port == ServerSettings().port
+    assert port == ServerSettings().http.port
     for name in env:
         if name.startswith("CACE_SERVER_"):
             assert name[len("CACE_SERVER_") :].lower() in SETTINGS, f"{name} is no setting"

@@ -25,7 +25,10 @@ def test_two_workers_share_the_queue_and_agree() -> None:
     expected = [model.predict([s])[0] for s in structures]  # as the engine's batches
     # batch_wait_ms=0 and one-structure batches: each batch goes to whichever worker
     # is free, so both work while requests keep arriving.
-    settings = EngineSettings(device="cpu,cpu", batch_wait_ms=0.0, max_batch_atoms=24)
+    # torch's threads left as the reference above ran with (bit-equal results)
+    settings = EngineSettings(
+        device="cpu,cpu", batch_wait_ms=0.0, max_batch_atoms=24, torch_threads=None
+    )
     with Engine(model, settings=settings) as engine:
         assert engine.devices == ["cpu#0", "cpu#1"]
         with ThreadPoolExecutor(6) as pool:

@@ -38,6 +38,7 @@ GROUP_OF_MODULE: dict[str, str] = {
     f"{PACKAGE}.settings": "server",
     f"{PACKAGE}.structures": "base",
     f"{PACKAGE}.outputs": "base",
+    f"{PACKAGE}.options": "base",
     f"{PACKAGE}.units": "base",
     f"{PACKAGE}.host_memory": "base",
     f"{PACKAGE}.transcode": "base",

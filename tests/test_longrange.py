@@ -295,15 +295,16 @@ def test_settings_choose_the_long_range_per_model():
         environ={"CACE_SERVER_LONG_RANGE_MODE": "smooth"},
         overrides={"long_range_method": ["auto", "big=mesh"]},
     )
-    assert settings.long_range_for("") == {"mode": "smooth", "method": "auto"}
-    assert settings.long_range_for("big") == {"method": "mesh"}
+    # a model's own options over those for every model
+    assert settings.engine.long_range_for("") == {"mode": "smooth", "method": "auto"}
+    assert settings.engine.long_range_for("big") == {"mode": "smooth", "method": "mesh"}
     with pytest.raises(ValueError, match="long_range_mode must be one of"):
         load_settings(environ={}, overrides={"long_range_mode": ["fuzzy"]})
     with pytest.raises(ValueError, match="given twice"):
         load_settings(environ={}, overrides={"long_range_method": ["a=mesh", "a=direct"]})
 
     engine_settings = EngineSettings(
-        long_range={"": {"mode": "smooth"}, "big": {"method": "mesh"}}, warmup=False
+        long_range_mode=("smooth",), long_range_method=("big=mesh",), warmup=False
     )
     models = {
         "small": random_model(seed=1, long_range=True),

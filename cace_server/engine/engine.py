@@ -119,7 +119,12 @@ class Engine:
         self._default = default if default is not None else self._names[0]
         if self._default not in sources:
             raise ValueError(f"default model {self._default!r} is not among {sorted(sources)}")
-        self.settings = settings if settings is not None else EngineSettings()
+        # Without settings, a built model stays where and as it is (see EngineSettings).
+        self.settings = (
+            settings
+            if settings is not None
+            else EngineSettings(device=None, dtype=None, torch_threads=None)
+        )
         self.stats = EngineStats()
         self._queue = PendingQueue(self.stats)
         devices = self.settings.devices

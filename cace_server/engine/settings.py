@@ -2,64 +2,143 @@
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from cace_server.options import option
 
 DTYPES = ("float32", "float64")
 _DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
+# The choices of cace_server.model.longrange (not imported here: it needs torch).
+LONG_RANGE_MODES = ("parity", "smooth")
+LONG_RANGE_METHODS = ("auto", "direct", "mesh")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: containers, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_torch_threads(device: str = "cpu") -> int:
+    """torch intra-op threads when ``--torch-threads`` is not given: half the cores.
+
+    Measured with ``benchmarks/http.py --contention``: torch's own default (one
+    thread per core, OpenMP spinning at its barriers) collapses when anything else
+    wants a core, and the server itself always does: the event loop, the
+    neighbour-list threads, other processes. Half the cores leaves room for them (on
+    2 cores: 1 thread). The same on GPUs, where torch's CPU threads do only host-side
+    bookkeeping and the neighbour lists run on the prepare threads.
+    """
+    del device  # the same rule everywhere, see above
+    return max(1, available_cores() // 2)
+
+
+def per_model(values: tuple[str, ...], setting: str) -> dict[str, str]:
+    """("VALUE", "NAME=VALUE", ...) -> {"": VALUE, NAME: VALUE}."""
+    out: dict[str, str] = {}
+    for item in values:
+        name, _, value = item.rpartition("=")
+        if name in out:
+            raise ValueError(f"{setting} given twice for {name or 'all models'!r}")
+        out[name] = value.strip()
+    return out
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """How the engine batches and where it runs the models.
 
-    ``device``/``dtype`` of ``None`` keep an already-built model where and as it
-    is; model files are then loaded on ``cpu`` in the dtype they were saved in.
-    ``device`` may list several devices (``"cuda:0,cuda:1"``): one worker per device,
-    each with its own copy of the models, all taking batches from the one queue.
+    The defaults are the server's: models run on ``cpu`` in ``float64``, with half
+    the cores as torch threads. ``device``/``dtype``/``torch_threads`` of ``None``
+    keep an already-built model where and as it is and torch's threads as they are
+    (``Engine(model)`` without settings does that); model files are then loaded on
+    ``cpu`` in the dtype they were saved in. ``device`` may list several devices
+    (``"cuda:0,cuda:1"``): one worker per device, each with its own copy of the
+    models, all taking batches from the one queue.
     """
 
-    device: str | None = None
-    dtype: str | None = None
+    device: str | None = option(
+        "cpu", help="cpu, cuda, cuda:N, or a list cuda:0,cuda:1 (one worker each)"
+    )
+    dtype: str | None = option("float64", help="float32 or float64")
+    # Long-range (Ewald) options: "VALUE" for every model or "NAME=VALUE" for one;
+    # passed to the model's ``configure_long_range``. Empty: the model's own.
+    long_range_mode: tuple[str, ...] = option(
+        (),
+        show="parity",
+        help="Ewald k-space sum: parity (the original's) or smooth (in the cell, for NPT); "
+        "MODE for all models or NAME=MODE",
+    )
+    long_range_method: tuple[str, ...] = option(
+        (), show="auto", help="Ewald back end: auto, direct or mesh; METHOD or NAME=METHOD"
+    )
     # Upper bounds of one batch. A single structure larger than a bound still runs
     # alone (and fails with OutOfMemory if it really does not fit).
-    max_batch_atoms: int = 8192
-    max_batch_pairs: int = 600_000
+    max_batch_atoms: int = option(8192, help="most atoms in one engine batch")
+    max_batch_pairs: int = option(600_000, help="most neighbour pairs in one engine batch")
     # After the first request of a batch arrives, wait this long for more to join
     # (ends early when the batch is full). Concurrent i-PI beads arrive within a
     # millisecond or so of each other.
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = option(2.0, help="wait this long for a batch to fill")
     # Structures accepted but not yet evaluated; beyond this, requests get Overloaded.
-    max_queue: int = 4096
+    max_queue: int = option(4096, help="most structures waiting in the engine")
     # Atoms accepted but not yet answered (queued or computing), over all requests but
     # i-PI steps; beyond this, requests get Overloaded.
-    max_queue_atoms: int = 1_000_000
+    max_queue_atoms: int = option(
+        1_000_000, help="most atoms accepted and not yet answered (i-PI steps exempt)"
+    )
     # Requests of at most this many atoms in total wait in the "small" lane, which
     # shares the device's time with the "bulk" lane of larger ones (i-PI steps go first).
-    small_request_atoms: int = 1024
-    # Threads computing neighbour lists (outside the worker thread).
-    prepare_threads: int = 2
-    # Evaluate one small structure per model at start-up.
-    warmup: bool = True
-    # torch intra-op threads (process-wide); None leaves torch's default.
-    torch_threads: int | None = None
-    # Long-range options per model name ("" for every model), e.g.
-    # {"": {"mode": "smooth"}}: passed to the model's ``configure_long_range``.
-    long_range: dict[str, dict[str, str]] = field(default_factory=dict)
+    small_request_atoms: int = option(
+        1024, help="requests up to this many atoms share device time with larger ones"
+    )
     # An i-PI step's batch closes once every connection of its address has
     # submitted; if one does not within this time of the first, or none arrives for
     # a tenth of it (steps.QUIET_FRACTION), it closes anyway.
     # A safety net only (a connection i-PI stopped using costs it once or twice), so
     # generous: i-PI hands 32 beads out one by one, slowly on a loaded machine.
-    step_wait_ms: float = 1000.0
+    step_wait_ms: float = option(
+        1000.0,
+        help="an i-PI step's batch waits this long for every connection of its address "
+        "(or a tenth of it after the last bead), then runs with the beads it has",
+    )
     # Verlet skin (Å) of the neighbour lists kept per i-PI connection and HTTP
     # session; 0 builds every list afresh. Lists of the least recently used sessions
     # beyond ``max_neighbor_lists`` are dropped.
-    neighbor_skin: float = 0.5
-    max_neighbor_lists: int = 1024
+    neighbor_skin: float = option(
+        0.5,
+        help="Verlet skin (A) of the neighbour lists reused per i-PI connection and HTTP "
+        "session; 0 builds every list afresh",
+    )
+    max_neighbor_lists: int = option(
+        1024, help="most Verlet neighbour lists kept; the least recently used go first"
+    )
+    # torch intra-op threads (process-wide); None leaves torch's default.
+    torch_threads: int | None = option(
+        default_factory=default_torch_threads,
+        # a user's 0 (as before the sections) asks for the default too
+        parse=lambda threads: threads or default_torch_threads(),
+        show="half the cores",
+        help="torch intra-op threads",
+    )
+    # Threads computing neighbour lists (outside the worker thread).
+    prepare_threads: int = 2
+    # Evaluate one small structure per model at start-up.
+    warmup: bool = True
 
     def long_range_for(self, name: str) -> dict[str, str]:
-        return {**self.long_range.get("", {}), **self.long_range.get(name, {})}
+        """The long-range options of model ``name``: its own over those for every model."""
+        out = {}
+        for key, setting in (("mode", "long_range_mode"), ("method", "long_range_method")):
+            values = per_model(getattr(self, setting), setting)
+            value = values.get(name, values.get(""))
+            if value is not None:
+                out[key] = value
+        return out
 
     @property
     def devices(self) -> list[str | None]:
@@ -78,7 +157,14 @@ class EngineSettings:
                 f"them, got {self.device!r}"
             )
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}")
+        for setting, allowed in (
+            ("long_range_mode", LONG_RANGE_MODES),
+            ("long_range_method", LONG_RANGE_METHODS),
+        ):
+            for value in per_model(getattr(self, setting), setting).values():
+                if value not in allowed:
+                    raise ValueError(f"{setting} must be one of {allowed}, got {value!r}")
         for name in (
             "max_batch_atoms",
             "max_batch_pairs",
