@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 from cace_server.engine import Engine, EngineSettings
 from cace_server.model import random_model
@@ -22,12 +23,14 @@ def box(seed: int, n: int = 24) -> Structure:
 def test_two_workers_share_the_queue_and_agree() -> None:
     model = random_model((1, 8), seed=2, long_range=True)
     structures = [box(k) for k in range(24)]
+    # One torch thread for the reference and the workers alike (bit-equal results):
+    # other tests' engines may have set any count for this process before.
+    torch.set_num_threads(1)
     expected = [model.predict([s])[0] for s in structures]  # as the engine's batches
     # batch_wait_ms=0 and one-structure batches: each batch goes to whichever worker
     # is free, so both work while requests keep arriving.
-    # torch's threads left as the reference above ran with (bit-equal results)
     settings = EngineSettings(
-        device="cpu,cpu", batch_wait_ms=0.0, max_batch_atoms=24, torch_threads=None
+        device="cpu,cpu", batch_wait_ms=0.0, max_batch_atoms=24, torch_threads=1
     )
     with Engine(model, settings=settings) as engine:
         assert engine.devices == ["cpu#0", "cpu#1"]
