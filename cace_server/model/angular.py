@@ -52,6 +52,13 @@ def l_slices(max_l: int) -> list[tuple[int, int]]:
     return out
 
 
+def group_of_component(l_ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """The l group of each angular component (of :func:`l_slices`), [L]."""
+    return torch.cat(
+        [torch.full((e - s,), g, dtype=torch.long) for g, (s, e) in enumerate(l_ranges)]
+    )
+
+
 def multinomial(c: Component) -> int:
     """l! / (lx! ly! lz!): how many orderings of the Cartesian indices give c."""
     return factorial(sum(c)) // (factorial(c[0]) * factorial(c[1]) * factorial(c[2]))
