@@ -106,9 +106,9 @@ class EngineSettings:
         help="an i-PI step's batch waits this long for every connection of its address "
         "(or a tenth of it after the last bead), then runs with the beads it has",
     )
-    # Verlet skin (Å) of the neighbour lists kept per i-PI connection and HTTP
-    # session; 0 builds every list afresh. Lists of the least recently used sessions
-    # beyond ``max_neighbor_lists`` are dropped.
+    # Verlet skin (Å) of the neighbour lists kept per trajectory (an i-PI connection,
+    # an HTTP X-CACE-Session); 0 builds every list afresh. Lists of the least recently
+    # used trajectories beyond ``max_neighbor_lists`` are dropped.
     neighbor_skin: float = option(
         0.5,
         help="Verlet skin (A) of the neighbour lists reused per i-PI connection and HTTP "
