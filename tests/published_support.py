@@ -57,8 +57,16 @@ class Comparison:
 
 @cache
 def manifest(directory: Path) -> dict[str, Any]:
-    data = json.loads((directory / "manifest.json").read_text())
-    return dict(data["checkpoints"])
+    """The oracle records by checkpoint file name: ``manifest.json`` (published/), or
+    one ``<name>.json`` next to each ``<name>.pth`` (synthetic/)."""
+    if (directory / "manifest.json").exists():
+        data = json.loads((directory / "manifest.json").read_text())
+        return dict(data["checkpoints"])
+    return {
+        path.with_suffix(".pth").name: json.loads(path.read_text())
+        for path in sorted(directory.glob("*.json"))
+        if path.with_suffix(".pth").exists()
+    }
 
 
 def model_names(directory: Path) -> list[str]:
@@ -91,23 +99,37 @@ def _score(
     return float(diff.max(initial=0.0)), float((diff / allowed).max(initial=0.0))
 
 
+# Per-atom inputs the oracle passed to the model (``<prefix>_<name>`` in the npz).
+INPUT_KEYS = ("charge_states",)
+
+
 def structure(npz: Any, prefix: str) -> Structure:
+    arrays = {k: npz[f"{prefix}_{k}"] for k in INPUT_KEYS if f"{prefix}_{k}" in npz.files}
     return Structure.create(
         npz[f"{prefix}_numbers"],
         npz[f"{prefix}_positions"],
         npz[f"{prefix}_cell"],
         npz[f"{prefix}_pbc"],
+        arrays=arrays,
     )
 
 
-def harness_is_wrong(record: dict[str, Any]) -> bool:
+def prefixes(npz: Any) -> list[str]:
+    """The structures of an npz: box and cluster, and any others (e.g. ``mixed``)."""
+    found = sorted({k[: -len("_numbers")] for k in npz.files if k.endswith("_numbers")})
+    return [p for p in ("box", "cluster") if p in found] + [
+        p for p in found if p not in ("box", "cluster")
+    ]
+
+
+def harness_is_wrong(record: dict[str, Any], prefix: str = "box") -> bool:
     """Old-era models whose autograd stress misses the cell term (README caveats)."""
-    checks = ((record.get("fd") or {}).get("box") or {}).get("stress") or []
+    checks = ((record.get("fd") or {}).get(prefix) or {}).get("stress") or []
     return any(c.get("abs_err_harness", 0.0) > 1e-3 * (1.0 + abs(c["fd"])) for c in checks)
 
 
 def reference_stress(
-    npz: Any, record: dict[str, Any]
+    npz: Any, record: dict[str, Any], prefix: str = "box"
 ) -> tuple[np.ndarray | None, list[tuple[tuple[int, int], float, float]]]:
     """The original's strain derivative: (full 3x3 where trustworthy, component checks).
 
@@ -116,18 +138,18 @@ def reference_stress(
     component, allowing their truncation error, estimated from the h = 1e-4 value
     (O(h^2): err(1e-5) ~ (fd(1e-4) - fd(1e-5)) / 99).
     """
-    if harness_is_wrong(record):
+    if harness_is_wrong(record, prefix):
         checks = []
-        for c in record["fd"]["box"]["stress"]:
+        for c in record["fd"][prefix]["stress"]:
             if "recheck_fd" in c:
                 slack = abs(c["fd"] - c["recheck_fd"]) / 99.0
                 checks.append(((int(c["comp"][0]), int(c["comp"][1])), c["recheck_fd"], slack))
         return None, checks
-    if "box_harness_stress" in npz.files:
-        return np.asarray(npz["box_harness_stress"]).reshape(3, 3), []
+    if f"{prefix}_harness_stress" in npz.files:
+        return np.asarray(npz[f"{prefix}_harness_stress"]).reshape(3, 3), []
     key = (record.get("key_roles") or {}).get("stress")
-    if key and f"box_{key}" in npz.files:
-        return np.asarray(npz[f"box_{key}"]).reshape(3, 3), []
+    if key and f"{prefix}_{key}" in npz.files:
+        return np.asarray(npz[f"{prefix}_{key}"]).reshape(3, 3), []
     return None, []
 
 
@@ -170,7 +192,7 @@ def compare_checkpoint(directory: Path, name: str, *, float32: bool = False) -> 
         result.deviations[quantity] = max(result.deviations.get(quantity, 0.0), dev)
         result.scores[quantity] = max(result.scores.get(quantity, 0.0), score)
 
-    for prefix in ("box", "cluster"):
+    for prefix in prefixes(npz):
         energy_key = f"{prefix}_{roles.get('energy')}{suffix}"
         descriptor_keys = [f"{prefix}_{k}{suffix}" for k in DESCRIPTOR_KEYS]
         descriptor_keys = [k for k in descriptor_keys if k in npz.files]
@@ -195,8 +217,8 @@ def compare_checkpoint(directory: Path, name: str, *, float32: bool = False) -> 
             check("forces", pred.forces, npz[forces_key], float32_tolerance(npz, forces_key))
         if float32:
             continue
-        if prefix == "box":
-            full, components = reference_stress(npz, record)
+        if np.any(npz[f"{prefix}_pbc"]):
+            full, components = reference_stress(npz, record, prefix)
             check("stress", pred.stress, full)
             for (i, j), ref, slack in components:
                 if pred.stress is not None:

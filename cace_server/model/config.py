@@ -36,6 +36,9 @@ class ReadoutConfig:
     scale: float = 1.0
     # Energy heads: coefficient of this head in the total energy (CombinePotential weights).
     weight: float = 1.0
+    # Per-atom inputs (``Structure.arrays``) concatenated after the node features, in
+    # this order, with their widths: {"charge_states": 1} reads one column per atom.
+    inputs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,10 +112,17 @@ class ModelConfig:
     trainable_rbf: bool = True
     n_radial: int = 12
     cutoff_p: int = 6
+    # Radius of the polynomial envelope where it differs from ``cutoff`` (the neighbour
+    # list's): the original stores the envelope's radius as a float32 buffer, so a
+    # cutoff such as 5.29 is 5.289999961853027 in its envelope. None: ``cutoff``.
+    envelope_cutoff: float | None = None
     max_l: int = 3
     max_nu: int = 3
     num_message_passing: int = 0
     avg_num_neighbors: float = 10.0
+    # The message normalisation as the original stores it (1 / sqrt(avg_num_neighbors)
+    # there); None: computed from ``avg_num_neighbors``.
+    mp_norm_factor: float | None = None
     message_passing: MessagePassingConfig = field(default_factory=MessagePassingConfig)
     readouts: list[ReadoutConfig] = field(default_factory=lambda: [ReadoutConfig(name="energy")])
     ewald: EwaldConfig | None = None
@@ -144,6 +154,10 @@ class ModelConfig:
                 raise ValueError(f"readout {readout.name!r}: energy heads have one output")
             if readout.activation not in ACTIVATIONS:
                 raise ValueError(f"unknown activation {readout.activation!r}")
+            if any(int(w) < 1 for w in readout.inputs.values()):
+                raise ValueError(f"readout {readout.name!r}: per-atom inputs need a width >= 1")
+            if readout.inputs and readout.kind != "energy":
+                raise ValueError(f"readout {readout.name!r}: only energy heads read inputs")
         if self.ewald is not None:
             names = [r.name for r in self.readouts if r.kind == "charge"]
             if self.ewald.charge_readout not in names:

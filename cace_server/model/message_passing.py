@@ -89,7 +89,12 @@ class MessagePassingLayer(torch.nn.Module):
         self.l_ranges = l_slices(cfg.max_l)
         self.group_sizes = [e - s for s, e in self.l_ranges]
         self.n_components = self.l_ranges[-1][1]
-        self.mp_norm = 1.0 / cfg.avg_num_neighbors**0.5
+        # the original's stored factor where the config has it (no round trip via 1/m^2)
+        self.mp_norm = (
+            cfg.mp_norm_factor
+            if cfg.mp_norm_factor is not None
+            else 1.0 / cfg.avg_num_neighbors**0.5
+        )
         self.cutoff_fn = PolynomialCutoff(cfg.cutoff, cfg.cutoff_p)
         groups = group_of_component(self.l_ranges)
         self.register_buffer("group_of_component", groups, persistent=False)

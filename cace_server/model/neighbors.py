@@ -10,7 +10,7 @@ which is what lets the model evaluate large systems in bounded memory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -303,6 +303,9 @@ class GraphBatch:
     # call (the long-range plan, image shifts) without reading the device tensors back.
     cell_host: npt.NDArray[np.float64] | None = None
     pbc_host: npt.NDArray[np.bool_] | None = None
+    # Per-atom inputs the model reads (``Structure.arrays``): name -> [N, width], in
+    # the model's dtype; empty for models that read none.
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_systems(self) -> int:
@@ -324,7 +327,14 @@ def _pairs_on(
     return whole.to(device, dtype, non_blocking=True)
 
 
-def collate(prepared: Sequence[PreparedStructure], device: torch.device) -> GraphBatch:
+def collate(
+    prepared: Sequence[PreparedStructure],
+    device: torch.device,
+    inputs: Mapping[str, int] | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> GraphBatch:
+    """One graph of ``prepared``; ``inputs`` names the per-atom arrays (with their
+    widths) to carry along, in ``dtype``."""
     if not prepared:
         raise ValueError("cannot collate an empty list of structures")
     n_atoms = [p.n_atoms for p in prepared]
@@ -345,6 +355,10 @@ def collate(prepared: Sequence[PreparedStructure], device: torch.device) -> Grap
         return torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)
 
     zeros = [0] * len(prepared)
+    per_atom = {
+        name: t(cat([input_array(p.structure, name, width) for p in prepared]), dtype)
+        for name, width in (inputs or {}).items()
+    }
     return GraphBatch(
         positions=t(positions, torch.float64),
         cell=t(cell, torch.float64),
@@ -360,4 +374,22 @@ def collate(prepared: Sequence[PreparedStructure], device: torch.device) -> Grap
         max_neighbors=max((p.max_neighbors for p in prepared), default=0),
         cell_host=cell.astype(np.float64),
         pbc_host=pbc.astype(bool),
+        inputs=per_atom,
     )
+
+
+def input_array(structure: Structure, name: str, width: int) -> npt.NDArray[np.float64]:
+    """The per-atom input ``name`` of a structure as [n_atoms, width]."""
+    value = structure.arrays.get(name)
+    if value is None:
+        raise StructureError(
+            f"the model needs the per-atom input {name!r}, which the structure does not carry"
+        )
+    n = len(structure)
+    array = np.asarray(value, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, width))
+    if array.shape[1] != width:
+        raise StructureError(
+            f"per-atom input {name!r} has {array.shape[1]} value(s) per atom; "
+            f"the model reads {width}"
+        )
+    return array

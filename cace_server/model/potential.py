@@ -56,13 +56,24 @@ class CACEPotential(torch.nn.Module):
         self.readouts = torch.nn.ModuleDict(
             {
                 r.name: AtomwiseReadout(
-                    n_in, r.hidden, r.activation, r.bias, r.linear_branch, r.n_out, r.scale
+                    n_in + sum(r.inputs.values()),
+                    r.hidden,
+                    r.activation,
+                    r.bias,
+                    r.linear_branch,
+                    r.n_out,
+                    r.scale,
                 )
                 for r in config.readouts
             }
         )
         # Energy heads and their coefficients in the total energy.
         self.energy_readouts = {r.name: r.weight for r in config.readouts if r.kind == "energy"}
+        # Heads that read per-atom inputs after the node features: name -> input names.
+        self.readout_inputs = {r.name: list(r.inputs) for r in config.readouts if r.inputs}
+        self.input_widths: dict[str, int] = {}
+        for r in config.readouts:
+            self.input_widths.update(r.inputs)
         self.ewald = EwaldSum(config.ewald) if config.ewald is not None else None
         self.polarization = (
             PolarizationHead(config.polarization) if config.polarization is not None else None
@@ -150,8 +161,8 @@ class CACEPotential(torch.nn.Module):
 
     @property
     def required_inputs(self) -> tuple[str, ...]:
-        """Per-atom input arrays the model needs besides the structure (none so far)."""
-        return ()
+        """Per-atom input arrays (``Structure.arrays``) the energy heads read."""
+        return tuple(self.input_widths)
 
     def describe(self) -> dict[str, object]:
         """What the model offers, for `cace-server info` and GET /v1/models."""
@@ -245,7 +256,12 @@ class CACEPotential(torch.nn.Module):
         )
         atom_energy = self.atomic_energies.to(dtype)[batch.species]
         for name, weight in self.energy_readouts.items():
-            contribution = self.readouts[name](features)
+            head_input = features
+            if name in self.readout_inputs:
+                head_input = torch.cat(
+                    [features, *(batch.inputs[k] for k in self.readout_inputs[name])], dim=1
+                )
+            contribution = self.readouts[name](head_input)
             atom_energy = atom_energy + (contribution if weight == 1.0 else weight * contribution)
         # Totals in float64 whatever the model dtype: a float32 sum of thousands of
         # per-atom energies with large reference energies loses whole eV.
@@ -391,7 +407,7 @@ class CACEPotential(torch.nn.Module):
         prepared = [s if isinstance(s, PreparedStructure) else self.prepare(s) for s in structures]
         results: list[Prediction] = []
         for group in self._groups(prepared):
-            batch = collate(group, self.device)
+            batch = collate(group, self.device, self.input_widths, self.dtype)
             with torch.enable_grad():
                 out = self.compute(
                     batch,

@@ -65,7 +65,8 @@ class CACERepresentation(torch.nn.Module):
         else:
             self.register_parameter("receiver_embedding", None)
         self.radial_basis = BesselBasis(cfg.cutoff, cfg.n_rbf, trainable=cfg.trainable_rbf)
-        self.cutoff_fn = PolynomialCutoff(cfg.cutoff, cfg.cutoff_p)
+        envelope = cfg.cutoff if cfg.envelope_cutoff is None else cfg.envelope_cutoff
+        self.cutoff_fn = PolynomialCutoff(envelope, cfg.cutoff_p)
         self.angular = AngularBasis(cfg.max_l)
         self.fused_edge_basis = FusedEdgeBasis(self.radial_basis, self.cutoff_fn, self.angular)
         # W[l][n, n', c]: mixes radial channels per angular order and edge channel.

@@ -157,7 +157,7 @@ class Trainer:
         self, model: CACEPotential, batch: list[Example], errors: ErrorAccumulator, train: bool
     ) -> torch.Tensor:
         cfg = self.config
-        graph = collate([e.prepared for e in batch], self.device)
+        graph = collate([e.prepared for e in batch], self.device, model.input_widths, model.dtype)
         want_stress = cfg.stress_weight > 0 and any(e.label.stress is not None for e in batch)
         out = model.compute(graph, forces=True, virial=want_stress, create_graph=train)
         assert out.forces is not None

@@ -3,10 +3,12 @@ term (latent charges, CACE-LR), FeatureAdd sums and the Forces module."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from cace_server.model.angular import Symmetrizer, explicit_terms
 from cace_server.model.checkpoint import PickledObject, UnsupportedCheckpointError
 from cace_server.model.config import EwaldConfig, ReadoutConfig
 from cace_server.model.importer.assembly import Assembly, LinearCombination, ModelScope
@@ -38,6 +40,25 @@ def feature_key_is_node_features(module: PickledObject, name: str = "feature_key
         )
 
 
+def per_atom_inputs(module: PickledObject) -> list[str]:
+    """The per-atom inputs an Atomwise head concatenates after the node features.
+
+    A list ``feature_key`` (``['node_feats', 'charge_states']``) concatenates the
+    named keys, each reshaped to [N, -1], in that order; the inputs after the node
+    features come from the structure (the representation forwards them).
+    """
+    key = attr(module, "feature_key", "node_feats")
+    keys = [key] if isinstance(key, str) or key is None else list(key)
+    if not keys or keys[0] not in ("node_feats", None) or "node_feats" in keys[1:]:
+        raise UnsupportedCheckpointError(
+            f"{module.class_name} reads {key!r}; only heads on the node features, "
+            "optionally followed by per-atom inputs, are supported"
+        )
+    if any(not isinstance(k, str) or not k for k in keys[1:]):
+        raise UnsupportedCheckpointError(f"{module.class_name} reads unnamed inputs {key!r}")
+    return [str(k) for k in keys[1:]]
+
+
 def read_potential(nnp: PickledObject, assembly: Assembly) -> ModelScope:
     """Read the output modules of one NeuralNetworkPotential into ``assembly``."""
     require(nnp, "NeuralNetworkPotential")
@@ -67,10 +88,12 @@ def read_atomwise(module: PickledObject, scope: ModelScope) -> None:
         )
     if a.get("aggregation_mode", "sum") != "sum":
         raise UnsupportedCheckpointError("only summed atom-wise readouts are supported")
-    feature_key_is_node_features(module)
+    inputs = per_atom_inputs(module)
     assembly = scope.assembly
     per_atom_key = str(a.get("per_atom_output_key"))
     is_charge = a.get("per_atom_output_key") is not None and per_atom_key in scope.charge_consumers
+    if inputs and is_charge:
+        raise UnsupportedCheckpointError("charge heads that read per-atom inputs are not supported")
     name = assembly.unique_name(per_atom_key if is_charge else str(a["output_key"]))
     prefix = f"readouts.{name}"
     sizes, act, bias = read_mlp(sub(module, "outnet"), f"{prefix}.mlp", assembly.state)
@@ -79,8 +102,18 @@ def read_atomwise(module: PickledObject, scope: ModelScope) -> None:
         read_linear_branch(sub(module, "linear_nn"), prefix, assembly.state)
     n_out = int(sizes[-1])
     kind = "charge" if is_charge else "energy"
+    # Widths of the inputs are known once the node features' width is (``finish``).
     assembly.add_readout(
-        ReadoutConfig(name, kind, sizes[:-1], act, bias, linear_branch, n_out=n_out)
+        ReadoutConfig(
+            name,
+            kind,
+            sizes[:-1],
+            act,
+            bias,
+            linear_branch,
+            n_out=n_out,
+            inputs=dict.fromkeys(inputs, 0),
+        )
     )
     if is_charge:
         assembly.charge_readouts[per_atom_key] = name
@@ -104,13 +137,25 @@ def read_ewald(module: PickledObject, scope: ModelScope) -> None:
         raise UnsupportedCheckpointError("only Coulomb (exponent 1) Ewald terms are supported")
     if e.get("aggregation_mode", "sum") != "sum":
         raise UnsupportedCheckpointError("only summed Ewald energies are supported")
+    # sigma, dl and norm_factor are Python floats in the original; the kernel it
+    # evaluates uses the derived sigma_sq_half and k_sq_max, also stored. Ours derives
+    # them by the same float operations, so a file whose stored ones differ is refused.
+    sigma, dl = float(e["sigma"]), float(e["dl"])
+    for stored, derived in (
+        ("sigma_sq_half", sigma**2 / 2.0),
+        ("k_sq_max", (2.0 * math.pi / dl) ** 2),
+    ):
+        if stored in e and float(e[stored]) != derived:
+            raise UnsupportedCheckpointError(
+                f"EwaldPotential.{stored} is {e[stored]!r}, not {derived!r} from sigma/dl"
+            )
     assembly = scope.assembly
     charge_key = str(e.get("feature_key", "q"))
     assembly.set_ewald(
         EwaldConfig(
             charge_readout=charges_of(scope, charge_key),
-            dl=float(e["dl"]),
-            sigma=float(e["sigma"]),
+            dl=dl,
+            sigma=sigma,
             exponent=1,
             remove_self_interaction=bool(e["remove_self_interaction"]),
             norm_factor=float(e.get("norm_factor", 1.0)),
@@ -173,6 +218,8 @@ def finish(assembly: Assembly, fields: dict[str, Any], energy: LinearCombination
         charge_users.add(assembly.polarization.charge_readout)
     readouts = []
     for name, readout in assembly.readouts.items():
+        if readout.inputs:
+            readout.inputs = input_widths(readout, fields, assembly.state)
         if readout.kind == "energy" and name in used:
             readout.weight = energy[name]
             readouts.append(readout)
@@ -192,3 +239,30 @@ def finish(assembly: Assembly, fields: dict[str, Any], energy: LinearCombination
         "ewald": assembly.ewald,
         "polarization": assembly.polarization,
     }
+
+
+def input_widths(
+    readout: ReadoutConfig, fields: dict[str, Any], state: dict[str, torch.Tensor]
+) -> dict[str, int]:
+    """Widths of a head's per-atom inputs: its first layer's columns after the node
+    features, one per input (or all of them for a single input)."""
+    n_features = node_feature_width(fields)
+    n_in = int(state[f"readouts.{readout.name}.mlp.layers.0.weight"].shape[1])
+    extra, names = n_in - n_features, list(readout.inputs)
+    if extra == len(names):
+        return dict.fromkeys(names, 1)
+    if len(names) == 1 and extra > 0:
+        return {names[0]: extra}
+    raise UnsupportedCheckpointError(
+        f"head {readout.name!r} reads {n_in} features: {n_features} node features and "
+        f"{extra} columns for the inputs {names}, which cannot be told apart"
+    )
+
+
+def node_feature_width(fields: dict[str, Any]) -> int:
+    """The width of the representation's node features for its config fields."""
+    terms = explicit_terms(fields.get("symmetrizer_terms") or {})
+    invariants = Symmetrizer(int(fields["max_l"]), int(fields["max_nu"]), terms).n_out
+    channels = int(fields["n_atom_basis"]) ** 2
+    layers = int(fields["num_message_passing"]) + 1
+    return int(fields["n_radial"]) * invariants * channels * layers

@@ -41,9 +41,9 @@ def read_representation(rep: PickledObject, state: dict[str, torch.Tensor]) -> d
         raise UnsupportedCheckpointError(
             "charge/spin embeddings (charge_spin_key) are not supported"
         )
-    # ``forward_features`` only copies input keys (e.g. 'atomic_charge') into the
-    # representation's output dictionary; every head we read takes the node features,
-    # so such keys never reach the energy (a head that read them would be refused).
+    # ``forward_features`` copies input keys (e.g. 'charge_states') into the
+    # representation's output dictionary; heads that read one next to the node
+    # features (Atomwise with a list feature_key) get it from ``Structure.arrays``.
     require(sub(rep, "node_onehot"), "NodeEncoder")
     edge = sub(rep, "edge_coding")
     require(edge, "EdgeEncoder")
@@ -64,6 +64,15 @@ def read_representation(rep: PickledObject, state: dict[str, torch.Tensor]) -> d
     if embed_receiver:
         state["representation.receiver_embedding"] = sub(receiver, "embedding_weights")[permutation]
 
+    # Every constant is taken as the original stores it and evaluates it:
+    # - the neighbour-list radius: ``Cace.cutoff``, a Python float (e.g. 5.29);
+    # - Bessel frequencies and prefactor: BesselRBF's parameter/buffer, in the
+    #   checkpoint's precision (float32: sqrt(2/5.29) rounded to float32);
+    # - the envelope's radius and exponent: PolynomialCutoff's buffers, float32 in
+    #   every published file, so 5.29 is 5.289999961853027 there (and in the
+    #   original's float64 run, which converts the stored value); BesselRBF.cutoff
+    #   is stored too but its forward never reads it;
+    # - the message normalisation: ``Cace.mp_norm_factor``, a Python float.
     rbf = sub(rep, "radial_basis")
     require(rbf, "BesselRBF")
     freqs = sub(rbf, "bessel_weights")
@@ -80,6 +89,7 @@ def read_representation(rep: PickledObject, state: dict[str, torch.Tensor]) -> d
     require(cut, "PolynomialCutoff")
     if abs(float(sub(cut, "cutoff")) - cutoff) > 1e-6:
         raise UnsupportedCheckpointError("cutoff function radius differs from the model cutoff")
+    envelope = float(sub(cut, "cutoff"))
     p = float(sub(cut, "p"))
     if p != round(p):
         raise UnsupportedCheckpointError(f"non-integer polynomial cutoff exponent {p}")
@@ -99,10 +109,12 @@ def read_representation(rep: PickledObject, state: dict[str, torch.Tensor]) -> d
         trainable_rbf=trainable_rbf,
         n_radial=int(state["representation.radial_mixing"].shape[2]),
         cutoff_p=round(p),
+        envelope_cutoff=None if envelope == cutoff else envelope,
         max_l=max_l,
         max_nu=max_nu,
         num_message_passing=int(d["num_message_passing"]),
         avg_num_neighbors=1.0 / float(d["mp_norm_factor"]) ** 2,
+        mp_norm_factor=float(d["mp_norm_factor"]),
         message_passing=mp_cfg,
         **tables,
     )
