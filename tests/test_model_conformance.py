@@ -1,7 +1,8 @@
 """Every model family against the one contract the engine relies on (ServedModel).
 
 torch-sim's ``validate_model_outputs`` is the precedent. For each family (the
-reference checkpoints, one published checkpoint of every importer family, the
+reference checkpoints, one published checkpoint of every importer family, the two
+synthetic checkpoints (one with a per-atom input, given by its structures), the
 bundled model, a model with a dipole/BEC head, and the wrappers the engine and the
 tests put around models) the same checks run:
 
@@ -29,11 +30,12 @@ from cace_server.engine.models import ModelWrapper, ServedModel
 from cace_server.outputs import CATALOGUE, OutputNotOffered, Outputs
 from cace_server.structures import BatchCost, Structure
 from tests.conftest import REFERENCE_DIR
-from tests.published_support import family_of, manifest, model_names
+from tests.published_support import family_of, manifest, model_names, prefixes
 from tests.published_support import structure as published_structure
 
 REFERENCE = REFERENCE_DIR
 PUBLISHED = REFERENCE / "published"
+SYNTHETIC = REFERENCE / "synthetic"
 
 
 def _water_box(n_side: int = 2, seed: int = 0) -> Structure:
@@ -66,6 +68,28 @@ def _published(name: str) -> tuple[ServedModel, list[Structure]]:
         for prefix in ("box", "cluster")
         if f"{prefix}_numbers" in npz.files
     ]
+
+
+def _synthetic(name: str) -> Callable[[], tuple[ServedModel, list[Structure]]]:
+    """A checkpoint of ``synthetic/`` on its own structures (with their per-atom inputs)."""
+
+    def build() -> tuple[ServedModel, list[Structure]]:
+        from cace_server.model import convert_original
+
+        if not (SYNTHETIC / f"{name}.pth").is_file():
+            pytest.skip(f"{SYNTHETIC / name}.pth is absent (set CACE_REFERENCE_DIR)")
+        npz = np.load(SYNTHETIC / f"{name}.npz")
+        model = convert_original(SYNTHETIC / f"{name}.pth", dtype="float64")
+        return model, [published_structure(npz, p) for p in prefixes(npz)]
+
+    return build
+
+
+def _moved(structure: Structure, positions: np.ndarray, cell: np.ndarray) -> Structure:
+    """``structure`` at new positions and cell, with its per-atom inputs."""
+    return Structure.create(
+        structure.numbers, positions, cell, structure.pbc, arrays=dict(structure.arrays)
+    )
 
 
 def _smallest_per_family() -> dict[str, str]:
@@ -135,6 +159,8 @@ FAMILIES: dict[str, Callable[[], tuple[ServedModel, list[Structure]]]] = {
     "ModelWrapper": _wrapped,
     "fault injector (not yet failing)": _fault_injector,
     "test model adding a dipole (test_engine_outputs)": _test_dipole_wrapper,
+    "synthetic cutoff not float32": _synthetic("cutoff-not-float32"),
+    "synthetic head reading a per-atom input": _synthetic("atomwise-extra-feature"),
     **{
         f"published {family}": (lambda name=name: _published(name))
         for family, name in _smallest_per_family().items()
@@ -271,7 +297,7 @@ def test_forces_and_stress_are_derivatives_of_the_energy(
             for sign in (1, -1):
                 positions = box.positions.copy()
                 positions[atom, axis] += sign * h
-                moved = Structure.create(box.numbers, positions, box.cell, box.pbc)
+                moved = _moved(box, positions, box.cell)
                 energies.append(_energy_of(model, moved))
             fd = -(energies[0] - energies[1]) / (2 * h)
             got = prediction.forces[atom, axis]
@@ -282,9 +308,7 @@ def test_forces_and_stress_are_derivatives_of_the_energy(
             strain = np.eye(3)
             strain[a, b] += sign * h / (2 if a != b else 1)
             strain[b, a] += sign * h / 2 if a != b else 0.0
-            strained = Structure.create(
-                box.numbers, box.positions @ strain, box.cell @ strain, box.pbc
-            )
+            strained = _moved(box, box.positions @ strain, box.cell @ strain)
             energies.append(_energy_of(model, strained))
         fd = (energies[0] - energies[1]) / (2 * h) / box.volume
         got = prediction.stress[a, b]
