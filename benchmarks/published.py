@@ -7,7 +7,9 @@
 Coverage: every checkpoint in ../shared/reference/published is converted and
 evaluated on the original's two test structures; the table gives per family the
 number of files, how many convert, how many match within issue 10's tolerances,
-and the largest deviation of each quantity.
+and the largest deviation of each quantity. Each checkpoint of
+../shared/reference/synthetic (corners no published file covers: a cutoff float32
+cannot represent, a head reading a per-atom input) adds a row of its own.
 
 Speed: a CombinePotential long-range model computes its one representation once
 for both sub-models; next to it, the same heads split into two models that each
@@ -39,6 +41,7 @@ from tests.conftest import REFERENCE_DIR  # noqa: E402
 from tests.published_support import compare_checkpoint, model_names, summary_table  # noqa: E402
 
 PUBLISHED = REFERENCE_DIR / "published"
+SYNTHETIC = REFERENCE_DIR / "synthetic"
 COMBINE = "BingqingCheng_cace-lr-fit_fit-water_fit-water-mp1_best_model.pth"
 
 
@@ -49,6 +52,13 @@ def coverage(float32: bool) -> None:
         results.append(r)
         if not r.ok:
             print(f"  not matching: {name}: {r.error or r.deviations}", flush=True)
+    if SYNTHETIC.is_dir():
+        for name in model_names(SYNTHETIC):
+            r = compare_checkpoint(SYNTHETIC, name, float32=float32)
+            r.family = f"synthetic: {name.removesuffix('.pth')} ({r.family})"
+            results.append(r)
+            if not r.ok:
+                print(f"  not matching: synthetic {name}: {r.error or r.deviations}", flush=True)
     label = "float32 (tolerance 2e-3)" if float32 else "float64"
     print(f"\n{label}: {sum(r.ok for r in results)}/{len(results)} match\n")
     print(summary_table(results))

@@ -81,3 +81,19 @@ def test_missing_per_atom_input_is_a_structure_error() -> None:
     )
     with pytest.raises(StructureError, match="reads 1"):
         model.predict([wide])
+
+
+@pytest.mark.parametrize("name", NAMES or ["<absent>"])
+def test_model_file_keeps_the_stored_constants_and_inputs(name: str, tmp_path) -> None:
+    from cace_server.model import load_model, save_model
+
+    _skip_without_data()
+    model = convert_original(SYNTHETIC / name, dtype="float64")
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors"), dtype="float64")
+    ours, theirs = loaded.config.to_dict(), model.config.to_dict()
+    assert {**ours, "dtype": ""} == {**theirs, "dtype": ""}
+    assert loaded.config.envelope_cutoff == model.config.envelope_cutoff
+    assert loaded.required_inputs == model.required_inputs
+    npz = np.load(SYNTHETIC / name.replace(".pth", ".npz"))
+    s = structure(npz, "box")
+    assert loaded.predict([s])[0].energy == model.predict([s])[0].energy
