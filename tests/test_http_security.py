@@ -99,9 +99,7 @@ import os, sys, time
 mode, allowed, private, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 end = time.monotonic() + seconds
 if mode == "leaf":  # allowed/link -> allowed/s or private/s, replaced atomically
-    for name, target in (("to_ok", allowed + "/s"), ("to_private", private + "/s")):
-        os.symlink(target, allowed + "/" + name)
-    os.rename(allowed + "/to_ok", allowed + "/link")
+    os.symlink(allowed + "/s", allowed + "/link")
     while time.monotonic() < end:
         os.symlink(private + "/s", allowed + "/tmp")
         os.rename(allowed + "/tmp", allowed + "/link")
