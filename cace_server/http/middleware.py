@@ -1,4 +1,4 @@
-"""ASGI middleware: access log + metrics (outermost), single headers, bearer token, body-size limit.
+"""ASGI middleware: access log + metrics (outermost), single headers, bearer token, body limit.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware: no extra task per request,
 and the body limit can refuse a request before a byte of it is parsed.
