@@ -23,8 +23,15 @@ from cace_server.engine import errors as engine_errors
 logger = logging.getLogger("cace_server.http")
 
 
+#: What a 429 or 503 says when its raiser names no better time (seconds).
+DEFAULT_RETRY_AFTER = "1"
+
+
 class ApiError(Exception):
-    """An error reply: HTTP status, stable kind, message and the field it concerns."""
+    """An error reply: HTTP status, stable kind, message and the field it concerns.
+
+    A 429 or 503 always carries ``Retry-After`` (the raiser's, or one second).
+    """
 
     def __init__(
         self,
@@ -41,8 +48,10 @@ class ApiError(Exception):
         self.kind = kind
         self.message = message
         self.field = field
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
         self.errors = errors
+        if status in (429, 503) and not any(k.lower() == "retry-after" for k in self.headers):
+            self.headers["Retry-After"] = DEFAULT_RETRY_AFTER
 
     def response(self) -> Response:
         body: dict[str, Any] = {"error": self.kind, "message": self.message, "field": self.field}
@@ -111,7 +120,8 @@ def from_engine_error(exc: engine_errors.EngineError, *, batch: bool) -> ApiErro
         field = "model"
     elif exc.index is not None:
         field = f"structures.{exc.index}" if batch else None
-    headers = {"Retry-After": "1"} if status == 503 else None
+    # a failed device restarts the process: seconds, not one
+    headers = {"Retry-After": "5"} if isinstance(exc, engine_errors.DeviceFailed) else None
     return ApiError(status, exc.kind, str(exc), field=field, headers=headers)
 
 

@@ -24,6 +24,7 @@ from cace_server.http.errors import ApiError, invalid
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, IpiAddress, parse_address
 from cace_server.ipi.engine_evaluator import ipi_evaluator
+from cace_server.ipi.pinned import AddressRefused, PinnedSocket, pin_socket
 from cace_server.validation import check_geometry
 
 logger = logging.getLogger("cace_server.http")
@@ -148,6 +149,7 @@ class IpiGroups:
                 "too_many_groups",
                 f"{len(active)} i-PI groups are active (limit {self.settings.max_ipi_groups}); "
                 "close one first",
+                headers={"Retry-After": "5"},
             )
         if clients > self.settings.max_ipi_clients:
             raise invalid(
@@ -171,6 +173,7 @@ class IpiGroups:
             connect_timeout=connect_timeout,
             sockets_prefix=sockets_prefix,
             before_connect=self._before_connect,
+            check_socket=partial(self._socket_refusal, given=parsed.path or ""),
             validate=partial(
                 check_geometry,
                 cutoff=self.engine.model_info(model).cutoff,
@@ -195,15 +198,19 @@ class IpiGroups:
         """Why the allow-list refuses ``address`` (None: allowed)."""
         settings = self.settings
         if address.path is not None:
-            # Resolved now and again before every connection attempt (a symlink may
-            # be swapped in later).
-            real = os.path.realpath(address.path)
-            if not real.startswith(settings.ipi_socket_prefix):
-                return (
-                    f"this server connects only to UNIX sockets under "
-                    f"{settings.ipi_socket_prefix!r} (got {address.path[:200]!r})"
-                )
-            return None
+            # An early answer for the client; what binds is the check of every
+            # connection attempt, on the file it connects to (_socket_refusal).
+            try:
+                with pin_socket(address.path) as pinned:
+                    return self._socket_refusal(pinned, address.path)
+            except AddressRefused as exc:
+                return str(exc)
+            except OSError:  # no socket there yet (i-PI not started): where it would be
+                try:
+                    real = os.path.realpath(address.path)
+                except OSError:  # a path being renamed meanwhile
+                    real = address.path
+                return self._path_refusal(real, address.path)
         hosts = settings.ipi_allowed_hosts
         if hosts is not None and address.host not in hosts:
             listed = ", ".join(hosts)
@@ -216,10 +223,32 @@ class IpiGroups:
             return f"this server connects only to i-PI ports {ranges} (got {port})"
         return None
 
+    def _path_refusal(self, real: str, given: str) -> str | None:
+        # names the path as given: where a symlink leads is not the client's business
+        prefix = self.settings.ipi_socket_prefix
+        if real.startswith(prefix):
+            return None
+        return f"this server connects only to UNIX sockets under {prefix!r} (got {given[:200]!r})"
+
+    def _socket_refusal(self, socket: PinnedSocket, given: str) -> str | None:
+        """The allow-list on the socket file an attempt is about to connect to.
+
+        The driver opened the path once and connects through that open file
+        (:func:`~cace_server.ipi.pinned.pin_socket`), so the real path checked here
+        is where the connection goes, whatever a local user swaps (the symlink, a
+        directory on the way) between this check and the connect. A second hard
+        link would put a file from elsewhere under the prefix: one link only.
+        """
+        refusal = self._path_refusal(socket.real_path, given)
+        if refusal is None and socket.links != 1:
+            refusal = f"the socket file has {socket.links} hard links (expected 1)"
+        return refusal
+
     async def _before_connect(self, address: IpiAddress) -> bool:
-        """Every attempt of every attached connection: rate limit, then allow-list."""
+        """Every attempt of every attached connection: rate limit, then the TCP
+        allow-list (UNIX sockets are checked on the file itself: ``check_socket``)."""
         await self._connects.wait()
-        return self.refusal(address) is None
+        return address.path is not None or self.refusal(address) is None
 
     def _forget_old_closed(self) -> None:
         """Keep the listing bounded: only the newest closed groups stay listed."""

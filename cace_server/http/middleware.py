@@ -1,4 +1,4 @@
-"""ASGI middleware: access log + metrics (outermost), bearer token, body-size limit.
+"""ASGI middleware: access log + metrics (outermost), single headers, bearer token, body limit.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware: no extra task per request,
 and the body limit can refuse a request before a byte of it is parsed.
@@ -166,6 +166,39 @@ class BodyLimit:
             await self.app(scope, replay, send)
         finally:
             self.in_flight.leave()
+
+
+#: Headers a request may carry once. Two values leave it to each hop which one counts
+#: (a proxy may check the first, this server the last): the credentials, how the body
+#: is parsed, and whose neighbour-list state the request touches. h11 already refuses
+#: conflicting Content-Length.
+SINGLE_HEADERS = {
+    b"authorization": "Authorization",
+    b"content-type": "Content-Type",
+    b"x-cace-session": "X-CACE-Session",
+}
+
+
+class SingleHeaders:
+    """Refuse (400) a request that repeats a header of :data:`SINGLE_HEADERS`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = [name.lower() for name, _ in scope["headers"]]
+            for header, shown in SINGLE_HEADERS.items():
+                if names.count(header) > 1:
+                    error = ApiError(
+                        400,
+                        "duplicate_header",
+                        f"the request carries {names.count(header)} {shown} headers; send it once",
+                        field=shown,
+                    )
+                    await _send_error(scope, send, error)
+                    return
+        await self.app(scope, receive, send)
 
 
 class BearerAuth:

@@ -19,9 +19,22 @@ from cace_server.http.schemas import ErrorResponse
 _BODY_MODELS: dict[str, type[BaseModel]] = {}
 
 
+# Every 429 and 503 reply carries it (errors.ApiError).
+_RETRY = {
+    "headers": {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "schema": {"type": "integer"},
+        }
+    }
+}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The error replies a route documents, all with the one error body."""
-    return {code: {"model": ErrorResponse} for code in codes}
+    return {
+        code: {"model": ErrorResponse, **(_RETRY if code in (429, 503) else {})} for code in codes
+    }
 
 
 def request_body(model: type[BaseModel], description: str) -> dict[str, Any]:

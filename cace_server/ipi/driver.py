@@ -30,6 +30,7 @@ import numpy.typing as npt
 from cace_server.ipi import protocol as p
 from cace_server.ipi.address import IpiAddress, parse_address
 from cace_server.ipi.convert import extras_json, results_to_wire, structures_from_wire
+from cace_server.ipi.pinned import AddressRefused, PinnedSocket, pin_socket
 from cace_server.ipi.shm import ShmSegments
 from cace_server.structures import Prediction, Structure, StructureError
 
@@ -104,6 +105,10 @@ class DriverOptions:
     #: awaited before every connection attempt (rate limits, allow-lists); returning
     #: False gives the connection up (it closes, with ``last_error`` saying why).
     before_connect: Callable[[IpiAddress], Awaitable[bool]] | None = None
+    #: checks the UNIX socket file each attempt connects to, as opened
+    #: (:func:`~cace_server.ipi.pinned.pin_socket`: the attempt then connects to that
+    #: very file); a string refuses (the reason) and gives the connection up.
+    check_socket: Callable[[PinnedSocket], str | None] | None = None
     max_atoms: int = p.DEFAULT_MAX_ATOMS
 
 
@@ -235,7 +240,21 @@ class DriverConnection:
             return await asyncio.open_connection(
                 self.address.host, self.address.port, limit=_READ_CHUNK
             )
-        reader, writer = await asyncio.open_unix_connection(self.address.path, limit=_READ_CHUNK)
+        check = self.options.check_socket
+        if check is None:
+            reader, writer = await asyncio.open_unix_connection(
+                self.address.path, limit=_READ_CHUNK
+            )
+        else:
+            # Checked and connected through one open file: a symlink or directory
+            # swapped after the check cannot redirect the connect.
+            with pin_socket(self.address.path) as pinned:
+                refusal = check(pinned)
+                if refusal is not None:
+                    raise AddressRefused(refusal)
+                reader, writer = await asyncio.open_unix_connection(
+                    pinned.connect_path, limit=_READ_CHUNK
+                )
         # A non-blocking AF_UNIX connect to a full listen backlog (i-PI's <slots>) fails
         # with EAGAIN, which asyncio takes for "in progress" and then reports as done:
         # the socket is not connected (recv gives EINVAL). Check, and retry if so.
@@ -259,6 +278,10 @@ class DriverConnection:
                 return None
             try:
                 streams = await asyncio.wait_for(self._open(), timeout=10.0)
+            except AddressRefused as exc:
+                self.last_error = f"connecting to {self.address} is not allowed: {exc}"
+                logger.warning("%s: %s", self.name, self.last_error)
+                return None
             except (OSError, asyncio.TimeoutError) as exc:
                 waited = time.monotonic() - start
                 limit = self.options.connect_timeout

@@ -17,7 +17,12 @@ router = APIRouter(tags=["health"])
 
 def _check_device(engine: Engine) -> None:
     if not engine.healthy:
-        raise ApiError(503, "device_failed", f"the device failed: {engine.fatal_error}")
+        raise ApiError(
+            503,
+            "device_failed",
+            f"the device failed: {engine.fatal_error}",
+            headers={"Retry-After": "5"},  # the process exits and is restarted
+        )
 
 
 @router.get(
