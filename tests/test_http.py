@@ -528,7 +528,14 @@ def test_a_small_request_overtakes_queued_bulk_requests(model: Any) -> None:
         faulty.gate.set()
         for t in threads:
             t.join(60)
-    assert order[:2] == ["big0", "small"], order
+    assert sorted(order) == ["big0", "big1", "big2", "big3", "small"], order
+    # The device's order is what the lanes decide (the order in which the clients
+    # receive their answers races between threads): one model call per request, the
+    # 3-atom request's right after the bulk request that was on the device.
+    # (the calls before these five are the engine's warm-up)
+    calls, pairs = faulty.calls[-5:], faulty.pairs[-5:]
+    assert calls == [1] * 5, faulty.calls
+    assert pairs.index(min(pairs)) == 1 and pairs.count(min(pairs)) == 1, pairs
 
 
 def test_admission_by_body_bytes(engine: Engine) -> None:
