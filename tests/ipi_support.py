@@ -8,11 +8,14 @@ potentials, extras) so that it can be compared with our model evaluated directly
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -272,3 +275,50 @@ def check_run_against_model(run: IpiRun, model: object, numbers: np.ndarray) -> 
         mine = json.loads(record["raw"][bead])
         assert mine["energy_eV"] == pytest.approx(expected.energy, rel=1e-6)
         np.testing.assert_allclose(mine["charges"], expected.charges, rtol=0, atol=1e-6)
+
+
+class CountingListener:
+    """A listening socket on loopback or a UNIX path that counts the connections it
+    accepts, sends each one ``greeting`` (if any) and hangs up: a stand-in for a
+    service a client must never reach, or must reach only so often."""
+
+    def __init__(self, sock: socket.socket, greeting: bytes = b"") -> None:
+        sock.settimeout(0.05)
+        self.sock = sock
+        self.greeting = greeting
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def unix(cls, path: str) -> CountingListener:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(64)
+        return cls(sock)
+
+    @classmethod
+    def tcp(cls, greeting: bytes = b"") -> CountingListener:
+        return cls(socket.create_server(("127.0.0.1", 0)), greeting)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # the timeout, or the socket closed
+                continue
+            self.accepted += 1
+            if self.greeting:
+                with contextlib.suppress(OSError):
+                    conn.sendall(self.greeting)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()

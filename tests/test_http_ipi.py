@@ -7,11 +7,8 @@ evaluated directly.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +23,13 @@ from cace_server.engine import Engine, EngineSettings
 from cace_server.http import BackgroundServer, HttpSettings, create_app
 from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.model import load_model, random_model, save_model
-from tests.ipi_support import IPI_SCRIPT, IpiRun, check_run_against_model, start_ipi
+from tests.ipi_support import (
+    IPI_SCRIPT,
+    CountingListener,
+    IpiRun,
+    check_run_against_model,
+    start_ipi,
+)
 
 pytestmark = [
     pytest.mark.ipi,
@@ -215,41 +218,14 @@ def test_addresses_outside_the_allow_list_are_refused(
     assert r.json()["error"] == "address_not_allowed" and r.json()["field"] == "address"
 
 
-class BannerService:
-    """A TCP service on 127.0.0.1 that greets every connection with a banner and hangs up."""
-
-    BANNER = b"SSH-2.0-OpenSSH_9.6 secret-banner-bytes\r\n"
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.accepted += 1
-            with contextlib.suppress(OSError):
-                conn.sendall(self.BANNER)
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+# What a private TCP service would greet a client with; it must never reach a reply.
+BANNER = b"SSH-2.0-OpenSSH_9.6 secret-banner-bytes\r\n"
 
 
 def test_attached_connections_are_rate_limited_and_never_echo_peer_bytes(
     model_file: Path,
 ) -> None:
-    service = BannerService()
+    service = CountingListener.tcp(BANNER)
     settings = HttpSettings(
         allow_ipi_control=True,
         ipi_allowed_ports=((service.port, service.port),),

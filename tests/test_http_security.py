@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from cace_server.engine.faults import ENV_VAR
 from cace_server.http import BackgroundServer, HttpSettings, create_app
 from cace_server.http.errors import ApiError, from_engine_error
 from cace_server.model import random_model, save_model
+from tests.ipi_support import CountingListener
 
 WATER = {
     "symbols": ["O", "H", "H"],
@@ -64,34 +64,6 @@ def dirs() -> Iterator[tuple[str, str]]:
         shutil.rmtree(private, ignore_errors=True)
 
 
-class UnixListener:
-    """A UNIX socket that counts the connections it accepts and hangs up on each."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-
 # Runs in its own process (no GIL shared with the server): flips the path between the
 # allowed and the private target as fast as rename allows, for at most ``seconds``.
 _SWAPPER = r"""
@@ -120,13 +92,13 @@ def test_a_swapped_symlink_never_reaches_a_private_socket(
 ) -> None:
     allowed, private = dirs
     if mode == "leaf":
-        ok = UnixListener(f"{allowed}/s")
+        ok = CountingListener.unix(f"{allowed}/s")
         address = f"unix:{allowed}/link"
     else:
         os.mkdir(f"{allowed}/d")
-        ok = UnixListener(f"{allowed}/d/s")
+        ok = CountingListener.unix(f"{allowed}/d/s")
         address = f"unix:{allowed}/d/s"
-    secret = UnixListener(f"{private}/s")
+    secret = CountingListener.unix(f"{private}/s")
     settings = HttpSettings(
         allow_ipi_control=True,
         ipi_socket_prefix=allowed + "/",
@@ -184,7 +156,7 @@ def test_a_hard_link_into_the_allowed_prefix_is_refused(
     engine: Engine, dirs: tuple[str, str]
 ) -> None:
     allowed, private = dirs
-    secret = UnixListener(f"{private}/s")
+    secret = CountingListener.unix(f"{private}/s")
     os.link(f"{private}/s", f"{allowed}/alias")  # /tmp is one file system
     settings = HttpSettings(allow_ipi_control=True, ipi_socket_prefix=allowed + "/")
     try:
