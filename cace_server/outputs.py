@@ -76,10 +76,10 @@ CATALOGUE: dict[str, OutputSpec] = {
     )
 }
 
-#: ``Prediction`` attributes that hold arrays, with the output each belongs to.
-ARRAY_FIELDS: dict[str, str] = {
-    field: spec.name for spec in CATALOGUE.values() for field in spec.fields if field != "energy"
-}
+#: ``Prediction`` attributes that hold arrays (every field but the energy).
+ARRAY_FIELDS: tuple[str, ...] = tuple(
+    field for spec in CATALOGUE.values() for field in spec.fields if field != "energy"
+)
 
 
 class UnknownOutput(ValueError):
@@ -87,7 +87,7 @@ class UnknownOutput(ValueError):
 
 
 class OutputNotOffered(ValueError):
-    """An output the model asked does not compute."""
+    """An output was asked of a model that does not compute it."""
 
 
 class Outputs(frozenset[str]):
@@ -110,11 +110,7 @@ class Outputs(frozenset[str]):
         return super().__new__(cls, chosen)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        members = frozenset(self)
-        return iter([name for name in CATALOGUE if name in members])
-
-    def __contains__(self, name: object) -> bool:
-        return frozenset.__contains__(self, name)
+        return iter([name for name in CATALOGUE if name in self])
 
     def __or__(self, other: Iterable[str]) -> Outputs:  # type: ignore[override]
         return Outputs([*frozenset.__iter__(self), *other])
@@ -150,12 +146,6 @@ class Outputs(frozenset[str]):
 
 
 DEFAULT_NAMES = ("energy", "forces", "stress")
-
-
-def ordered(names: Iterable[str]) -> tuple[str, ...]:
-    """Known output names in catalogue order (unknown ones dropped)."""
-    chosen = set(names)
-    return tuple(name for name in CATALOGUE if name in chosen)
 
 
 #: The outputs the server offers its clients, in catalogue order.

@@ -355,10 +355,9 @@ class Engine:
 
         ``outputs`` (an :class:`~cace_server.outputs.Outputs` or names; default: what
         the model computes with the energy pass, see ``Outputs.default_for``) is what
-        each prediction holds; an output the model does
-        not offer is refused with UnsupportedOutput. A batch computes what any of its
-        structures asked for (Born effective charges cost extra backward passes).
-        ``lane``: ``"ipi"`` for i-PI
+        each prediction holds; an output the model does not offer is refused with
+        UnsupportedOutput. A batch computes what any of its structures asked for (Born
+        effective charges cost extra backward passes). ``lane``: ``"ipi"`` for i-PI
         steps (they go first); otherwise the request waits in the ``small`` or
         ``bulk`` lane by its atom count (see ``batching.py``). ``trajectory`` names
         the caller's structures that evolve step by step (an i-PI connection, an HTTP

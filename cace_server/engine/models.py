@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cace_server.outputs import SERVED, OutputNotOffered, Outputs, ordered
+from cace_server.outputs import SERVED, OutputNotOffered, Outputs
 from cace_server.structures import BatchCost, Prediction, Structure, StructureError
 
 
@@ -155,10 +155,6 @@ class ModelWrapper:
         return self
 
 
-#: Every output a served model may offer, in the order they are listed.
-OUTPUTS = SERVED
-
-
 ModelSource = ServedModel | str | os.PathLike[str]
 
 
@@ -173,9 +169,8 @@ class ModelInfo:
     dtype: str
     device: str
     n_parameters: int
-    has_charges: bool
     source: str | None
-    #: what the model computes (a subset of :data:`OUTPUTS`).
+    #: what the model serves (a subset of :data:`cace_server.outputs.SERVED`).
     outputs: tuple[str, ...] = ("energy", "forces", "stress", "energies")
     #: per-atom inputs each structure must carry in ``Structure.arrays``.
     required_inputs: tuple[str, ...] = ()
@@ -189,12 +184,13 @@ class ModelInfo:
         return [str(f) for f in value] if isinstance(value, list) else [str(value)]
 
     @property
+    def has_charges(self) -> bool:
+        return "charges" in self.outputs
+
+    @property
     def long_range(self) -> bool:
         """Whether it has a long-range term (its description says which)."""
         return bool(self.description.get("long_range", self.has_charges))
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -240,7 +236,8 @@ def materialize(source: ModelSource, device: str | None, dtype: str | None) -> S
 
 def describe(name: str, model: ServedModel, *, default: bool, source: str | None) -> ModelInfo:
     """Read a model's description once (on the worker thread, after loading)."""
-    outputs = tuple(name for name in ordered(model.outputs) if name in SERVED)
+    offered = set(model.outputs)
+    outputs = tuple(name for name in SERVED if name in offered)
     # JSON-safe (it is served as is by /v1/models): anything else becomes its str().
     description = json.loads(json.dumps(dict(model.describe()), default=str))
     return ModelInfo(
@@ -251,7 +248,6 @@ def describe(name: str, model: ServedModel, *, default: bool, source: str | None
         dtype=str(model.dtype).removeprefix("torch."),
         device=str(model.device),
         n_parameters=int(model.n_parameters),
-        has_charges="charges" in outputs,
         source=source,
         outputs=outputs,
         required_inputs=tuple(str(k) for k in model.required_inputs),

@@ -78,7 +78,7 @@ class _Checked:
 
     info: ModelInfo
     structures: list[Structure]
-    props: Outputs
+    outputs: Outputs
 
 
 def _check_count(obj: dict[str, Any], settings: HttpSettings) -> None:
@@ -139,7 +139,7 @@ async def _evaluate(
             state.engine.evaluate(
                 req.structures,
                 req.info.name,
-                outputs=req.props,
+                outputs=req.outputs,
                 trajectory=trajectory,
             ),
             timeout,
@@ -166,7 +166,7 @@ async def _calculate(request: Request, state: HttpState, batch: bool) -> Respons
     request.state.atoms = n_atoms
     preds = await _evaluate(state, req, batch, _session(request))
     results = [
-        result_dict(p, len(s), req.props, binary)
+        result_dict(p, len(s), req.outputs, binary)
         for p, s in zip(preds, req.structures, strict=True)
     ]
     fmt = "msgpack" if binary else "json"
