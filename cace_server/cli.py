@@ -288,13 +288,13 @@ def evaluate(
     dtype: str = typer.Option(None, help="float32 or float64 [as saved]"),
 ) -> None:
     """Print a model's errors on labelled data; optionally draw a parity plot."""
-    from cace_server.model import ModelFileError, load_model
+    from cace_server.model import ModelFileError, load_served
     from cace_server.train import DataError, read_labelled
     from cace_server.train.metrics import error_table
     from cace_server.train.report import dataset_errors, parity_plot
 
     try:
-        loaded = load_model(model, device=device, dtype=dtype)
+        loaded = load_served(model, device=device, dtype=dtype)
         labelled = read_labelled(data, _data_keys(energy_key, forces_key, stress_key))
         errors = dataset_errors(loaded, labelled)
     except (ModelFileError, DataError, ValueError) as exc:

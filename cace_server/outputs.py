@@ -65,6 +65,44 @@ CATALOGUE: dict[str, OutputSpec] = {
             extra_cost=True,
         ),
         OutputSpec(
+            "energy_uncertainty",
+            ("energy_uncertainty",),
+            "()",
+            "eV",
+            "committee models: alpha x the members' sample standard deviation of the energy",
+        ),
+        OutputSpec(
+            "forces_uncertainty",
+            ("forces_uncertainty",),
+            "(N,)",
+            "eV/Å",
+            "committee models: alpha x the norm of each atom's per-component force spread",
+            extra_cost=True,
+        ),
+        OutputSpec(
+            "committee_energies",
+            ("committee_energies",),
+            "(M,)",
+            "eV",
+            "committee models: each member's energy (M members, not rescaled)",
+        ),
+        OutputSpec(
+            "committee_forces",
+            ("committee_forces",),
+            "(M, N, 3)",
+            "eV/Å",
+            "committee models: each member's forces (not rescaled)",
+            extra_cost=True,
+        ),
+        OutputSpec(
+            "committee_virials",
+            ("committee_virials",),
+            "(M, 3, 3)",
+            "eV",
+            "committee models: each member's virial, -dE/d(strain) (not rescaled)",
+            extra_cost=True,
+        ),
+        OutputSpec(
             "descriptors",
             ("descriptors",),
             "(N, k)",
@@ -76,9 +114,19 @@ CATALOGUE: dict[str, OutputSpec] = {
     )
 }
 
-#: ``Prediction`` attributes that hold arrays (every field but the energy).
+#: ``Prediction`` attributes set only when asked for (every field but the energy):
+#: arrays, and the scalar ``energy_uncertainty`` (a float).
 ARRAY_FIELDS: tuple[str, ...] = tuple(
     field for spec in CATALOGUE.values() for field in spec.fields if field != "energy"
+)
+
+#: Outputs only committee models compute (a plain model refuses them).
+COMMITTEE_OUTPUTS: tuple[str, ...] = (
+    "energy_uncertainty",
+    "forces_uncertainty",
+    "committee_energies",
+    "committee_forces",
+    "committee_virials",
 )
 
 

@@ -158,6 +158,13 @@ class Prediction:
     charges: npt.NDArray[np.float64] | None = None
     dipole: npt.NDArray[np.float64] | None = None
     bec: npt.NDArray[np.float64] | None = None
+    # Committee models (M members): the calibrated spread of the energy and of each
+    # atom's force, and each member's energy, forces and virial (not rescaled).
+    energy_uncertainty: float | None = None
+    forces_uncertainty: npt.NDArray[np.float64] | None = None
+    committee_energies: npt.NDArray[np.float64] | None = None
+    committee_forces: npt.NDArray[np.float64] | None = None
+    committee_virials: npt.NDArray[np.float64] | None = None
     # Per-atom descriptors (the node features the heads read), when asked for.
     descriptors: npt.NDArray[np.float64] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -176,9 +183,10 @@ class Prediction:
         return self
 
     def array_outputs(self) -> dict[str, npt.NDArray[np.float64]]:
-        """The arrays present, by ``Prediction`` attribute name."""
+        """The optional outputs present, by ``Prediction`` attribute name, as arrays
+        (a scalar such as ``energy_uncertainty`` as a 0-d array)."""
         present = {name: getattr(self, name) for name in ARRAY_FIELDS}
-        return {name: value for name, value in present.items() if value is not None}
+        return {name: np.asarray(value) for name, value in present.items() if value is not None}
 
 
 def voigt(stress: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

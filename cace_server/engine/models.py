@@ -211,14 +211,15 @@ def default_name(source: ModelSource) -> str:
 
 
 def materialize(source: ModelSource, device: str | None, dtype: str | None) -> ServedModel:
-    """Load a model file, or move a built model to ``device``/``dtype`` (in place).
+    """Load a model file or a committee (``load_served``), or move a built model to
+    ``device``/``dtype`` (in place).
 
     Runs on the engine's worker thread: it is the only thread that touches the device.
     """
     if isinstance(source, (str, os.PathLike)):
-        from cace_server.model import load_model  # torch-heavy; import where used
+        from cace_server.model import load_served  # torch-heavy; import where used
 
-        loaded: ServedModel = load_model(str(source), device=device or "cpu", dtype=dtype)
+        loaded: ServedModel = load_served(str(source), device=device or "cpu", dtype=dtype)
         return loaded
     if device is not None or dtype is not None:
         import torch

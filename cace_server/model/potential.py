@@ -45,6 +45,62 @@ class BatchOutput:
     bec: torch.Tensor | None = None  # [N, 3, 3], [i, a, b] = d dipole_b / d r_ia
 
 
+@dataclass
+class Geometry:
+    """The differentiable geometry of one evaluation (float64).
+
+    ``positions`` and ``strain`` are the leaves forces and virials are taken
+    against (``strain`` None without a virial); ``deformed`` and ``cell`` are the
+    strained positions and cells, ``vectors`` each edge's receiver minus sender.
+    """
+
+    positions: torch.Tensor
+    strain: torch.Tensor | None
+    deformed: torch.Tensor
+    cell: torch.Tensor
+    vectors: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: GraphBatch, *, forces: bool, virial: bool) -> Geometry:
+        positions = batch.positions
+        cell = batch.cell
+        if forces:
+            positions = positions.detach().requires_grad_(True)
+        strain = None
+        if virial:
+            strain = torch.zeros_like(cell, requires_grad=True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            deformed = positions + torch.einsum("ni,nij->nj", positions, sym[batch.system])
+            cell = cell + cell @ sym
+        else:
+            deformed = positions
+        vectors = (
+            deformed.index_select(0, batch.receivers)
+            - deformed.index_select(0, batch.senders)
+            - _images(batch, cell)
+        )
+        return cls(positions, strain, deformed, cell, vectors)
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        """What gradients are taken against: positions (when they require it), strain."""
+        out = [self.positions] if self.positions.requires_grad else []
+        return out + ([self.strain] if self.strain is not None else [])
+
+
+def _images(batch: GraphBatch, cell: torch.Tensor) -> torch.Tensor:
+    """Cartesian image shift of each edge's sender: unit_shifts @ cell of its system.
+
+    One gather of each edge's cell (the edge's system is known from the host at
+    collation), so the op count does not grow with the number of structures and
+    nothing waits for the device.
+    """
+    if batch.n_systems == 1:
+        return batch.unit_shifts @ cell[0]
+    per_edge = cell.index_select(0, batch.edge_system)  # [E, 3, 3]
+    return torch.einsum("ei,eij->ej", batch.unit_shifts, per_edge)
+
+
 class CACEPotential(torch.nn.Module):
     atomic_energies: torch.Tensor
 
@@ -228,46 +284,22 @@ class CACEPotential(torch.nn.Module):
         ``bec`` also returns the Born effective charges of dipole models (three or six
         more backward passes).
         """
-        dtype = self.dtype
-        positions = batch.positions
-        cell = batch.cell
         bec = bec and self.has_bec
-        if forces or bec:
-            positions = positions.detach().requires_grad_(True)
-        strain = None
-        if virial:
-            strain = torch.zeros_like(cell, requires_grad=True)
-            sym = 0.5 * (strain + strain.transpose(1, 2))
-            deformed = positions + torch.einsum("ni,nij->nj", positions, sym[batch.system])
-            cell = cell + cell @ sym
-        else:
-            deformed = positions
-        vectors = (
-            deformed.index_select(0, batch.receivers)
-            - deformed.index_select(0, batch.senders)
-            - self._images(batch, cell)
+        geometry = Geometry.of(batch, forces=forces or bec, virial=virial)
+        positions, strain, deformed, cell = (
+            geometry.positions,
+            geometry.strain,
+            geometry.deformed,
+            geometry.cell,
         )
         features = self.representation(
-            vectors.to(dtype),
+            geometry.vectors.to(self.dtype),
             batch.species,
             batch.receivers,
             batch.senders,
             max_neighbors=batch.max_neighbors,
         )
-        atom_energy = self.atomic_energies.to(dtype)[batch.species]
-        for name, weight in self.energy_readouts.items():
-            head_input = features
-            if name in self.readout_inputs:
-                head_input = torch.cat(
-                    [features, *(batch.inputs[k] for k in self.readout_inputs[name])], dim=1
-                )
-            contribution = self.readouts[name](head_input)
-            atom_energy = atom_energy + (contribution if weight == 1.0 else weight * contribution)
-        # Totals in float64 whatever the model dtype: a float32 sum of thousands of
-        # per-atom energies with large reference energies loses whole eV.
-        energy = torch.zeros(
-            batch.n_systems, dtype=torch.float64, device=atom_energy.device
-        ).index_add(0, batch.system, atom_energy.to(torch.float64))
+        energy, atom_energy = self.head_energies(features, batch)
         charge_key = self.charge_readout
         charges = self.readouts[charge_key](features) if charge_key is not None else None
         if self.ewald is not None and charges is not None:
@@ -314,6 +346,27 @@ class CACEPotential(torch.nn.Module):
             bec_out,
         )
 
+    def head_energies(
+        self, features: torch.Tensor, batch: GraphBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energy [B] float64, atom energies [N]) of the energy heads and the
+        reference energies (no long-range term)."""
+        atom_energy = self.atomic_energies.to(self.dtype)[batch.species]
+        for name, weight in self.energy_readouts.items():
+            head_input = features
+            if name in self.readout_inputs:
+                head_input = torch.cat(
+                    [features, *(batch.inputs[k] for k in self.readout_inputs[name])], dim=1
+                )
+            contribution = self.readouts[name](head_input)
+            atom_energy = atom_energy + (contribution if weight == 1.0 else weight * contribution)
+        # Totals in float64 whatever the model dtype: a float32 sum of thousands of
+        # per-atom energies with large reference energies loses whole eV.
+        energy = torch.zeros(
+            batch.n_systems, dtype=torch.float64, device=atom_energy.device
+        ).index_add(0, batch.system, atom_energy.to(torch.float64))
+        return energy, atom_energy
+
     def _long_range(
         self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, batch: GraphBatch
     ) -> torch.Tensor:
@@ -355,19 +408,6 @@ class CACEPotential(torch.nn.Module):
                     column = column + d_im * sin[:, b : b + 1]
             columns.append(column)
         return torch.stack(columns, dim=2)
-
-    @staticmethod
-    def _images(batch: GraphBatch, cell: torch.Tensor) -> torch.Tensor:
-        """Cartesian image shift of each edge's sender: unit_shifts @ cell of its system.
-
-        One gather of each edge's cell (the edge's system is known from the host at
-        collation), so the op count does not grow with the number of structures and
-        nothing waits for the device.
-        """
-        if batch.n_systems == 1:
-            return batch.unit_shifts @ cell[0]
-        per_edge = cell.index_select(0, batch.edge_system)  # [E, 3, 3]
-        return torch.einsum("ei,eij->ej", batch.unit_shifts, per_edge)
 
     def configure_long_range(self, options: LongRangeOptions | None = None, **changes: Any) -> None:
         """Choose how the long-range term is evaluated (mode, back end); no-op without one.

@@ -146,7 +146,7 @@ class CACERepresentation(torch.nn.Module):
         nz, a = self.sender_embedding.shape
         dtype, device = blocks.vectors.dtype, blocks.vectors.device
         sender_map: torch.Tensor
-        if nz <= a:
+        if self.sums_per_element:
             # one_hot() would check the indices' range on the host: rows of an identity do not.
             identity = torch.eye(nz, dtype=dtype, device=device)
             sender_rows = identity.index_select(0, species)
@@ -168,12 +168,38 @@ class CACERepresentation(torch.nn.Module):
         """A of receivers a0:a1: sum_j s_j (x) radial (x) angular, s_j the sender's row
         (one-hot element or embedding). s and the radial basis form one narrow per-edge
         factor [b, k, |s| * n_rbf], summed against the angular basis in one product."""
+        a_sum = self.neighbour_sums(blocks, sender_rows, a0, a1)
+        return self._embed_receivers(a_sum, blocks.receiver_emb(a0), sender_weight)
+
+    @staticmethod
+    def neighbour_sums(
+        blocks: ReceiverBlocks, sender_rows: torch.Tensor, a0: int, a1: int
+    ) -> torch.Tensor:
+        """sum_j s_j (x) radial (x) angular of receivers a0:a1, [b, L, |s| * n_rbf].
+
+        With one-hot element rows for s, nothing here depends on trained weights
+        beyond the edge basis, so models sharing that basis share these sums.
+        """
         radial, angular = blocks.edge_basis(a0, a1)
         nb = radial.shape[0]
         s = sender_rows.index_select(0, blocks.edge_senders(a0, a1)).view(nb, blocks.k, -1, 1)
         y = (s * radial[:, :, None, :]).flatten(2)
-        a_sum = torch.bmm(angular.transpose(0, 1), y)  # [b, L, z * n_rbf]
-        return self._embed_receivers(a_sum, blocks.receiver_emb(a0), sender_weight)
+        return torch.bmm(angular.transpose(0, 1), y)
+
+    @property
+    def sums_per_element(self) -> bool:
+        """Whether the first neighbour sums run per sender element (one-hot rows), the
+        embedding being applied afterwards (fewer elements than embedding channels)."""
+        nz, a = self.sender_embedding.shape
+        return bool(nz <= a)
+
+    def features_from_sums(self, a_sum: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Node features of a model without message passing from its per-element
+        neighbour sums [n, L, z * n_rbf] (see ``neighbour_sums``)."""
+        assert self.sums_per_element and not self.layers
+        weight = self._sender_mixing(self.sender_embedding)
+        recv = self.receiver_weights().index_select(0, species)
+        return self.symmetrizer(self._embed_receivers(a_sum, recv, weight)).flatten(1)
 
     # -- blocking ----------------------------------------------------------------------------
     def block_size(self, n_atoms: int, device: torch.device) -> int | None:
@@ -223,6 +249,30 @@ class CACERepresentation(torch.nn.Module):
         return self._features(vectors, species, receivers, senders, block, max_neighbors)
 
     # -- features ----------------------------------------------------------------------------
+    def receiver_blocks(
+        self,
+        vectors: torch.Tensor,
+        species: torch.Tensor,
+        receivers: torch.Tensor,
+        senders: torch.Tensor,
+        block: int | None,
+        max_neighbors: int | None,
+    ) -> ReceiverBlocks:
+        """The call's edges as blocks of receivers, with this model's edge basis."""
+        return ReceiverBlocks(
+            vectors,
+            receivers,
+            senders,
+            self.receiver_weights().index_select(0, species),
+            block=block,
+            max_neighbors=max_neighbors,
+            cutoff=self.cfg.cutoff,
+            edge_basis=self.edge_basis,
+            symmetrizer=self.symmetrizer,
+            group_sizes=[e - s for s, e in self.l_ranges],
+            edge_chunk=self.edge_chunk,
+        )
+
     def _features(
         self,
         vectors: torch.Tensor,
@@ -238,19 +288,7 @@ class CACERepresentation(torch.nn.Module):
         reads it; otherwise the symmetriser runs inside the blocks and only B is kept.
         """
         sender_emb = self.sender_embedding.index_select(0, species)  # [n, a]
-        blocks = ReceiverBlocks(
-            vectors,
-            receivers,
-            senders,
-            self.receiver_weights().index_select(0, species),
-            block=block,
-            max_neighbors=max_neighbors,
-            cutoff=self.cfg.cutoff,
-            edge_basis=self.edge_basis,
-            symmetrizer=self.symmetrizer,
-            group_sizes=[e - s for s, e in self.l_ranges],
-            edge_chunk=self.edge_chunk,
-        )
+        blocks = self.receiver_blocks(vectors, species, receivers, senders, block, max_neighbors)
         first_a = self._first_a_of(blocks, species, sender_emb)
         layers = [layer for layer in self.layers if isinstance(layer, MessagePassingLayer)]
         if not layers:

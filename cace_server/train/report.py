@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cace_server.model.committee import Committee
 from cace_server.model.potential import CACEPotential
 from cace_server.train.data import LabelledStructure, check_elements
 from cace_server.train.metrics import ErrorAccumulator
 
 
 def dataset_errors(
-    model: CACEPotential, data: Sequence[LabelledStructure], *, batch_size: int = 16
+    model: CACEPotential | Committee, data: Sequence[LabelledStructure], *, batch_size: int = 16
 ) -> ErrorAccumulator:
     """Energy, force and stress errors of ``model`` on ``data`` (kept for plotting)."""
     check_elements(data, model.elements, "the model's")
