@@ -11,7 +11,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-Property = Literal["energy", "forces", "stress", "energies", "charges", "dipole", "bec"]
+Property = Literal[
+    "energy",
+    "forces",
+    "stress",
+    "energies",
+    "charges",
+    "dipole",
+    "bec",
+    "energy_uncertainty",
+    "forces_uncertainty",
+    "committee_energies",
+    "committee_forces",
+    "committee_virials",
+]
 DEFAULT_PROPERTIES: tuple[Property, ...] = ("energy", "forces", "stress")
 
 _NUMBER = {"type": "number"}
@@ -141,6 +154,26 @@ class Result(BaseModel):
         None,
         description="Born effective charges (e), [atom][a][b] = d dipole_b / d position_a "
         "of that atom",
+    )
+
+    energy_uncertainty: float | None = Field(
+        None,
+        description="committee models: calibrated spread of the energy (eV), alpha x the "
+        "members' sample standard deviation",
+    )
+    forces_uncertainty: list[float] | None = Field(
+        None,
+        description="committee models: calibrated spread of each atom's force (eV/Å), alpha x "
+        "the norm of the per-component standard deviations",
+    )
+    committee_energies: list[float] | None = Field(
+        None, description="committee models: each member's energy (eV), not rescaled"
+    )
+    committee_forces: list[list[list[float]]] | None = Field(
+        None, description="committee models: [member][atom][xyz] forces (eV/Å), not rescaled"
+    )
+    committee_virials: list[list[list[float]]] | None = Field(
+        None, description="committee models: [member] 3x3 virial (eV), not rescaled"
     )
 
 

@@ -69,6 +69,14 @@ def result_dict(pred: Prediction, n: int, props: Outputs, binary: bool) -> dict:
         out["dipole"] = None if pred.dipole is None else pred.dipole.tolist()
     if "bec" in props:
         out["bec"] = codec.array_out(pred.bec, binary)
+    if "energy_uncertainty" in props:
+        out["energy_uncertainty"] = pred.energy_uncertainty
+    for name in ("forces_uncertainty", "committee_energies", "committee_forces"):
+        if name in props:
+            out[name] = codec.array_out(getattr(pred, name), binary)
+    if "committee_virials" in props:
+        virials = pred.committee_virials
+        out["committee_virials"] = None if virials is None else virials.tolist()
     return out
 
 
