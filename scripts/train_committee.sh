@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Train the committee bundled for tests and examples (tests/data/committee/):
 # four members of the bundled water model's architecture, differing only in the
-# random seed (initial weights, validation split, batch order), and one member of
-# another architecture (one message-passing layer, max_nu 2) for the mixed-committee
-# path. Run from the repository root; about 10 minutes on 2 CPU cores.
+# random seed (initial weights, validation split, batch order). Run from the
+# repository root; about 8 minutes on 2 CPU cores.
 set -euo pipefail
 out=tests/data/committee
 mkdir -p "$out" /tmp/cace-committee-ckpt
@@ -16,4 +15,3 @@ train() {
 }
 train seed1 --seed 1 --epochs 25 & train seed2 --seed 2 --epochs 25; wait
 train seed3 --seed 3 --epochs 25 & train seed4 --seed 4 --epochs 25; wait
-train mp1 --seed 5 --epochs 10 --num-message-passing 1 --max-nu 2

@@ -187,7 +187,10 @@ class Committee(torch.nn.Module):
         alpha: float = 1.0,
         names: Sequence[str] | None = None,
         calibration: dict[str, Any] | None = None,
+        shared: bool = True,
     ) -> None:
+        """``shared=False`` evaluates members one after the other even where they
+        could share the edge pass (for comparisons)."""
         super().__init__()
         names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
         if len(members) < 2:
@@ -198,7 +201,7 @@ class Committee(torch.nn.Module):
         self.names = names
         self.alpha = float(alpha)
         self.calibration = dict(calibration or {})
-        self.shared = SharedEdgePass.for_members(members)
+        self.shared = SharedEdgePass.for_members(members) if shared else None
 
     def _members(self) -> list[CACEPotential]:
         return [m for m in self.members if isinstance(m, CACEPotential)]

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cace_server.model.edge_basis import EdgeTerms
 from cace_server.model.neighbors import GraphBatch, PreparedStructure, collate
 from cace_server.model.potential import CACEPotential, Geometry
+from cace_server.model.representation import sum_over_neighbours
 
 
 @dataclass(frozen=True)
@@ -58,27 +60,39 @@ def input_widths(members: Sequence[CACEPotential]) -> dict[str, int]:
     return widths
 
 
-def _edge_basis_key(member: CACEPotential) -> tuple[object, ...]:
-    """What fixes a member's edge basis and its neighbour sums."""
-    rep = member.representation
-    bessel = rep.radial_basis
-    return (
-        member.cutoff,
-        member.config.n_rbf,
-        member.config.max_l,
-        member.config.cutoff_p,
-        member.config.envelope_cutoff,
-        tuple(bessel.frequencies.detach().reshape(-1).tolist()),
-        float(bessel.prefactor),
-    )
+def _shares_edge_basis(members: Sequence[CACEPotential]) -> bool:
+    """Same cutoff function and angular basis (the Bessel frequencies may differ)."""
+    keys = {
+        (
+            m.cutoff,
+            m.config.max_l,
+            m.representation.cutoff_fn.cutoff,
+            m.representation.cutoff_fn.p,
+            m.dtype,
+        )
+        for m in members
+    }
+    return len(keys) == 1
 
 
 class SharedEdgePass:
-    """One pass of several members that share their edge basis (see module doc)."""
+    """One pass of members that share a cutoff function and angular basis (see module doc).
+
+    The members' radial bases (trained Bessel frequencies differ between members)
+    are evaluated side by side as one [edges, sum of n_rbf] basis, summed over
+    neighbours per sender element in one product, and split per member at node
+    level. The edge part's backward is written out here, per member, so that M
+    members' forces cost one pass over the edges.
+    """
 
     def __init__(self, members: Sequence[CACEPotential]) -> None:
         self.members = list(members)
         self.widths = input_widths(members)
+        rep = members[0].representation
+        self.cutoff_fn = rep.cutoff_fn
+        self.angular = rep.angular
+        self.angular_derivative = rep.fused_edge_basis.angular_derivative
+        self.n_rbf = [m.config.n_rbf for m in members]
 
     @classmethod
     def for_members(cls, members: Sequence[CACEPotential]) -> SharedEdgePass | None:
@@ -88,10 +102,7 @@ class SharedEdgePass:
                 return None
             if not m.representation.sums_per_element:
                 return None
-        keys = {_edge_basis_key(m) for m in members}
-        if len(keys) != 1 or len({m.dtype for m in members}) != 1:
-            return None
-        return cls(members)
+        return cls(members) if _shares_edge_basis(members) else None
 
     def applies_to(self, group: Sequence[PreparedStructure]) -> bool:
         """Groups the members would evaluate in blocks (memory) run member by member."""
@@ -105,66 +116,130 @@ class SharedEdgePass:
         with torch.enable_grad():
             return self._evaluate(list(group), batch, need)
 
+    def _bessel(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked frequencies and prefactors [W], and membership [W, M] of each column."""
+        bases = [m.representation.radial_basis for m in self.members]
+        frequencies = torch.cat([b.frequencies.detach() for b in bases])
+        prefactor = torch.cat(
+            [b.prefactor.detach().expand(n) for b, n in zip(bases, self.n_rbf, strict=True)]
+        )
+        member = torch.repeat_interleave(
+            torch.arange(len(bases), device=frequencies.device),
+            torch.tensor(self.n_rbf, device=frequencies.device),
+        )
+        membership = torch.nn.functional.one_hot(member, len(bases)).to(frequencies.dtype)
+        return frequencies, prefactor, membership
+
     def _evaluate(
         self, group: list[PreparedStructure], batch: GraphBatch, need: MemberNeeds
     ) -> MemberResults:
         first = self.members[0]
+        dtype = first.dtype
         geometry = Geometry.of(batch, forces=need.forces, virial=need.virial)
-        rep = first.representation
-        n = batch.species.shape[0]
-        blocks = rep.receiver_blocks(
-            geometry.vectors.to(first.dtype),
+        blocks = first.representation.receiver_blocks(
+            geometry.vectors.to(dtype),
             batch.species,
             batch.receivers,
             batch.senders,
             None,
             batch.max_neighbors,
         )
-        nz = len(first.elements)
-        one_hot = torch.eye(nz, dtype=first.dtype, device=batch.species.device)
-        sums = rep.neighbour_sums(blocks, one_hot.index_select(0, batch.species), 0, n)
+        n, k, nz = blocks.n, blocks.k, len(first.elements)
+        padded = blocks.vectors  # [n * k, 3], differentiable back to the leaves
+        frequencies, prefactor, membership = self._bessel()
+        width = int(frequencies.shape[0])
+        with torch.no_grad():
+            terms = EdgeTerms.of(
+                padded.detach(), frequencies, prefactor, self.cutoff_fn, self.angular
+            )
+            radial = terms.radial.view(n, k, width)
+            angular = terms.table.view(-1, n, k)
+            one_hot = torch.eye(nz, dtype=dtype, device=padded.device)
+            rows = one_hot.index_select(0, batch.species).index_select(0, blocks.senders)
+            sums = sum_over_neighbours(radial, angular, rows).view(n, -1, nz, width)
         leaves = geometry.leaves
-        differentiable = bool(leaves) and sums.requires_grad
-        # Each member's node-level part runs from a detached copy of the sums; its
-        # backward stops there, and the edge part is differentiated once for all.
-        sums_leaf = sums.detach().requires_grad_(differentiable)
-        energies, atom_energies, sum_grads = [], [], []
-        for member in self.members:
-            features = member.representation.features_from_sums(sums_leaf, batch.species)
+        differentiable = bool(leaves) and padded.requires_grad
+        sums.requires_grad_(differentiable)
+        energies, atom_energies, totals = [], [], []
+        for member, part in zip(self.members, torch.split(sums, self.n_rbf, dim=3), strict=True):
+            features = member.representation.features_from_sums(
+                part.reshape(n, part.shape[1], -1), batch.species
+            )
             energy, atom_energy = member.head_energies(features, batch)
             energies.append(energy.detach())
+            totals.append(energy.sum())
             if need.energies:
                 atom_energies.append(atom_energy.detach())
-            if differentiable:
-                (g,) = torch.autograd.grad(energy.sum(), sums_leaf)
-                sum_grads.append(g)
         results = MemberResults(group, _host(torch.stack(energies)))
         if need.energies:
             results.energies = _host(torch.stack(atom_energies))
         if not leaves:
             return results
         if not differentiable:
-            # Nothing depends on the geometry (isolated atoms, no neighbour pairs).
-            width = len(self.members) if need.per_member else 1
+            # Nothing depends on the geometry (no edges at all).
+            width_out = len(self.members) if need.per_member else 1
             if need.forces:
-                results.forces = np.zeros((width, n, 3))
+                results.forces = np.zeros((width_out, n, 3))
             if need.virial:
-                results.virial = np.zeros((width, batch.n_systems, 3, 3))
+                results.virial = np.zeros((width_out, batch.n_systems, 3, 3))
             return results
+        # Every member's gradient of its energy with respect to its own columns.
+        (sum_grad,) = torch.autograd.grad(torch.stack(totals).sum(), sums)
+        grad_vectors = self._edge_backward(terms, radial, angular, rows, sum_grad, membership)
         if need.per_member:
-            grads = torch.autograd.grad(
-                sums, leaves, torch.stack(sum_grads), is_grads_batched=True, allow_unused=True
-            )
+            grads = torch.autograd.grad(padded, leaves, grad_vectors, is_grads_batched=True)
         else:
-            mean = torch.stack(sum_grads).mean(dim=0)
-            grads = tuple(g[None] for g in torch.autograd.grad(sums, leaves, mean))
-        k = 0
+            grads = tuple(
+                g[None] for g in torch.autograd.grad(padded, leaves, grad_vectors.mean(0))
+            )
+        k_out = 0
         if need.forces:
-            results.forces = -_host(grads[k])
-            k += 1
+            results.forces = -_host(grads[k_out])
+            k_out += 1
         if need.virial:
-            results.virial = -_host(grads[k])
+            results.virial = -_host(grads[k_out])
         return results
+
+    @torch.no_grad()
+    def _edge_backward(
+        self,
+        terms: EdgeTerms,
+        radial: torch.Tensor,
+        angular: torch.Tensor,
+        rows: torch.Tensor,
+        sum_grad: torch.Tensor,
+        membership: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each member's gradient with respect to the edge vectors, [M, n * k, 3].
+
+        sums[b, l, z, w] = sum_k angular[l, b, k] rows[b, k, z] radial[b, k, w]; the
+        columns w of member m carry only m's gradient, so the radial gradient splits
+        by column, and the angular gradient is formed per member.
+        """
+        n, n_l, nz, width = sum_grad.shape
+        k = radial.shape[1]
+        per_slot = torch.bmm(angular.permute(1, 2, 0), sum_grad.reshape(n, n_l, nz * width))
+        grad_radial = (per_slot.view(n, k, nz, width) * rows.view(n, k, nz, 1)).sum(2)
+        grad_angular = []
+        columns = zip(
+            torch.split(radial, self.n_rbf, dim=2),
+            torch.split(sum_grad, self.n_rbf, dim=3),
+            strict=True,
+        )
+        for radial_m, grad_m in columns:
+            y = (rows.view(n, k, nz, 1) * radial_m[:, :, None, :]).flatten(2)  # [n, k, z R]
+            grad_angular.append(torch.bmm(y, grad_m.reshape(n, n_l, -1).transpose(1, 2)))
+        # per member: one product over all members' edges at once is 8x slower on a
+        # CPU (measured at 192 atoms: 10 ms against 1.3 ms; the operands leave cache)
+        g_unit = torch.stack(
+            [
+                self.angular_derivative(g.permute(2, 0, 1).reshape(n_l, -1), terms.table).t()
+                for g in grad_angular
+            ]
+        )
+        grad = terms.angular_gradient(g_unit)
+        along_r = (grad_radial.view(n * k, width) * terms.d_radial()) @ membership  # [E, M]
+        return grad + along_r.t()[:, :, None] * terms.direction()
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

@@ -19,6 +19,7 @@ exactly differentiable; with trainable basis parameters the plain path runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -78,34 +79,87 @@ class AngularDerivative(torch.nn.Module):
         return torch.mm(self.weights.to(terms.dtype), terms)
 
 
+@dataclass
+class EdgeTerms:
+    """The edge basis of edge vectors and what its derivative needs.
+
+    ``frequencies`` and ``prefactor`` may be the concatenated Bessel parameters of
+    several models sharing a cutoff function and angular basis (a committee): the
+    radial basis is then their columns side by side, [E, sum of n_rbf].
+    """
+
+    vectors: torch.Tensor
+    inv_r: torch.Tensor  # [E, 1]
+    denom: torch.Tensor  # 1 / (r + eps), [E, 1]
+    unit: torch.Tensor  # [E, 3]
+    table: torch.Tensor  # angular basis [L, E]
+    kr: torch.Tensor  # [E, W]
+    f: torch.Tensor  # prefactor sin(kr) / r, [E, W]
+    env: torch.Tensor  # [E, 1]
+    d_env: torch.Tensor  # [E, 1]
+    scale_k: torch.Tensor  # prefactor x frequencies, [W]
+
+    @classmethod
+    def of(
+        cls,
+        vectors: torch.Tensor,
+        frequencies: torch.Tensor,
+        prefactor: torch.Tensor,
+        cutoff: PolynomialCutoff,
+        angular: AngularBasis,
+    ) -> EdgeTerms:
+        r = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)  # [E, 1]
+        inv_r = 1.0 / r
+        denom = 1.0 / (r + NORM_EPS)
+        unit = vectors * denom
+        kr = frequencies * r
+        f = torch.sin(kr) * (prefactor * inv_r)
+        env, d_env = cutoff.value_and_derivative(r)
+        table = angular.rows(unit.t())
+        return cls(vectors, inv_r, denom, unit, table, kr, f, env, d_env, prefactor * frequencies)
+
+    @property
+    def radial(self) -> torch.Tensor:
+        """radial x cutoff, [E, W]."""
+        return self.f * self.env
+
+    def d_radial(self) -> torch.Tensor:
+        """d radial / dr, [E, W]."""
+        d_f = (self.scale_k * torch.cos(self.kr) - self.f) * self.inv_r
+        return d_f * self.env + self.f * self.d_env
+
+    def direction(self) -> torch.Tensor:
+        """dr/dv: the exact unit vector, [E, 3]."""
+        return self.vectors * self.inv_r
+
+    def angular_gradient(self, g_unit: torch.Tensor) -> torch.Tensor:
+        """A gradient with respect to the unit vectors [..., E, 3] -> to the vectors."""
+        along = (g_unit * self.unit).sum(-1, keepdim=True)
+        return (g_unit - along * self.direction()) * self.denom
+
+
 class _EdgeBasis(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, vectors: torch.Tensor, basis: FusedEdgeBasis
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        bessel, cutoff = basis.bessel, basis.cutoff
-        r = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)  # [E, 1]
-        inv_r = 1.0 / r
-        denom = 1.0 / (r + NORM_EPS)
-        unit = vectors * denom
-        table = basis.angular.rows(unit.t())
-        kr = bessel.frequencies * r  # [E, n_rbf]
-        sin_kr = torch.sin(kr)
-        scale = bessel.prefactor * inv_r
-        f = sin_kr * scale
-        env, d_env = cutoff.value_and_derivative(r)
-        radial = f * env
-        ctx.save_for_backward(vectors, inv_r, denom, unit, table, kr, f, env, d_env)
+        bessel = basis.bessel
+        terms = EdgeTerms.of(
+            vectors, bessel.frequencies, bessel.prefactor, basis.cutoff, basis.angular
+        )
+        # saved through save_for_backward (the angular table is also an output: kept
+        # on ctx directly it would form a reference cycle with its graph node)
+        ctx.save_for_backward(*(getattr(terms, f.name) for f in fields(terms)))
         ctx.basis = basis
-        ctx.scale_k = bessel.prefactor * bessel.frequencies
-        return radial, table
+        return terms.radial, terms.table
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_radial: torch.Tensor | None, grad_angular: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, None]:
-        vectors, inv_r, denom, unit, table, kr, f, env, d_env = ctx.saved_tensors
+        terms = EdgeTerms(*ctx.saved_tensors)
         basis: FusedEdgeBasis = ctx.basis
+        vectors = terms.vectors
         if torch.is_grad_enabled():
             # A second derivative is wanted: differentiate the autograd form instead.
             outputs = plain_edge_basis(vectors, basis.bessel, basis.cutoff, basis.angular)
@@ -122,17 +176,13 @@ class _EdgeBasis(torch.autograd.Function):
                 [o for o, _ in pairs], [vectors], [g for _, g in pairs], create_graph=True
             )
             return grad, None
-        n = vectors * inv_r  # exact unit vector: dr/dv
         grad = torch.zeros_like(vectors)
         if grad_angular is not None:
-            g_unit = basis.angular_derivative(grad_angular, table).t()  # [E, 3]
-            along = (g_unit * unit).sum(-1, keepdim=True)
-            grad = (g_unit - along * n) * denom
+            grad = terms.angular_gradient(basis.angular_derivative(grad_angular, terms.table).t())
         if grad_radial is not None:
             # d radial / dr, contracted with the incoming gradient over the radial index
-            d_f = (ctx.scale_k * torch.cos(kr) - f) * inv_r
-            d_radial = d_f * env + f * d_env
-            grad = grad + (grad_radial * d_radial).sum(-1, keepdim=True) * n
+            along_r = (grad_radial * terms.d_radial()).sum(-1, keepdim=True)
+            grad = grad + along_r * terms.direction()
         return grad, None
 
 

@@ -44,6 +44,19 @@ CPU_ATOM_BLOCK = 1024
 CPU_BLOCK_ABOVE = 4096
 
 
+def sum_over_neighbours(
+    radial: torch.Tensor, angular: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """sum over each receiver's k edge slots of s (x) radial (x) angular.
+
+    radial [b, k, W], angular [L, b, k], rows: each edge's sender row s [b * k, S]
+    -> [b, L, S * W]: one batched matrix product per receiver.
+    """
+    nb, k = radial.shape[0], radial.shape[1]
+    y = (rows.view(nb, k, -1, 1) * radial[:, :, None, :]).flatten(2)
+    return torch.bmm(angular.transpose(0, 1), y)
+
+
 class CACERepresentation(torch.nn.Module):
     """Node features [n_atoms, n_radial * n_invariants * channels * (layers + 1)]."""
 
@@ -181,10 +194,8 @@ class CACERepresentation(torch.nn.Module):
         beyond the edge basis, so models sharing that basis share these sums.
         """
         radial, angular = blocks.edge_basis(a0, a1)
-        nb = radial.shape[0]
-        s = sender_rows.index_select(0, blocks.edge_senders(a0, a1)).view(nb, blocks.k, -1, 1)
-        y = (s * radial[:, :, None, :]).flatten(2)
-        return torch.bmm(angular.transpose(0, 1), y)
+        rows = sender_rows.index_select(0, blocks.edge_senders(a0, a1))
+        return sum_over_neighbours(radial, angular, rows)
 
     @property
     def sums_per_element(self) -> bool:
