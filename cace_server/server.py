@@ -77,7 +77,12 @@ def build_engine(settings: ServerSettings) -> Engine:
         if not path.is_file():
             raise ValueError("no --model given and no bundled default model is installed")
         sources = {"default": str(path)}
-    return Engine(sources, default=settings.model.default_model, settings=settings.engine)
+    return Engine(
+        sources,
+        default=settings.model.default_model,
+        settings=settings.engine,
+        capture=settings.capture,
+    )
 
 
 def species_template(

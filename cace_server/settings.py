@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cace_server.capture import CaptureSettings
 from cace_server.engine.settings import EngineSettings
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi.settings import IpiSettings
@@ -71,6 +72,7 @@ class ServerSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     ipi: IpiSettings = field(default_factory=IpiSettings)
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
     # engine and train never import each other; validation (the geometry checks of
     # the frontends) and calculator (ASE, in process) build on the model.
     ("engine", "train", "validation", "calculator"),
+    # capture of uncertain structures: the engine feeds it; it knows no model.
+    ("capture",),
     ("model",),
     # Types and helpers every layer uses (structures, units, ...); they import nothing above.
     ("base",),

@@ -41,7 +41,7 @@ def test_server_settings_are_the_sections_and_nothing_else() -> None:
     for f in dataclasses.fields(ServerSettings):
         assert dataclasses.is_dataclass(f.default_factory), f"{f.name} is no section"
     assert options_of(ServerSettings) == []
-    assert set(sections()) == {"model", "engine", "http", "ipi", "log"}
+    assert set(sections()) == {"model", "engine", "http", "ipi", "capture", "log"}
 
 
 def test_no_two_sections_declare_the_same_field() -> None:
@@ -102,6 +102,9 @@ SPECIAL: dict[str, Any] = {
     "ipi_attach_hosts": ["ipi.example"],
     "ipi_attach_ports": ["4000-4010", "5000"],
     "log_level": "debug",
+    "capture": "/data/capture",  # not created by the settings themselves
+    "capture_threshold": 0.002,
+    "capture_force_threshold": 0.5,
 }
 
 

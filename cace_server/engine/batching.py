@@ -33,6 +33,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
+from cace_server.capture import Origin
 from cace_server.engine.errors import EngineClosed, EngineError
 from cace_server.engine.stats import EngineStats
 from cace_server.engine.steps import StepGroup
@@ -68,6 +69,7 @@ class WorkItem:
     # the caller's structures that evolve step by step (Verlet lists, step-group member)
     trajectory: str | None = None
     step_group: StepGroup | None = None  # the i-PI step it belongs to, if any
+    origin: Origin | None = None  # where it came from (capture records it)
 
     @property
     def n_atoms(self) -> int:

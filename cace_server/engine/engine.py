@@ -27,6 +27,7 @@ from functools import partial
 from types import TracebackType
 from typing import Literal, overload
 
+from cace_server.capture import Capture, CaptureSettings, Origin
 from cace_server.engine.batching import Lane, PendingQueue, WorkItem, reject
 from cace_server.engine.errors import (
     DeviceFailed,
@@ -102,7 +103,9 @@ class Engine:
     ``models``: one model (a built model or a model file path) or a mapping of
     names to models. A single model file is named after its stem, a single built
     model ``"default"``. Use as a (async) context manager, or call :meth:`start`
-    and :meth:`close`.
+    and :meth:`close`. ``capture`` (settings with a directory, or a built
+    :class:`~cace_server.capture.Capture`): every evaluated structure is offered to
+    it; every served model must then be a committee.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Engine:
         *,
         default: str | None = None,
         settings: EngineSettings | None = None,
+        capture: Capture | CaptureSettings | None = None,
     ) -> None:
         sources = dict(models) if isinstance(models, Mapping) else {default_name(models): models}
         if not sources:
@@ -126,6 +130,10 @@ class Engine:
             else EngineSettings(device=None, dtype=None, torch_threads=None)
         )
         self.stats = EngineStats()
+        if isinstance(capture, CaptureSettings):
+            capture = Capture(capture) if capture.enabled else None
+        #: where uncertain structures go (None: capture is off)
+        self.capture = capture
         self._queue = PendingQueue(self.stats)
         devices = self.settings.devices
         self._workers = [
@@ -139,6 +147,7 @@ class Engine:
                 device=device,
                 label=label,
                 on_fatal=self._device_failed,
+                capture=capture,
                 name="cace-engine-worker" + (f"-{label}" if len(devices) > 1 else ""),
             )
             for k, (device, label) in enumerate(zip(devices, _labels(devices), strict=True))
@@ -167,6 +176,8 @@ class Engine:
             if self._closing:
                 raise EngineClosed("engine is closed")
             if not self._started:
+                if self.capture is not None:
+                    self.capture.start()  # a directory it cannot write to fails here
                 self._started = True
                 self._pool = ThreadPoolExecutor(
                     self.settings.prepare_threads, thread_name_prefix="cace-engine-prepare"
@@ -260,6 +271,9 @@ class Engine:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not worker.join(left):
                 logger.warning("engine worker still busy after %s s; leaving it behind", timeout)
+        if self.capture is not None:
+            left = None if deadline is None else max(1.0, deadline - time.monotonic())
+            self.capture.close(left)
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -350,6 +364,7 @@ class Engine:
         lane: Lane | str | None = None,
         trajectory: str | None = None,
         step_group: StepGroup | None = None,
+        origin: Origin | None = None,
     ) -> list[Future[Prediction]]:
         """Queue structures for evaluation; one future per structure, in order.
 
@@ -363,7 +378,8 @@ class Engine:
         the caller's structures that evolve step by step (an i-PI connection, an HTTP
         client's X-CACE-Session): their neighbour lists are kept and reused.
         ``step_group`` (with a trajectory) makes the batch of a step close once every
-        member of the group has submitted (:meth:`step_group`).
+        member of the group has submitted (:meth:`step_group`). ``origin``: where the
+        structures came from, for capture records and its per-source rate limit.
 
         Raises UnknownModel, Overloaded, NotReady, EngineClosed or DeviceFailed for
         the whole request; a structure that cannot be evaluated gets its error in
@@ -381,7 +397,16 @@ class Engine:
         n_atoms = sum(sizes)
         lane_of = self._lane(lane, n_atoms)
         items = [
-            WorkItem(name, s, i, chosen, lane_of, trajectory=trajectory, step_group=step_group)
+            WorkItem(
+                name,
+                s,
+                i,
+                chosen,
+                lane_of,
+                trajectory=trajectory,
+                step_group=step_group,
+                origin=origin,
+            )
             for i, s in enumerate(structures)
         ]
         if not items:
@@ -425,6 +450,7 @@ class Engine:
         return_exceptions: Literal[False] = ...,
         trajectory: str | None = ...,
         step_group: StepGroup | None = ...,
+        origin: Origin | None = ...,
     ) -> list[Prediction]: ...
 
     @overload
@@ -438,6 +464,7 @@ class Engine:
         return_exceptions: Literal[True],
         trajectory: str | None = ...,
         step_group: StepGroup | None = ...,
+        origin: Origin | None = ...,
     ) -> list[Outcome]: ...
 
     async def evaluate(
@@ -450,13 +477,14 @@ class Engine:
         return_exceptions: bool = False,
         trajectory: str | None = None,
         step_group: StepGroup | None = None,
+        origin: Origin | None = None,
     ) -> list[Prediction] | list[Outcome]:
         """Evaluate structures with ``model`` (default: the default model).
 
         Returns one Prediction per structure, in order. A failing structure raises
         its EngineError (after all structures of the call are done), or with
-        ``return_exceptions`` takes its place in the list. ``lane``, ``trajectory`` and
-        ``step_group``: see :meth:`submit`.
+        ``return_exceptions`` takes its place in the list. ``lane``, ``trajectory``,
+        ``step_group`` and ``origin``: see :meth:`submit`.
         """
         futures = self.submit(
             structures,
@@ -465,6 +493,7 @@ class Engine:
             lane=lane,
             trajectory=trajectory,
             step_group=step_group,
+            origin=origin,
         )
         if not futures:
             return []

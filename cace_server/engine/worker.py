@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from cace_server.capture import Capture
 from cace_server.engine.batching import PendingQueue, WorkItem, reject, resolve
 from cace_server.engine.errors import (
     DeviceFailed,
@@ -96,6 +97,7 @@ class Worker:
         device: str | None = None,
         label: str | None = None,
         on_fatal: Callable[[Worker, str], None] | None = None,
+        capture: Capture | None = None,
         name: str = "cace-engine-worker",
     ) -> None:
         self._sources = dict(sources)
@@ -107,6 +109,7 @@ class Worker:
         #: how statistics name this worker: its device, numbered if two share one
         self.label = label or device or "default"
         self._on_fatal = on_fatal
+        self._capture = capture
         self.models: dict[str, ServedModel] = {}
         self.infos: dict[str, ModelInfo] = {}
         self.started = threading.Event()  # set when start-up finished, failed or not
@@ -170,6 +173,8 @@ class Worker:
             self.models[name] = model
             self.infos[name] = describe(name, model, default=name == self._default, source=path)
             info = self.infos[name]
+            if self._capture is not None:
+                self._capture.check_model(name, info.outputs)
             logger.info(
                 "model %r loaded: %d elements, cutoff %.2f Å, %s on %s, %d parameters",
                 name,
@@ -295,6 +300,9 @@ class Worker:
         # One pass computes what any structure of the batch asked for; each caller
         # then gets its own outputs (see _deliver).
         outputs = Outputs.combined(item.outputs for item in items)
+        if self._capture is not None:
+            # what the capture threshold reads; each caller still gets what it asked
+            outputs = outputs | self._capture.outputs
         parts = [items]
         while parts:
             part = parts.pop()
@@ -359,9 +367,19 @@ class Worker:
                 logger.warning("%s (%d atoms)", message, item.n_atoms)
                 reject(item, NonFiniteResult(message, index=item.index), self._stats)
                 continue
+            if self._capture is not None:
+                self._offer(name, item, prediction)
             prediction.keep_only(item.outputs)
             prediction.extras.setdefault("model", name)
             resolve(item, prediction)
+
+    def _offer(self, name: str, item: WorkItem, prediction: Prediction) -> None:
+        """The threshold test of capture (the writing happens on its own thread)."""
+        assert self._capture is not None
+        try:
+            self._capture.consider(name, item.structure, prediction, item.origin, item.index)
+        except Exception:  # capture must never cost a caller its result
+            logger.exception("capture failed on a structure")
 
     def _release_memory(self, name: str) -> None:
         self._release_memory_of(self.models[name])

@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from cace_server.capture import CaptureSnapshot
 from cace_server.engine import Engine, HistogramSnapshot
 
 HTTP_LATENCY_BUCKETS = (
@@ -126,6 +127,31 @@ class EngineCollector(Collector):
         for state, n in sorted(self.ipi_states().items()):
             states.add_metric([state], n)
         yield states
+        capture = self.engine.capture
+        if capture is not None:
+            yield from _capture_metrics(capture.snapshot())
+
+
+def _capture_metrics(snap: CaptureSnapshot) -> Iterator[Metric]:
+    captured = CounterMetricFamily(
+        "cace_captured",
+        "structures over the capture threshold, by model and what became of them "
+        "(written, or dropped by the rate limit, a full queue, the size cap or an error)",
+        labels=["model", "outcome"],
+    )
+    for (model, outcome), n in sorted(snap.captured.items()):
+        captured.add_metric([model, outcome], n)
+    yield captured
+    uncertainty = HistogramMetricFamily(
+        "cace_uncertainty",
+        "energy uncertainty per atom (eV/atom) of every structure a committee evaluated "
+        "while capture is on",
+        labels=["model"],
+    )
+    for model, (buckets, total) in sorted(snap.uncertainty.items()):
+        shown = [("+Inf" if b == float("inf") else repr(float(b)), c) for b, c in buckets]
+        uncertainty.add_metric([model], shown, total)
+    yield uncertainty
 
 
 class HttpMetrics:

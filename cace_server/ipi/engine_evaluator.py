@@ -9,14 +9,18 @@ the connection wants them. ``convert.extras_json`` writes them in i-PI's layout.
 
 Each connection is an engine trajectory (it keeps the Verlet neighbour lists of the
 beads it drives), and the connections of one address form a step group: a step's
-beads make one batch, closed as soon as every connection has submitted.
+beads make one batch, closed as soon as every connection has submitted. Each call
+carries its origin (address, connection and the connection's step count) for
+capture records.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from cace_server.capture import Origin
 from cace_server.ipi.driver import Evaluator, Source
 from cace_server.outputs import Outputs
 from cace_server.structures import Prediction, Structure
@@ -43,9 +47,14 @@ def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evalua
     """Evaluate i-PI's structures with ``model`` (None: the default), with BEC if ``bec``
     and the model computes them."""
     outputs = ipi_outputs(engine.model_info(model).outputs, bec)
+    steps: Counter[str] = Counter()  # per connection: the POSDATA it has served
 
     async def evaluate(structures: list[Structure], *, source: Source) -> list[Prediction]:
         group = engine.step_group(f"ipi:{source.address}", source.peers)
+        steps[source.connection] += 1
+        origin = Origin(
+            "ipi", source.connection, address=source.address, step=steps[source.connection]
+        )
         # the i-PI lane: a PIMD step never waits behind queued HTTP work
         return await engine.evaluate(
             structures,
@@ -54,6 +63,7 @@ def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evalua
             lane="ipi",
             trajectory=f"ipi:{source.connection}",
             step_group=group,
+            origin=origin,
         )
 
     return evaluate

@@ -11,12 +11,14 @@ each result out.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from cace_server.capture import Origin
 from cace_server.engine import EngineError, ModelInfo
 from cace_server.http import codec
 from cace_server.http.errors import ApiError, from_engine_error
@@ -138,8 +140,20 @@ def _read(obj: dict[str, Any], state: HttpState, batch: bool) -> _Checked:
     return _Checked(info, structures, props)
 
 
+def _origin(request: Request) -> Origin:
+    """Where a request's structures come from (capture records it, and rate-limits
+    per session or, without one, per client)."""
+    session = request.headers.get(SESSION_HEADER)
+    if session:
+        source = f"session:{session[:200]}"
+    else:
+        source = f"client:{request.client.host if request.client else 'unknown'}"
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex[:16]
+    return Origin("http", source, request=request_id)
+
+
 async def _evaluate(
-    state: HttpState, req: _Checked, batch: bool, trajectory: str | None
+    state: HttpState, req: _Checked, batch: bool, trajectory: str | None, origin: Origin
 ) -> list[Prediction]:
     timeout = state.settings.request_timeout_s
     try:
@@ -149,6 +163,7 @@ async def _evaluate(
                 req.info.name,
                 outputs=req.outputs,
                 trajectory=trajectory,
+                origin=origin,
             ),
             timeout,
         )
@@ -172,7 +187,7 @@ async def _calculate(request: Request, state: HttpState, batch: bool) -> Respons
     n_atoms = sum(len(s) for s in req.structures)
     request.state.structures = len(req.structures)
     request.state.atoms = n_atoms
-    preds = await _evaluate(state, req, batch, _session(request))
+    preds = await _evaluate(state, req, batch, _session(request), _origin(request))
     results = [
         result_dict(p, len(s), req.outputs, binary)
         for p, s in zip(preds, req.structures, strict=True)
