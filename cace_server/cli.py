@@ -83,18 +83,40 @@ _DESCRIBED_KEYS = {
 
 @app.command()
 def info(
-    model: Path = typer.Argument(None, help="native model file [the bundled water model]"),
+    model: Path = typer.Argument(
+        None, help="native model file, or a committee (A,B,... or .toml) [the bundled model]"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """Show what a model file contains (without a file: the bundled default model)."""
     from cace_server.engine.info import info_dict
     from cace_server.engine.models import describe as describe_model
     from cace_server.model import ModelFileError, load_model
+    from cace_server.model.committee import committee_spec, load_committee
     from cace_server.model.io import check_integrity, file_digest, read_metadata
     from cace_server.server import default_model_path
 
     if model is None:
         model = default_model_path()
+    try:
+        spec = committee_spec(str(model))
+        committee = load_committee(spec) if spec is not None else None
+    except ModelFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if committee is not None:
+        offers = describe_model("committee", committee, default=True, source=str(model))
+        shown = info_dict(offers, sha256=None)
+        committee_summary = {
+            **{key: shown[key] for key in ("elements", "cutoff", "dtype", "outputs")},
+            **shown["committee"],
+        }
+        if as_json:
+            typer.echo(json.dumps(committee_summary, indent=2))
+            return
+        for key, value in committee_summary.items():
+            typer.echo(f"{key:>24}: {value}")
+        return
     try:
         meta = read_metadata(model)
     except ModelFileError as exc:

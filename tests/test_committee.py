@@ -230,3 +230,18 @@ def test_calibrate_fits_alpha_and_writes_the_committee_file(tmp_path: Path) -> N
     assert run.returncode == 2 and "-o NEW.toml" in run.stderr
     run = _cli("calibrate", str(SEEDS[0]), str(TEST_DATA))
     assert run.returncode == 2 and "not a committee" in run.stderr
+
+
+def test_info_describes_a_committee(tmp_path: Path) -> None:
+    import json
+
+    run = _cli("info", ",".join(map(str, SEEDS[:2])), "--json")
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown["size"] == 2 and shown["alpha"] == 1.0
+    assert [m["name"] for m in shown["members"]] == ["seed1", "seed2"]
+    assert "energy_uncertainty" in shown["outputs"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('members = ["a.safetensors", "b.safetensors"]\nalpha = 0\n')
+    run = _cli("info", str(bad))
+    assert run.returncode == 2 and "alpha must be" in run.stderr
