@@ -83,18 +83,40 @@ _DESCRIBED_KEYS = {
 
 @app.command()
 def info(
-    model: Path = typer.Argument(None, help="native model file [the bundled water model]"),
+    model: Path = typer.Argument(
+        None, help="native model file, or a committee (A,B,... or .toml) [the bundled model]"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """Show what a model file contains (without a file: the bundled default model)."""
     from cace_server.engine.info import info_dict
     from cace_server.engine.models import describe as describe_model
     from cace_server.model import ModelFileError, load_model
+    from cace_server.model.committee import committee_spec, load_committee
     from cace_server.model.io import check_integrity, file_digest, read_metadata
     from cace_server.server import default_model_path
 
     if model is None:
         model = default_model_path()
+    try:
+        spec = committee_spec(str(model))
+        committee = load_committee(spec) if spec is not None else None
+    except ModelFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if committee is not None:
+        offers = describe_model("committee", committee, default=True, source=str(model))
+        shown = info_dict(offers, sha256=None)
+        committee_summary = {
+            **{key: shown[key] for key in ("elements", "cutoff", "dtype", "outputs")},
+            **shown["committee"],
+        }
+        if as_json:
+            typer.echo(json.dumps(committee_summary, indent=2))
+            return
+        for key, value in committee_summary.items():
+            typer.echo(f"{key:>24}: {value}")
+        return
     try:
         meta = read_metadata(model)
     except ModelFileError as exc:
@@ -310,6 +332,76 @@ def evaluate(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
         typer.echo(f"parity plot: {written}")
+
+
+@app.command()
+def calibrate(
+    committee: str = typer.Argument(
+        ..., help="committee: a committee file (.toml) or member files A,B,..."
+    ),
+    data: list[Path] = typer.Argument(..., help="extended XYZ files with reference labels"),
+    quantity: str = typer.Option("energy", help="fit on energy (per atom) or forces (per atom)"),
+    write: bool = typer.Option(False, "--write", help="write alpha into the committee file"),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="write a new committee file with the fitted alpha"
+    ),
+    max_structures: int = typer.Option(None, help="use only the first N structures"),
+    bins: int = typer.Option(5, help="bins of predicted uncertainty in the table"),
+    energy_key: str = typer.Option(None, help="info key of the energy [energy]"),
+    forces_key: str = typer.Option(None, help="per-atom key of the forces [forces]"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
+    dtype: str = typer.Option(None, help="float32 or float64 [as saved]"),
+) -> None:
+    """Fit a committee's uncertainty scale alpha on labelled data; print the table."""
+    import dataclasses
+
+    import numpy as np
+
+    from cace_server.model import ModelFileError
+    from cace_server.model.committee import committee_spec, load_committee, write_committee_file
+    from cace_server.train import DataError, read_labelled
+    from cace_server.train.calibrate import (
+        CalibrationError,
+        calibration_table,
+        committee_samples,
+        fit_alpha,
+    )
+
+    try:
+        spec = committee_spec(committee)
+        if spec is None:
+            raise CalibrationError(
+                f"{committee} is not a committee: give a committee file (.toml) or A,B,..."
+            )
+        if write and spec.source is None:
+            raise CalibrationError("--write needs a committee file; for A,B,... use -o NEW.toml")
+        if max_structures is not None and max_structures < 1:
+            raise CalibrationError(f"--max-structures must be positive, got {max_structures}")
+        labelled = read_labelled(data, _data_keys(energy_key, forces_key, None))
+        labelled = labelled[:max_structures]
+        loaded = load_committee(dataclasses.replace(spec, alpha=1.0), device=device, dtype=dtype)
+        samples = committee_samples(loaded, labelled, quantity)
+        alpha = fit_alpha(samples)
+    except (ModelFileError, DataError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"alpha = {alpha:.6g} (was {spec.alpha:g}), fitted on {quantity}")
+    typer.echo(calibration_table(samples, alpha, bins))
+    summary = {
+        "data": ", ".join(p.name for p in data),
+        "structures": samples.structures,
+        "quantity": quantity,
+        "alpha": alpha,
+        "observed_rmse": float(np.sqrt(np.mean(samples.errors**2))),
+        "unit": "eV/atom" if quantity == "energy" else "eV/Å",
+    }
+    fitted = dataclasses.replace(spec, alpha=alpha, calibration=summary)
+    targets = [p for p in (spec.source if write else None, output) if p is not None]
+    for target in targets:
+        write_committee_file(target, fitted)
+        typer.echo(f"wrote {target}")
+    if not targets:
+        typer.echo("(not written: --write updates the committee file, -o writes a new one)")
 
 
 def _cli_type(annotation: Any) -> Any:

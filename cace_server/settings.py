@@ -35,13 +35,17 @@ ENV_PREFIX = "CACE_SERVER_"
 class ModelSettings:
     """The model files the server loads."""
 
-    # "PATH" or "NAME=PATH"; empty means the bundled default model.
+    # "PATH" or "NAME=PATH"; empty means the bundled default model. PATH may be a
+    # committee: "a.safetensors,b.safetensors" (a flag or a TOML list item) or a
+    # committee file "committee.toml" (also in CACE_SERVER_MODEL, whose commas
+    # separate models).
     sources: tuple[str, ...] = option(
         (),
         name="model",
         show="bundled water model",
         aliases=("-m",),
-        help="model file, or NAME=FILE; repeat to serve several",
+        help="model file, or NAME=FILE; a committee: NAME=A,B,... or NAME=COMMITTEE.toml; "
+        "repeat to serve several",
     )
     default_model: str | None = option(None, show="first model", help="name of the default model")
 
@@ -52,6 +56,11 @@ class ModelSettings:
             name, sep, path = spec.partition("=")
             if not sep:
                 name, path = Path(spec).stem, spec
+            if not path.strip():
+                raise ValueError(
+                    f"model {name!r} has no file: give NAME=FILE, NAME=A,B,... (a committee) "
+                    "or NAME=COMMITTEE.toml"
+                )
             if name in out:
                 raise ValueError(f"two models named {name!r}; use NAME=PATH to tell them apart")
             out[name] = path

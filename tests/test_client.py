@@ -251,3 +251,103 @@ def test_curl_examples(server: BackgroundServer) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"energy"' in out.stdout and "HTTP 422" in out.stdout
+
+
+COMMITTEE = Path(__file__).resolve().parent / "data" / "committee"
+
+
+@pytest.fixture(scope="module")
+def committee_server(model_file: Path) -> Iterator[BackgroundServer]:
+    """A committee of the four seed members next to a plain model."""
+    members = ",".join(str(COMMITTEE / f"seed{i}.safetensors") for i in range(1, 5))
+    sources = {"water": members, "plain": str(model_file)}
+    with (
+        Engine(sources, settings=EngineSettings(dtype="float64")) as engine,
+        BackgroundServer(create_app(engine, settings=HttpSettings())) as srv,
+    ):
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def committee() -> Any:
+    from cace_server.model import load_served
+
+    members = ",".join(str(COMMITTEE / f"seed{i}.safetensors") for i in range(1, 5))
+    return load_served(members, dtype="float64")
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["msgpack", "json"])
+def test_remote_calculator_gives_a_committees_uncertainties(
+    committee_server: BackgroundServer, committee: Any, binary: bool
+) -> None:
+    atoms = water_box(seed=5)
+    atoms.calc = RemoteCACE(committee_server.url, model="water", binary=binary)
+    want = committee.predict(
+        [Structure.from_ase(atoms)],
+        ["energy", "forces", "energy_uncertainty", "forces_uncertainty"],
+    )[0]
+    assert atoms.get_potential_energy() == pytest.approx(want.energy, rel=1e-12)
+    results = atoms.calc.results
+    assert results["energy_uncertainty"] == pytest.approx(want.energy_uncertainty, rel=1e-10)
+    assert results["forces_uncertainty"].shape == (len(atoms),)
+    np.testing.assert_allclose(results["forces_uncertainty"], want.forces_uncertainty, rtol=1e-10)
+    assert atoms.calc.get_property("energy_uncertainty", atoms) == results["energy_uncertainty"]
+    # a plain model is not asked for them, and has none to give
+    atoms.calc = RemoteCACE(committee_server.url, model="plain", binary=binary)
+    atoms.get_potential_energy()
+    assert "energy_uncertainty" not in atoms.calc.results
+    with pytest.raises(PropertyNotImplementedError, match="not a committee"):
+        atoms.calc.get_property("energy_uncertainty", atoms)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["msgpack", "json"])
+def test_client_returns_committee_properties(
+    committee_server: BackgroundServer, committee: Any, binary: bool
+) -> None:
+    atoms = water_box(seed=6)
+    everything = [
+        "energy",
+        "forces",
+        "stress",
+        "energy_uncertainty",
+        "forces_uncertainty",
+        "committee_energies",
+        "committee_forces",
+        "committee_virials",
+    ]
+    want = committee.predict([Structure.from_ase(atoms)], everything)[0]
+    n = len(atoms)
+    with CACEClient(committee_server.url, binary=binary) as client:
+        out = client.calculate(atoms, properties=everything, model="water")
+        np.testing.assert_allclose(out["committee_energies"], want.committee_energies, rtol=1e-12)
+        assert out["committee_forces"].shape == (4, n, 3)
+        np.testing.assert_allclose(out["committee_forces"], want.committee_forces, atol=1e-12)
+        assert out["committee_virials"].shape == (4, 3, 3)
+        np.testing.assert_allclose(out["committee_virials"], want.committee_virials, atol=1e-12)
+        assert out["forces_uncertainty"].shape == (n,)
+        assert out["energy_uncertainty"] == pytest.approx(want.energy_uncertainty, rel=1e-10)
+
+        listing = {m["name"]: m for m in client.models()["models"]}
+        entry = listing["water"]["committee"]
+        assert entry["size"] == 4 and entry["alpha"] == 1.0
+        assert [m["name"] for m in entry["members"]] == [f"seed{i}" for i in range(1, 5)]
+        assert all(m["family"] == ["cace"] and m["n_parameters"] > 0 for m in entry["members"])
+        assert listing["water"]["family"] == ["committee"]
+        assert listing["plain"]["committee"] is None
+
+        # committee outputs of a plain model: a 422 naming the property; the server stays up
+        for k, name in enumerate(["committee_forces", "energy_uncertainty"]):
+            with pytest.raises(CACEServerError) as info:
+                client.calculate(atoms, properties=["energy", name], model="plain")
+            assert info.value.status == 422 and info.value.kind == "unsupported_property"
+            assert info.value.field == "properties.1" and name in info.value.message, k
+        assert client.calculate(atoms, model="plain")["energy"] is not None
+
+
+def test_openapi_documents_the_committee(committee_server: BackgroundServer) -> None:
+    import httpx
+
+    schema = httpx.get(f"{committee_server.url}/openapi.json").json()["components"]["schemas"]
+    assert {"size", "alpha", "calibration", "members"} <= set(schema["CommitteeOut"]["properties"])
+    assert {"name", "family", "n_parameters"} <= set(schema["CommitteeMember"]["properties"])
+    assert "committee" in schema["ModelOut"]["properties"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from tests.published_support import structure as published_structure
 REFERENCE = REFERENCE_DIR
 PUBLISHED = REFERENCE / "published"
 SYNTHETIC = REFERENCE / "synthetic"
+COMMITTEE = Path(__file__).parent / "data" / "committee"
 
 
 def _water_box(n_side: int = 2, seed: int = 0) -> Structure:
@@ -132,6 +134,13 @@ def _dipole_bec() -> tuple[ServedModel, list[Structure]]:
     return _dipole_model(), _waters()
 
 
+def _committee() -> tuple[ServedModel, list[Structure]]:
+    from cace_server.model import load_served
+
+    members = ",".join(str(COMMITTEE / f"seed{i}.safetensors") for i in range(1, 5))
+    return load_served(members, dtype="float64"), _waters()
+
+
 def _wrapped() -> tuple[ServedModel, list[Structure]]:
     from cace_server.model import random_model
 
@@ -156,6 +165,7 @@ FAMILIES: dict[str, Callable[[], tuple[ServedModel, list[Structure]]]] = {
     "reference mp1 (mp_nu3_mp1.pth)": _reference("mp_nu3_mp1.pth"),
     "bundled water model": _bundled,
     "native dipole/bec heads": _dipole_bec,
+    "committee of 4 seeds": _committee,
     "ModelWrapper": _wrapped,
     "fault injector (not yet failing)": _fault_injector,
     "test model adding a dipole (test_engine_outputs)": _test_dipole_wrapper,
@@ -187,7 +197,7 @@ def _matches(shape: tuple[int, ...], documented: str, n_atoms: int) -> bool:
         if len(dims) != len(shape):
             continue
         if all(
-            (d == "N" and s == n_atoms) or d == "k" or (d.isdigit() and int(d) == s)
+            (d == "N" and s == n_atoms) or d in ("k", "M") or (d.isdigit() and int(d) == s)
             for d, s in zip(dims, shape, strict=True)
         ):
             return True

@@ -34,4 +34,21 @@ def info_dict(info: ModelInfo, *, sha256: str | None) -> dict[str, Any]:
         "description": info.description,
         "source": info.source,
         "sha256": sha256,
+        "committee": committee_dict(info.description.get("committee")),
+    }
+
+
+def committee_dict(described: Any) -> dict[str, Any] | None:
+    """A committee's members and calibration, from its ``describe()`` entry."""
+    if not isinstance(described, dict):
+        return None
+    return {
+        "size": described["size"],
+        "alpha": described["alpha"],
+        "calibration": dict(described.get("calibration") or {}),
+        "evaluation": described.get("evaluation"),
+        "members": [
+            {"name": m["name"], "family": m["family"], "n_parameters": m["n_parameters"]}
+            for m in described["members"]
+        ],
     }

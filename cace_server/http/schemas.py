@@ -193,6 +193,30 @@ class ErrorResponse(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
+class CommitteeMember(BaseModel):
+    name: str = Field(..., description="the member's name (its file's stem)")
+    family: list[str] = Field(..., description="the member's model families, e.g. cace")
+    n_parameters: int
+
+
+class CommitteeOut(BaseModel):
+    """A committee model: its members and the calibration of its uncertainty."""
+
+    size: int = Field(..., description="number of members M")
+    alpha: float = Field(
+        ...,
+        description="calibration factor: uncertainties are alpha x the members' sample "
+        "standard deviation (i-PI's <alpha>); members' own outputs are not rescaled",
+    )
+    calibration: dict[str, Any] = Field(
+        ..., description="how alpha was fitted (cace-server calibrate): data, structures, ..."
+    )
+    evaluation: str | None = Field(
+        None, description="how the members are evaluated: shared edge pass or member loop"
+    )
+    members: list[CommitteeMember]
+
+
 class ModelOut(BaseModel):
     name: str
     default: bool
@@ -217,6 +241,9 @@ class ModelOut(BaseModel):
     description: dict[str, Any] = Field(..., description="the model's own description")
     source: str | None
     sha256: str | None = Field(None, description="SHA-256 of the model file, when from a file")
+    committee: CommitteeOut | None = Field(
+        None, description="committee models: members and calibration (null for one model)"
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -19,7 +19,7 @@ from cace_server.http.arrays import read_floats, read_ints
 from cace_server.http.errors import ApiError, invalid, join_path
 from cace_server.http.schemas import DEFAULT_PROPERTIES, Property, StructureIn
 from cace_server.http.settings import HttpSettings
-from cace_server.outputs import Outputs
+from cace_server.outputs import COMMITTEE_OUTPUTS, Outputs
 from cace_server.structures import Structure, StructureError
 from cace_server.validation import GeometryError, check_geometry
 
@@ -206,6 +206,10 @@ _WHY_MISSING = {
     "energies": "its long-range term is not split into atoms",
     "dipole": "not a dipole/polarization model",
     "bec": "not a dipole/polarization model",
+    **{
+        name: "not a committee: serve one with --model NAME=A,B,... or NAME=COMMITTEE.toml"
+        for name in COMMITTEE_OUTPUTS
+    },
 }
 
 

@@ -14,6 +14,9 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from cace_client.client import CACEClient, CACEServerError
 
+#: What a committee model adds to every evaluation's results.
+UNCERTAINTIES = ("energy_uncertainty", "forces_uncertainty")
+
 
 class RemoteCACE(Calculator):
     """Energy, free energy, forces, stress (periodic systems) and per-atom energies;
@@ -29,6 +32,11 @@ class RemoteCACE(Calculator):
     ``inputs``: names of per-atom arrays (``atoms.arrays``) the model reads, e.g.
     ``("charge_states",)``; by default the server is asked once which ones the model
     needs.
+
+    When the served model is a committee, every evaluation also fills
+    ``results["energy_uncertainty"]`` (eV) and ``results["forces_uncertainty"]``
+    (eV/Å per atom): alpha x the members' standard deviation. The server is asked
+    once (``GET /v1/models``) what the model computes.
     """
 
     implemented_properties = [  # noqa: RUF012 - ASE declares it a mutable instance attribute
@@ -40,6 +48,8 @@ class RemoteCACE(Calculator):
         "charges",
         "dipole",
         "bec",
+        "energy_uncertainty",
+        "forces_uncertainty",
     ]
 
     def __init__(
@@ -59,18 +69,33 @@ class RemoteCACE(Calculator):
         self.url = url
         self.model = model
         self.inputs = inputs
+        self._outputs: tuple[str, ...] | None = None
         self.client = client or CACEClient(
             url, token, timeout=timeout, retries=retries, binary=binary, model=model
         )
 
-    def _inputs(self) -> tuple[str, ...]:
-        """The per-atom inputs of the model (asked once from ``GET /v1/models``)."""
+    def _describe(self) -> None:
+        """Ask ``GET /v1/models`` once what the model needs and what it computes."""
+        listing = self.client.models()
+        name = self.model or listing["default"]
+        found = [m for m in listing["models"] if m["name"] == name]
         if self.inputs is None:
-            listing = self.client.models()
-            name = self.model or listing["default"]
-            found = [m for m in listing["models"] if m["name"] == name]
             self.inputs = tuple(found[0].get("required_inputs", ())) if found else ()
+        self._outputs = tuple(found[0].get("outputs", ())) if found else ()
+
+    def _inputs(self) -> tuple[str, ...]:
+        """The per-atom inputs of the model."""
+        if self.inputs is None:
+            self._describe()
+        assert self.inputs is not None
         return self.inputs
+
+    def _offered(self) -> tuple[str, ...]:
+        """What the model computes (its ``outputs``)."""
+        if self._outputs is None:
+            self._describe()
+        assert self._outputs is not None
+        return self._outputs
 
     def calculate(
         self,
@@ -88,6 +113,8 @@ class RemoteCACE(Calculator):
         if periodic:
             wanted.append("stress")
         wanted += [p for p in ("energies", "charges", "dipole", "bec") if p in properties]
+        # A committee's uncertainties come with every evaluation (they cost little).
+        wanted += [p for p in UNCERTAINTIES if p in properties or p in self._offered()]
         try:
             out = self.client.calculate(self.atoms, properties=wanted, inputs=self._inputs())
         except CACEServerError as exc:
@@ -101,7 +128,7 @@ class RemoteCACE(Calculator):
         }
         if out.get("stress") is not None:
             self.results["stress"] = out["stress"]
-        for key in ("energies", "charges", "dipole", "bec"):
+        for key in ("energies", "charges", "dipole", "bec", *UNCERTAINTIES):
             if out.get(key) is not None:
                 self.results[key] = out[key]
 

@@ -15,8 +15,16 @@ except ImportError:  # pragma: no cover - exercised only without msgpack
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
-PER_ATOM = ("forces", "energies", "charges", "bec")
-MATRICES = ("stress", "stress_tensor", "virial", "dipole")
+PER_ATOM = (
+    "forces",
+    "energies",
+    "charges",
+    "bec",
+    "forces_uncertainty",
+    "committee_energies",
+    "committee_forces",
+)
+MATRICES = ("stress", "stress_tensor", "virial", "dipole", "committee_virials")
 
 
 def have_msgpack() -> bool:
