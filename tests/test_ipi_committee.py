@@ -11,23 +11,32 @@ with the members evaluated over HTTP.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import ase.io
+import httpx
 import numpy as np
 import pytest
 from ipi.engine.forcefields import FFCommittee
 from ipi.interfaces.utils import parse_extra
+from prometheus_client.parser import text_string_to_metric_families
 
 from cace_server.ipi.convert import extras_json, results_to_wire
 from cace_server.ipi.engine_evaluator import IPI_COMMITTEE, ipi_outputs
 from cace_server.model.committee import Committee, load_served
 from cace_server.outputs import Outputs
 from cace_server.structures import Prediction, Structure
-from cace_server.units import FORCE_AU_PER_EV_ANGSTROM, HARTREE_PER_EV
+from cace_server.units import ANGSTROM_PER_BOHR, FORCE_AU_PER_EV_ANGSTROM, HARTREE_PER_EV
+from tests.ipi_support import IPI_SCRIPT, IpiRun
+from tests.test_serve_http import free_port
 
 MEMBERS = [
     Path(__file__).parent / "data" / "committee" / f"seed{k}.safetensors" for k in range(1, 5)
@@ -113,3 +122,175 @@ def test_committee_extras_layout_and_units(committee: Committee, water: Structur
 def test_a_plain_models_extras_have_no_committee_keys(water: Structure) -> None:
     plain = Prediction(energy=-1.0, forces=np.zeros((len(water), 3)))
     assert set(json.loads(extras_json(plain, "water"))) == {"model", "energy_eV"}
+
+
+# ------------------------------------------------------------------ the real i-PI
+
+ALPHA = 2.0  # i-PI's calibration, not the server's (the seed committee has alpha 1)
+BEADS = 2
+STEPS = 4
+COMMITTEE_OUTPUTS = """
+    <properties stride="1" filename="out" flush="1"> [ step, potential{atomic_unit} ] </properties>
+    <trajectory filename="pos" stride="1" format="bin" flush="1"> positions </trajectory>
+    <trajectory filename="cpot" stride="1" extra_type="committee_pot" flush="1">
+      extras </trajectory>
+    <trajectory filename="cunc" stride="1" extra_type="committee_uncertainty" flush="1">
+      extras </trajectory>
+"""
+COMMITTEE_FF = f"""
+  <ffcommittee name="cace">
+    <ffsocket name="cace-socket" mode="unix" pbc="false">
+      <address> {{address}} </address>
+    </ffsocket>
+    <parse_json> true </parse_json>
+    <alpha> {ALPHA} </alpha>
+    <active_thresh units="electronvolt"> 1e-4 </active_thresh>
+    <active_output> active </active_output>
+  </ffcommittee>"""
+
+
+def committee_run(workdir: Path, socket_dir: str) -> IpiRun:
+    """NPT water PIMD whose forcefield is ``<ffcommittee>`` around one ``<ffsocket>``."""
+    from tests.npt_support import NPT_MOTION
+
+    # i-PI gives its sockets_prefix to top-level <ffsocket>s only: one inside
+    # <ffcommittee> listens at /tmp/ipi_<address>, named here after the private dir
+    address = Path(socket_dir).name + "-committee"
+    run = IpiRun(
+        workdir,
+        socket_dir,
+        ase.io.read(INIT),
+        name=address,
+        nbeads=BEADS,
+        steps=STEPS,
+        motion=NPT_MOTION.format(timestep=0.25),
+        outputs=COMMITTEE_OUTPUTS,
+        pressure_mpa=0.1,
+    )
+    xml = (workdir / "input.xml").read_text()
+    xml = re.sub(
+        r"<ffsocket .*?</ffsocket>", COMMITTEE_FF.format(address=run.name), xml, flags=re.S
+    )
+    (workdir / "input.xml").write_text(xml)
+    run.socket_path = "/tmp/ipi_" + address  # stop() removes it
+    return run
+
+
+def extras_blocks(path: Path) -> list[np.ndarray]:
+    """The values of an ``extra_type`` trajectory, one array per recorded step."""
+    blocks: list[list[float]] = []
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#EXTRAS"):
+            blocks.append([])
+        elif line.strip():
+            blocks[-1] += [float(x) for x in line.split()]
+    return [np.asarray(b) for b in blocks]
+
+
+def counters(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("cace_engine_") and not sample.labels
+    }
+
+
+Served = tuple[IpiRun, str, "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture
+def served(tmp_path: Path, socket_dir: str) -> Iterator[Served]:
+    """i-PI listening, then ``cace-server serve`` with the committee on HTTP and i-PI."""
+    run = committee_run(tmp_path / "ipi", socket_dir).start()
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            "water=" + ",".join(str(m) for m in MEMBERS),
+            "--dtype",
+            "float64",
+            "--ipi",
+            f"unix:{run.socket_path}",
+            "--ipi-clients",
+            str(BEADS),
+            "--ipi-template",
+            str(INIT),
+            "--torch-threads",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    try:
+        yield run, f"http://127.0.0.1:{port}", server
+    finally:
+        run.stop()
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+        log.close()
+
+
+@pytest.mark.ipi
+@pytest.mark.skipif(not IPI_SCRIPT.exists(), reason="the i-pi program is not installed")
+def test_ipi_ffcommittee_npt_against_the_served_committee(served: Served, tmp_path: Path) -> None:
+    run, url, server = served
+    assert run.wait(timeout=300) == 0, run.log()
+    assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+    stats = counters(url)  # before our own HTTP requests add to them
+
+    # (a) i-PI's committee_pot, alpha undone, is each member's energy on i-PI's positions
+    atoms = ase.io.read(INIT)
+    frames: list[tuple[np.ndarray, np.ndarray]] = []  # (cell h, positions), Bohr
+    recorded: list[np.ndarray] = []  # members' energies, Hartree
+    for bead in range(BEADS):
+        cells, positions = run.binary_frames("pos", bead, len(atoms))
+        pots = extras_blocks(tmp_path / "ipi" / f"sim.cpot_{bead}")
+        uncertainty = extras_blocks(tmp_path / "ipi" / f"sim.cunc_{bead}")
+        assert len(pots) == len(uncertainty) == len(cells) == STEPS + 1
+        for h, pos, pot, unc in zip(cells, positions, pots, uncertainty, strict=True):
+            assert pot.shape == (len(MEMBERS),)
+            assert unc[0] == pytest.approx(np.std(pot, ddof=1), rel=1e-12)
+            frames.append((h, pos))
+            recorded.append(pot.mean() + (pot - pot.mean()) / ALPHA)
+    request = {
+        "model": "water",
+        "properties": ["committee_energies"],
+        "structures": [
+            {
+                "numbers": atoms.numbers.tolist(),
+                "positions": (pos * ANGSTROM_PER_BOHR).tolist(),
+                "cell": (h.T * ANGSTROM_PER_BOHR).tolist(),
+                "pbc": True,
+            }
+            for h, pos in frames
+        ],
+    }
+    reply = httpx.post(url + "/v1/calculate/batch", json=request, timeout=300)
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    for got, result in zip(recorded, results, strict=True):
+        want = np.asarray(result["committee_energies"]) * HARTREE_PER_EV
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)
+
+    # (b) the uncertainty is far above the threshold: every bead of every step dumped
+    active = tmp_path / "ipi" / "sim.active"
+    assert active.read_text().count('"uncertainty"') == BEADS * (STEPS + 1)
+
+    # (c) one model call per step: every bead of a step in one batch
+    assert stats["cace_engine_structures_total"] == BEADS * (STEPS + 1)
+    assert stats["cace_engine_model_calls_total"] == stats["cace_engine_batches_total"]
+    assert stats["cace_engine_batches_total"] == STEPS + 1, stats
+    assert stats["cace_engine_step_timeouts_total"] == 0, stats
