@@ -36,6 +36,7 @@ from cace_server.outputs import Outputs
 from cace_server.structures import Prediction, Structure
 from cace_server.units import ANGSTROM_PER_BOHR, FORCE_AU_PER_EV_ANGSTROM, HARTREE_PER_EV
 from tests.ipi_support import IPI_SCRIPT, IpiRun
+from tests.npt_support import NPT_MOTION
 from tests.test_serve_http import free_port
 
 MEMBERS = [
@@ -151,8 +152,6 @@ COMMITTEE_FF = f"""
 
 def committee_run(workdir: Path, socket_dir: str) -> IpiRun:
     """NPT water PIMD whose forcefield is ``<ffcommittee>`` around one ``<ffsocket>``."""
-    from tests.npt_support import NPT_MOTION
-
     # i-PI gives its sockets_prefix to top-level <ffsocket>s only: one inside
     # <ffcommittee> listens at /tmp/ipi_<address>, named here after the private dir
     address = Path(socket_dir).name + "-committee"
