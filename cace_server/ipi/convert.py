@@ -17,6 +17,16 @@ The ``extras`` string returned with every structure is a JSON object with these 
     the Born effective charges in e as i-PI's ``<bec mode="driver">`` reads them: a
     (3N, 3) list of rows, ``BEC[3i + a][b] = d dipole_b / d R_{i,a}`` (same module,
     ``BEC._get_driver_BEC``); only when the connection computes BEC.
+``committee_pot``, ``committee_force``, ``committee_virial``
+    committee models: each member's energy (M, Hartree), forces (M lists of 3N,
+    Hartree/Bohr) and virial (M lists of 9, Hartree, oriented like the wire virial),
+    not rescaled: what i-PI's ``<ffcommittee>`` with ``<parse_json>true</parse_json>``
+    reads from one client (``ipi/engine/forcefields.py``, ``FFCommittee.gather``),
+    rescaling them with its own ``<alpha>``.
+``energy_uncertainty_eV``
+    committee models: the served uncertainty (the committee's calibrated alpha x the
+    members' standard deviation), eV. i-PI's ``FFCommittee`` computes its own
+    ``committee_uncertainty`` and passes this key on as ``committee_energy_uncertainty_eV``.
 any other key of :attr:`Prediction.extras`
     passed through when its value is JSON-serialisable (numpy arrays become lists).
 
@@ -75,6 +85,12 @@ def structures_from_wire(
     return out
 
 
+def virial_to_wire(virial_ev: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """A virial (3, 3) in eV as the wire carries it: Hartree, transposed like ASE's and
+    i-PI's own drivers send it."""
+    return np.asarray(virial_ev, dtype=np.float64).reshape(3, 3).T * HARTREE_PER_EV
+
+
 def _virial_ev(prediction: Prediction, structure: Structure) -> npt.NDArray[np.float64]:
     if prediction.virial is not None:
         return np.asarray(prediction.virial, dtype=np.float64).reshape(3, 3)
@@ -110,7 +126,7 @@ def results_to_wire(
             raise ValueError(f"the evaluator returned forces of shape {f.shape}, not ({natoms}, 3)")
         energies[i] = float(prediction.energy) * HARTREE_PER_EV
         forces[i] = f * FORCE_AU_PER_EV_ANGSTROM
-        virials[i] = _virial_ev(prediction, structure).T * HARTREE_PER_EV
+        virials[i] = virial_to_wire(_virial_ev(prediction, structure))
     if not (np.isfinite(energies).all() and np.isfinite(forces).all()):
         raise ValueError("the evaluator returned NaN or infinite energy or forces")
     if not np.isfinite(virials).all():
@@ -152,4 +168,25 @@ def extras_json(prediction: Prediction, model_name: str | None = None) -> str:
     if prediction.bec is not None:
         bec = np.asarray(prediction.bec, dtype=np.float64)
         extras["BEC"] = bec.reshape(-1, 3).tolist()  # (N, 3, 3) -> rows 3i + a
+    extras.update(committee_extras(prediction))
     return json.dumps(extras, separators=(",", ":"))
+
+
+def committee_extras(prediction: Prediction) -> dict[str, Any]:
+    """The committee keys of the extras (none for a plain model's prediction)."""
+    out: dict[str, Any] = {}
+    if prediction.committee_energies is None:
+        return out
+    energies = np.asarray(prediction.committee_energies, dtype=np.float64).reshape(-1)
+    out["committee_pot"] = (energies * HARTREE_PER_EV).tolist()
+    if prediction.committee_forces is not None:
+        forces = np.asarray(prediction.committee_forces, dtype=np.float64)
+        flat = forces.reshape(len(energies), -1) * FORCE_AU_PER_EV_ANGSTROM
+        out["committee_force"] = flat.tolist()
+    if prediction.committee_virials is not None:
+        virials = np.asarray(prediction.committee_virials, dtype=np.float64)
+        rows = [virial_to_wire(v).reshape(9) for v in virials.reshape(len(energies), 3, 3)]
+        out["committee_virial"] = np.asarray(rows).tolist()
+    if prediction.energy_uncertainty is not None:
+        out["energy_uncertainty_eV"] = float(prediction.energy_uncertainty)
+    return out

@@ -5,7 +5,9 @@ extras is decided here, per model (:func:`ipi_outputs`): the latent charges and 
 dipole (i-PI's driven dynamics reads it) come with the energy pass whenever the
 model has them; Born effective charges (i-PI's ``<bec mode="driver">`` reads them)
 cost extra backward passes, so they are computed only when the model has them and
-the connection wants them. ``convert.extras_json`` writes them in i-PI's layout.
+the connection wants them. A committee's members' energies, forces and virials (and
+its uncertainty) go with every structure: i-PI's ``<ffcommittee>`` reads them from
+the extras of one client. ``convert.extras_json`` writes them in i-PI's layout.
 
 Each connection is an engine trajectory (it keeps the Verlet neighbour lists of the
 beads it drives), and the connections of one address form a step group: a step's
@@ -33,6 +35,13 @@ if TYPE_CHECKING:
 IPI_REQUIRED = ("energy", "forces", "stress")
 #: Outputs sent in the extras when the model offers them (see the module docstring).
 IPI_EXTRAS = ("charges", "dipole")
+#: What a committee sends in addition (when it offers ``committee_energies``).
+IPI_COMMITTEE = (
+    "committee_energies",
+    "committee_forces",
+    "committee_virials",
+    "energy_uncertainty",
+)
 
 
 def ipi_outputs(offered: Sequence[str], bec: bool) -> Outputs:
@@ -40,6 +49,8 @@ def ipi_outputs(offered: Sequence[str], bec: bool) -> Outputs:
     extras = [name for name in IPI_EXTRAS if name in offered]
     if bec and "bec" in offered:
         extras.append("bec")
+    if "committee_energies" in offered:
+        extras += [name for name in IPI_COMMITTEE if name in offered]
     return Outputs([*IPI_REQUIRED, *extras])
 
 
