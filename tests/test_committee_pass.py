@@ -124,3 +124,57 @@ def test_message_passing_members_fall_back_to_the_member_loop(members) -> None:
             alone = member.predict([structures[b]], ["energy", "forces"])[0]
             assert pred.committee_energies[m] == pytest.approx(alone.energy, abs=1e-10)
             np.testing.assert_allclose(pred.committee_forces[m], alone.forces, atol=1e-10)
+
+
+# -- the member axis (node-level work of members of one architecture) ------------------------
+def _stacked(committee: Committee, stack: bool) -> Committee:
+    assert committee.shared is not None
+    committee.shared.stack = stack
+    return committee
+
+
+def test_member_axis_equals_member_by_member(members) -> None:
+    """The stacked node-level pass (used off the CPU) gives the member loop's numbers."""
+    structures = _structures()
+    stacked = _stacked(Committee(members), True)
+    assert stacked.shared is not None and stacked.shared.stacked is not None
+    got = stacked.predict(structures, EVERYTHING)
+    want = _stacked(Committee(members), False).predict(structures, EVERYTHING)
+    for a, b in zip(got, want, strict=True):
+        assert abs(a.energy - b.energy) < 1e-10
+        _assert_same(a, b, [n for n in EVERYTHING if n != "energy"])
+
+
+def test_member_axis_needs_one_architecture() -> None:
+    same = [random_model(seed=s, cutoff=5.0) for s in (1, 2)]
+    assert Committee(same).shared.stacked is not None  # type: ignore[union-attr]
+    other = [random_model(seed=1, cutoff=5.0), random_model(seed=2, cutoff=5.0, max_nu=2)]
+    assert Committee(other).shared.stacked is None  # type: ignore[union-attr]
+
+
+def test_member_axis_does_not_grow_the_operation_count_with_members(members) -> None:
+    """What a committee costs where calls are bound by kernel launches (a GPU): with
+    the member axis, four members take fewer than twice the operations of one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    structure = _structures()[0]
+    committee = _stacked(Committee(members), True)
+    prepared = committee.prepare(structure)
+    counts = {}
+    for name, call in {
+        "committee": lambda: committee.predict([prepared], EVERYTHING),
+        "member": lambda: members[0].predict([prepared], ["energy", "forces", "stress"]),
+    }.items():
+        with Count() as count:
+            call()
+        counts[name] = count.n
+    assert counts["committee"] < 2 * counts["member"], counts

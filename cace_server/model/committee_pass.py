@@ -25,6 +25,7 @@ from cace_server.model.edge_basis import EdgeTerms
 from cace_server.model.neighbors import GraphBatch, PreparedStructure, collate
 from cace_server.model.potential import CACEPotential, Geometry
 from cace_server.model.representation import sum_over_neighbours
+from cace_server.model.stacked import StackedMembers
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class SharedEdgePass:
     members' forces cost one pass over the edges.
     """
 
-    def __init__(self, members: Sequence[CACEPotential]) -> None:
+    def __init__(self, members: Sequence[CACEPotential], *, stack: bool | None = None) -> None:
         self.members = list(members)
         self.widths = input_widths(members)
         rep = members[0].representation
@@ -93,6 +94,10 @@ class SharedEdgePass:
         self.angular = rep.angular
         self.angular_derivative = rep.fused_edge_basis.angular_derivative
         self.n_rbf = [m.config.n_rbf for m in members]
+        #: members of one architecture run their node-level work with a member axis
+        #: off the CPU (see ``cace_server.model.stacked``); ``stack`` forces either way
+        self.stacked = StackedMembers.for_members(members)
+        self.stack = stack
 
     @classmethod
     def for_members(cls, members: Sequence[CACEPotential]) -> SharedEdgePass | None:
@@ -160,19 +165,10 @@ class SharedEdgePass:
         leaves = geometry.leaves
         differentiable = bool(leaves) and padded.requires_grad
         sums.requires_grad_(differentiable)
-        energies, atom_energies, totals = [], [], []
-        for member, part in zip(self.members, torch.split(sums, self.n_rbf, dim=3), strict=True):
-            features = member.representation.features_from_sums(
-                part.reshape(n, part.shape[1], -1), batch.species
-            )
-            energy, atom_energy = member.head_energies(features, batch)
-            energies.append(energy.detach())
-            totals.append(energy.sum())
-            if need.energies:
-                atom_energies.append(atom_energy.detach())
-        results = MemberResults(group, _host(torch.stack(energies)))
+        energy, atom_energy = self._node_energies(sums, batch)  # [M, B], [M, n]
+        results = MemberResults(group, _host(energy))
         if need.energies:
-            results.energies = _host(torch.stack(atom_energies))
+            results.energies = _host(atom_energy)
         if not leaves:
             return results
         if not differentiable:
@@ -184,7 +180,7 @@ class SharedEdgePass:
                 results.virial = np.zeros((width_out, batch.n_systems, 3, 3))
             return results
         # Every member's gradient of its energy with respect to its own columns.
-        (sum_grad,) = torch.autograd.grad(torch.stack(totals).sum(), sums)
+        (sum_grad,) = torch.autograd.grad(energy.sum(), sums)
         grad_vectors = self._edge_backward(terms, radial, angular, rows, sum_grad, membership)
         if need.per_member:
             grads = torch.autograd.grad(padded, leaves, grad_vectors, is_grads_batched=True)
@@ -199,6 +195,25 @@ class SharedEdgePass:
         if need.virial:
             results.virial = -_host(grads[k_out])
         return results
+
+    def _node_energies(
+        self, sums: torch.Tensor, batch: GraphBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energy [M, B], atom energies [M, n]) of every member from its columns of
+        the neighbour sums: one stacked pass for members of one architecture."""
+        stack = sums.device.type != "cpu" if self.stack is None else self.stack
+        if self.stacked is not None and stack:
+            return self.stacked.energies(sums, batch)
+        n, n_l = sums.shape[0], sums.shape[1]
+        energies, atom_energies = [], []
+        for member, part in zip(self.members, torch.split(sums, self.n_rbf, dim=3), strict=True):
+            features = member.representation.features_from_sums(
+                part.reshape(n, n_l, -1), batch.species
+            )
+            energy, atom_energy = member.head_energies(features, batch)
+            energies.append(energy)
+            atom_energies.append(atom_energy)
+        return torch.stack(energies), torch.stack(atom_energies)
 
     @torch.no_grad()
     def _edge_backward(
