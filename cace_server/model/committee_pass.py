@@ -98,6 +98,7 @@ class SharedEdgePass:
         #: off the CPU (see ``cace_server.model.stacked``); ``stack`` forces either way
         self.stacked = StackedMembers.for_members(members)
         self.stack = stack
+        self._bessel_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def for_members(cls, members: Sequence[CACEPotential]) -> SharedEdgePass | None:
@@ -119,25 +120,46 @@ class SharedEdgePass:
         first = self.members[0]
         batch = collate(group, first.device, self.widths, first.dtype)
         with torch.enable_grad():
-            return self._evaluate(list(group), batch, need)
+            tensors = self.evaluate(batch, need)
+        # Every result in one float64 buffer: one device-to-host copy per pass.
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors.values()])
+        host = flat.to("cpu").numpy()
+        arrays: dict[str, np.ndarray] = {}
+        start = 0
+        for key, value in tensors.items():
+            arrays[key] = host[start : start + value.numel()].reshape(value.shape)
+            start += value.numel()
+        return MemberResults(
+            list(group),
+            arrays["energy"],
+            forces=arrays.get("forces"),
+            virial=arrays.get("virial"),
+            energies=arrays.get("energies"),
+        )
 
-    def _bessel(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stacked frequencies and prefactors [W], and membership [W, M] of each column."""
+    def _bessel(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked frequencies and prefactors [W], and membership [W, M] of each column
+        (the members' columns side by side), kept per device and dtype."""
         bases = [m.representation.radial_basis for m in self.members]
-        frequencies = torch.cat([b.frequencies.detach() for b in bases])
-        prefactor = torch.cat(
-            [b.prefactor.detach().expand(n) for b, n in zip(bases, self.n_rbf, strict=True)]
-        )
-        member = torch.repeat_interleave(
-            torch.arange(len(bases), device=frequencies.device),
-            torch.tensor(self.n_rbf, device=frequencies.device),
-        )
-        membership = torch.nn.functional.one_hot(member, len(bases)).to(frequencies.dtype)
+        key = (device, bases[0].frequencies.dtype)
+        if key not in self._bessel_cache:
+            frequencies = torch.cat([b.frequencies.detach() for b in bases])
+            prefactor = torch.cat(
+                [b.prefactor.detach().expand(n) for b, n in zip(bases, self.n_rbf, strict=True)]
+            )
+            membership = torch.block_diag(*(torch.ones(n, 1) for n in self.n_rbf))
+            self._bessel_cache[key] = (
+                frequencies,
+                prefactor,
+                membership.to(device=device, dtype=frequencies.dtype),
+            )
+        frequencies, prefactor, membership = self._bessel_cache[key]
         return frequencies, prefactor, membership
 
-    def _evaluate(
-        self, group: list[PreparedStructure], batch: GraphBatch, need: MemberNeeds
-    ) -> MemberResults:
+    def evaluate(self, batch: GraphBatch, need: MemberNeeds) -> dict[str, torch.Tensor]:
+        """The members' results on the device: energy [M, B], and as needed energies
+        [M, n], forces [M | 1, n, 3], virial [M | 1, B, 3, 3]. Nothing here waits for
+        the device."""
         first = self.members[0]
         dtype = first.dtype
         geometry = Geometry.of(batch, forces=need.forces, virial=need.virial)
@@ -151,7 +173,7 @@ class SharedEdgePass:
         )
         n, k, nz = blocks.n, blocks.k, len(first.elements)
         padded = blocks.vectors  # [n * k, 3], differentiable back to the leaves
-        frequencies, prefactor, membership = self._bessel()
+        frequencies, prefactor, membership = self._bessel(padded.device)
         width = int(frequencies.shape[0])
         with torch.no_grad():
             terms = EdgeTerms.of(
@@ -166,35 +188,32 @@ class SharedEdgePass:
         differentiable = bool(leaves) and padded.requires_grad
         sums.requires_grad_(differentiable)
         energy, atom_energy = self._node_energies(sums, batch)  # [M, B], [M, n]
-        results = MemberResults(group, _host(energy))
+        out = {"energy": energy.detach()}
         if need.energies:
-            results.energies = _host(atom_energy)
+            out["energies"] = atom_energy.detach()
         if not leaves:
-            return results
+            return out
+        m_out = len(self.members) if need.per_member else 1
         if not differentiable:
             # Nothing depends on the geometry (no edges at all).
-            width_out = len(self.members) if need.per_member else 1
             if need.forces:
-                results.forces = np.zeros((width_out, n, 3))
+                out["forces"] = padded.new_zeros(m_out, n, 3)
             if need.virial:
-                results.virial = np.zeros((width_out, batch.n_systems, 3, 3))
-            return results
+                out["virial"] = padded.new_zeros(m_out, batch.n_systems, 3, 3)
+            return out
         # Every member's gradient of its energy with respect to its own columns.
         (sum_grad,) = torch.autograd.grad(energy.sum(), sums)
         grad_vectors = self._edge_backward(terms, radial, angular, rows, sum_grad, membership)
         if need.per_member:
             grads = torch.autograd.grad(padded, leaves, grad_vectors, is_grads_batched=True)
         else:
-            grads = tuple(
-                g[None] for g in torch.autograd.grad(padded, leaves, grad_vectors.mean(0))
-            )
-        k_out = 0
+            mean = torch.autograd.grad(padded, leaves, grad_vectors.mean(0))
+            grads = tuple(g[None] for g in mean)
         if need.forces:
-            results.forces = -_host(grads[k_out])
-            k_out += 1
+            out["forces"] = -grads[0]
         if need.virial:
-            results.virial = -_host(grads[k_out])
-        return results
+            out["virial"] = -grads[-1]
+        return out
 
     def _node_energies(
         self, sums: torch.Tensor, batch: GraphBatch
@@ -255,7 +274,3 @@ class SharedEdgePass:
         grad = terms.angular_gradient(g_unit)
         along_r = (grad_radial.view(n * k, width) * terms.d_radial()) @ membership  # [E, M]
         return grad + along_r.t()[:, :, None] * terms.direction()
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
