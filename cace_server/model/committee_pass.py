@@ -203,12 +203,13 @@ class SharedEdgePass:
             return out
         # Every member's gradient of its energy with respect to its own columns.
         (sum_grad,) = torch.autograd.grad(energy.sum(), sums)
-        grad_vectors = self._edge_backward(terms, radial, angular, rows, sum_grad, membership)
+        grad_vectors = self._edge_backward(
+            terms, radial, angular, rows, sum_grad, membership, need.per_member
+        )
         if need.per_member:
             grads = torch.autograd.grad(padded, leaves, grad_vectors, is_grads_batched=True)
         else:
-            mean = torch.autograd.grad(padded, leaves, grad_vectors.mean(0))
-            grads = tuple(g[None] for g in mean)
+            grads = tuple(g[None] for g in torch.autograd.grad(padded, leaves, grad_vectors[0]))
         if need.forces:
             out["forces"] = -grads[0]
         if need.virial:
@@ -243,24 +244,32 @@ class SharedEdgePass:
         rows: torch.Tensor,
         sum_grad: torch.Tensor,
         membership: torch.Tensor,
+        per_member: bool,
     ) -> torch.Tensor:
-        """Each member's gradient with respect to the edge vectors, [M, n * k, 3].
+        """The gradient with respect to the edge vectors of each member's energy,
+        [M, n * k, 3], or of the members' mean energy, [1, n * k, 3].
 
         sums[b, l, z, w] = sum_k angular[l, b, k] rows[b, k, z] radial[b, k, w]; the
         columns w of member m carry only m's gradient, so the radial gradient splits
-        by column, and the angular gradient is formed per member.
+        by column, and the angular gradient is formed per member (or once, summed
+        over all columns, for the mean).
         """
         n, n_l, nz, width = sum_grad.shape
         k = radial.shape[1]
         per_slot = torch.bmm(angular.permute(1, 2, 0), sum_grad.reshape(n, n_l, nz * width))
         grad_radial = (per_slot.view(n, k, nz, width) * rows.view(n, k, nz, 1)).sum(2)
+        if per_member:
+            parts = list(
+                zip(
+                    torch.split(radial, self.n_rbf, dim=2),
+                    torch.split(sum_grad, self.n_rbf, dim=3),
+                    strict=True,
+                )
+            )
+        else:
+            parts = [(radial, sum_grad)]
         grad_angular = []
-        columns = zip(
-            torch.split(radial, self.n_rbf, dim=2),
-            torch.split(sum_grad, self.n_rbf, dim=3),
-            strict=True,
-        )
-        for radial_m, grad_m in columns:
+        for radial_m, grad_m in parts:
             y = (rows.view(n, k, nz, 1) * radial_m[:, :, None, :]).flatten(2)  # [n, k, z R]
             grad_angular.append(torch.bmm(y, grad_m.reshape(n, n_l, -1).transpose(1, 2)))
         # per member: one product over all members' edges at once is 8x slower on a
@@ -272,5 +281,7 @@ class SharedEdgePass:
             ]
         )
         grad = terms.angular_gradient(g_unit)
-        along_r = (grad_radial.view(n * k, width) * terms.d_radial()) @ membership  # [E, M]
-        return grad + along_r.t()[:, :, None] * terms.direction()
+        d_radial = grad_radial.view(n * k, width) * terms.d_radial()
+        along_r = d_radial @ membership if per_member else d_radial.sum(1, keepdim=True)
+        grad = grad + along_r.t()[:, :, None] * terms.direction()
+        return grad if per_member else grad / membership.shape[1]
