@@ -16,6 +16,7 @@ the table gives medians and the ratios the issue asks for:
 
     python benchmarks/committee.py
     python benchmarks/committee.py --against 405108a   # also REV's code, fresh processes
+    python benchmarks/committee.py --device cuda        # on a GPU (member axis by default)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ ROUNDS = {192: 15, 1536: 4}
 COMMITTEE_OUTPUTS = ["energy", "forces", "stress", "committee_forces", "committee_virials"]
 
 
-def run_size(tree: str, atoms: int, threads: int, rounds: int) -> dict[str, float]:
+def run_size(tree: str, atoms: int, threads: int, rounds: int, device: str) -> dict[str, float]:
     """Median seconds per call of each case, in this process, with ``tree``'s code."""
     revisions.use_tree(tree)
     import ase.io
@@ -56,7 +57,7 @@ def run_size(tree: str, atoms: int, threads: int, rounds: int) -> dict[str, floa
     torch.set_num_threads(threads)
     frame = ase.io.read(str(WATER), index=0)
     structure = Structure.from_ase(frame.repeat(SIZES[atoms]))
-    members = [load_model(p, dtype="float32") for p in MEMBERS]
+    members = [load_model(p, dtype="float32", device=device) for p in MEMBERS]
     shared = Committee(members, names=[p.stem for p in MEMBERS])
     loop = Committee(members, names=[p.stem for p in MEMBERS], shared=False)
     stacked = Committee(members, names=[p.stem for p in MEMBERS])
@@ -90,11 +91,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="192,1536", help=f"of {','.join(map(str, SIZES))}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, help="timed rounds (default 15 at 192, 4 at 1536)")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        tree, atoms, threads, rounds = args.worker
-        print(json.dumps(run_size(tree, int(atoms), int(threads), int(rounds))))
+        tree, atoms, threads, rounds, device = args.worker
+        print(json.dumps(run_size(tree, int(atoms), int(threads), int(rounds), device)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     tmp = tempfile.mkdtemp(prefix="cace-bench-", dir="/tmp")
@@ -107,7 +109,7 @@ def main() -> None:
         for atoms in sizes:
             rounds = args.rounds or ROUNDS[atoms]
             for label, path in trees:
-                worker = [path, str(atoms), str(args.threads), str(rounds)]
+                worker = [path, str(atoms), str(args.threads), str(rounds), args.device]
                 result, error = revisions.child(__file__, ["--worker", *worker])
                 rows.append((label, atoms, result, error))
                 print(f"done {label} {atoms} atoms", file=sys.stderr, flush=True)
@@ -117,7 +119,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\nCommittee of 4 CACE water members, float32, E+F+S + per-member forces/virials, "
-        f"{args.threads} threads, torch CPU (medians, ms per call)\n"
+        f"{args.threads} threads, torch on {args.device} (medians, ms per call)\n"
     )
     print(
         "| code | atoms | committee | member axis | member loop | 4 members | 1 member "

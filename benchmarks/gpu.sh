@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of this project in one go, on a CUDA node, within 8 minutes: the CUDA
+# The GPU check of this project in one go, on a CUDA node, within 10 minutes: the CUDA
 # tests (none may skip), then benchmarks/gpu.py (model, PIMD through i-PI in each
-# transport, HTTP), which prints one table. Fails loudly where torch sees no GPU.
+# transport, HTTP), which prints one table, then the committee table
+# (benchmarks/committee.py). Fails loudly where torch sees no GPU.
 #
 #   bash benchmarks/gpu.sh            # PYTHON=/path/to/python to use another interpreter
 set -euo pipefail
@@ -18,3 +19,4 @@ out=$(timeout 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 
 echo "$out" | tail -n 3
 if echo "$out" | grep -q "SKIPPED"; then echo "benchmarks/gpu.sh: error: CUDA tests skipped" >&2; exit 1; fi
 timeout 300 "$PY" benchmarks/gpu.py
+timeout 120 "$PY" benchmarks/committee.py --device cuda --rounds 10

@@ -30,6 +30,28 @@ def test_cuda_equals_cpu_float64(long_range: bool):
         np.testing.assert_allclose(b.stress, a.stress, atol=1e-10)
 
 
+@pytest.mark.parametrize("stack", [True, False], ids=["member-axis", "member-loop"])
+def test_committee_on_cuda_equals_cpu_float64(stack: bool):
+    """The committee's shared pass on the device (member axis, the GPU default, and
+    the member loop): every member's energy, forces and virial as on the CPU."""
+    from cace_server.model.committee import Committee
+
+    rng = np.random.default_rng(2)
+    structures = [water_box(rng), water_box(rng, 30, 9.0)]
+    outputs = ["energy", "forces", "stress", "committee_forces", "committee_virials"]
+    cpu = Committee([random_model(seed=s, cutoff=4.0) for s in (1, 2, 3)])
+    gpu = Committee([random_model(seed=s, cutoff=4.0, device="cuda") for s in (1, 2, 3)])
+    assert gpu.shared is not None
+    gpu.shared.stack = stack
+    for a, b in zip(
+        cpu.predict(structures, outputs), gpu.predict(structures, outputs), strict=True
+    ):
+        assert abs(a.energy - b.energy) < 1e-9 * max(1.0, abs(a.energy))
+        np.testing.assert_allclose(b.committee_forces, a.committee_forces, atol=1e-9)
+        np.testing.assert_allclose(b.committee_virials, a.committee_virials, atol=1e-9)
+        np.testing.assert_allclose(b.stress, a.stress, atol=1e-10)
+
+
 def test_reference_water_model_on_cuda(water_model_file, liquid_water):
     from cace_server.model import load_model
 
