@@ -44,6 +44,10 @@ IPI_COMMITTEE = (
 )
 
 
+#: Connections whose step counts are kept (for capture records); older ones are dropped.
+MAX_COUNTED_CONNECTIONS = 4096
+
+
 def ipi_outputs(offered: Sequence[str], bec: bool) -> Outputs:
     """What an i-PI connection asks a model that offers ``offered`` for."""
     extras = [name for name in IPI_EXTRAS if name in offered]
@@ -63,6 +67,9 @@ def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evalua
     async def evaluate(structures: list[Structure], *, source: Source) -> list[Prediction]:
         group = engine.step_group(f"ipi:{source.address}", source.peers)
         steps[source.connection] += 1
+        if len(steps) > MAX_COUNTED_CONNECTIONS:
+            # connections end without telling the evaluator: forget the oldest
+            del steps[next(iter(steps))]
         origin = Origin(
             "ipi", source.connection, address=source.address, step=steps[source.connection]
         )
