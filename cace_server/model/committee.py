@@ -174,10 +174,12 @@ def load_committee(
 class Committee(torch.nn.Module):
     """M CACE models evaluated together; a served model (``ServedModel``) itself.
 
-    Members sharing the edge basis (same radial basis, cutoff function and angular
-    order, no message passing) are evaluated by :class:`SharedEdgePass`: the edge
-    work and its backward pass are done once for all of them. Others are evaluated
-    one after the other on the same prepared structures.
+    Members without message passing or a long-range term that share a cutoff
+    function and angular order (their trained radial frequencies may differ) are
+    evaluated by :class:`SharedEdgePass`: the edge work and its backward pass are
+    done once for all of them, and off the CPU members of one architecture run their
+    node-level work with a member axis (``cace_server.model.stacked``). Others are
+    evaluated one after the other on the same prepared structures.
     """
 
     def __init__(
