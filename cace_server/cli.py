@@ -234,8 +234,30 @@ def train(
     threads: int = typer.Option(None, help="torch CPU threads [torch default]"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint"),
     checkpoint: Path = typer.Option(None, help="checkpoint file [<output>.checkpoint.pt]"),
+    init_from: str = typer.Option(
+        None,
+        help="fine-tune: start from this model (native file, original CACE checkpoint, "
+        "or a committee: member i from member i); keeps its architecture; lr [1e-4] "
+        "and dtype [the model's] default accordingly",
+    ),
+    reference_energies: str = typer.Option(
+        None,
+        help="with --init-from: shift (refit the per-element offsets to the data's "
+        "energy reference) or keep [shift]",
+    ),
+    committee: int = typer.Option(
+        None,
+        help="train a committee of this many members (bootstrap resamples, seeds "
+        "seed..seed+M-1): OUTPUT_member{i}.safetensors and OUTPUT.toml, alpha "
+        "calibrated on the held-out set [1: one model]",
+    ),
 ) -> None:
-    """Fit a CACE model to energies, forces and stresses in extended XYZ files."""
+    """Fit a CACE model to energies, forces and stresses in extended XYZ files.
+
+    With --init-from, fine-tune an existing model; with --committee M, train M
+    members and write a calibrated committee file.
+    """
+    import dataclasses
     import sys
 
     from cace_server.train import (
@@ -246,10 +268,14 @@ def train(
         read_labelled,
         split,
     )
+    from cace_server.train.committee import train_committee
+    from cace_server.train.finetune import fine_tune_settings, initial_sources, load_initial
 
     try:
-        cfg = TrainConfig.load(
-            config,
+        overrides = dict(
+            init_from=init_from,
+            reference_energies=reference_energies,
+            committee=committee,
             train_files=[str(p) for p in train_files] if train_files else None,
             valid_files=[str(p) for p in valid] if valid else None,
             valid_fraction=valid_fraction,
@@ -274,6 +300,16 @@ def train(
             dtype=dtype,
             threads=threads,
         )
+        given = TrainConfig.given(config, **overrides)
+        cfg = TrainConfig.load(config, **overrides)
+        starts = None
+        if cfg.init_from:
+            members = cfg.committee if "committee" in given else None
+            sources = initial_sources(cfg.init_from, members)
+            loaded = {path: load_initial(path) for path in dict.fromkeys(sources)}
+            starts = [loaded[path] for path in sources]
+            tuned = [fine_tune_settings(cfg, model, given) for model in loaded.values()]
+            cfg = dataclasses.replace(tuned[0], committee=len(sources))
         if not cfg.train_files:
             raise ValueError("no training files: give them as arguments or train_files in --config")
         keys = _data_keys(cfg.energy_key, cfg.forces_key, cfg.stress_key)
@@ -283,16 +319,37 @@ def train(
         else:
             train_set, valid_set = split(data, cfg.valid_fraction, cfg.seed)
         digest = files_digest([*cfg.train_files, *cfg.valid_files])
-        trainer = Trainer(
-            cfg, train_set, valid_set, data_digest=digest, progress=sys.stderr.isatty()
-        )
-        if resume:
-            trainer.resume()
+        trainer = None
+        if cfg.committee == 1:
+            trainer = Trainer(
+                cfg,
+                train_set,
+                valid_set,
+                data_digest=digest,
+                progress=sys.stderr.isatty(),
+                initial=starts[0] if starts else None,
+            )
+            if resume:
+                trainer.resume()
     except (DataError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     try:
-        trainer.run()
+        if trainer is not None:
+            trainer.run()
+        else:
+            train_committee(
+                cfg,
+                train_set,
+                valid_set,
+                initial=starts,
+                resume=resume,
+                data_digest=digest,
+                progress=sys.stderr.isatty(),
+            )
+    except (DataError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     except FloatingPointError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

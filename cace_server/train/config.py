@@ -43,6 +43,10 @@ class TrainConfig:
     num_message_passing: int = 0
     hidden: list[int] = field(default_factory=lambda: [32, 16])
     atomic_energies: dict[str, float] = field(default_factory=dict)  # empty: least squares
+    # fine-tuning and committees
+    init_from: str = ""  # a native model, an original CACE checkpoint, or a committee
+    reference_energies: str = "shift"  # with init_from: "shift" (refit offsets) or "keep"
+    committee: int = 1  # members to train (bootstrap resamples, seeds seed..seed+M-1)
     # optimisation
     epochs: int = 200
     batch_size: int = 4
@@ -73,6 +77,12 @@ class TrainConfig:
             raise ValueError("ema_decay must be in [0, 1)")
         if self.cutoff <= 0:
             raise ValueError("cutoff must be positive")
+        if self.reference_energies not in ("shift", "keep"):
+            raise ValueError(
+                f"reference_energies must be shift or keep, got {self.reference_energies!r}"
+            )
+        if self.committee < 1:
+            raise ValueError(f"committee must be at least 1, got {self.committee}")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -87,13 +97,19 @@ class TrainConfig:
     @classmethod
     def load(cls, toml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
         """Defaults, updated by the TOML file, updated by the non-None ``overrides``."""
-        values: dict[str, Any] = {}
-        if toml_path is not None:
-            with open(toml_path, "rb") as f:
-                values.update(tomllib.load(f))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values = cls.given(toml_path, **overrides)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
         return cls(**values)
+
+    @staticmethod
+    def given(toml_path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+        """The settings the user gave (TOML file, then non-None ``overrides``), no defaults."""
+        values: dict[str, Any] = {}
+        if toml_path is not None:
+            with open(toml_path, "rb") as f:
+                values.update(tomllib.load(f))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return values

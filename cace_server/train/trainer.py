@@ -32,6 +32,7 @@ from cace_server.model.neighbors import PreparedStructure, collate, prepare_stru
 from cace_server.model.potential import CACEPotential
 from cace_server.train.config import TrainConfig
 from cace_server.train.data import LabelledStructure, check_elements, fit_reference_energies
+from cace_server.train.finetune import prepare_initial
 from cace_server.train.metrics import ErrorAccumulator, table_header, table_row
 
 CHECKPOINT_FORMAT = "cace-server-training"
@@ -102,7 +103,10 @@ class Trainer:
         data_digest: str = "",
         log: Callable[[str], None] = print,
         progress: bool = False,
+        initial: CACEPotential | None = None,
     ) -> None:
+        """``initial``: start from this model's weights and architecture (a fine-tune;
+        see :mod:`cace_server.train.finetune`); None: a new model from ``config``."""
         if not train or not valid:
             raise ValueError("training needs at least one training and one validation structure")
         tune_host_allocator()
@@ -116,8 +120,11 @@ class Trainer:
         self.dtype = torch.float32 if config.dtype == "float32" else torch.float64
 
         torch.manual_seed(config.seed)
-        model_config = model_config_for(config, train)
-        model = build_model(model_config, seed=config.seed).to(self.dtype).to(self.device)
+        if initial is None:
+            model = build_model(model_config_for(config, train), seed=config.seed)
+        else:
+            model = prepare_initial(initial, config, train, log)
+        model = model.to(self.dtype).to(self.device)
         model.train()
         self.model = model
         self.ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay else None
@@ -137,10 +144,13 @@ class Trainer:
         self.best_loss = math.inf
         self.best_epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.fine_tune = initial is not None
+        # The starting model's validation errors (fine-tunes), before the first step.
+        self.initial_errors: dict[str, float] | None = None
 
     # -- data ---------------------------------------------------------------------------------
     def _examples(self, data: Sequence[LabelledStructure]) -> list[Example]:
-        check_elements(data, self.model.elements, "the training set's")
+        check_elements(data, self.model.elements, "the model's")
         return [Example(self.model.prepare(d.structure), d) for d in data]
 
     def _batches(self, examples: list[Example], shuffle: bool) -> list[list[Example]]:
@@ -250,6 +260,10 @@ class Trainer:
             f"cutoff {self.model.cutoff} Å, {cfg.dtype} on {self.device}"
         )
         self.log(table_header())
+        if self.fine_tune and self.epoch == 0:
+            self.initial_errors = self.validate()
+            not_run = {key: math.nan for key in self.initial_errors}
+            self.log(table_row(0, 0.0, not_run, self.initial_errors, 0.0, False))
         while self.epoch < cfg.epochs:
             start = time.perf_counter()
             train = self.train_epoch()
@@ -293,6 +307,11 @@ class Trainer:
                 "n_train": len(self.train_set),
                 "n_valid": len(self.valid_set),
                 "epoch": record["epoch"],
+                **(
+                    {"init_from": self.config.init_from, "initial_errors": self.initial_errors}
+                    if self.fine_tune
+                    else {}
+                ),
                 "errors": {"train": record["train"], "valid": record["valid"]},
                 "error_units": "meV/atom, meV/Å, meV/Å^3",
                 "settings": self.config.to_dict(),
@@ -318,6 +337,7 @@ class Trainer:
             "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "history": json.dumps(self.history),
+            "initial_errors": json.dumps(self.initial_errors),
             "model_config": json.dumps(self.model.config.to_dict(), sort_keys=True),
         }
         _atomic_write(self.config.checkpoint_path, lambda tmp: torch.save(state, tmp))
@@ -348,6 +368,7 @@ class Trainer:
         self.best_loss = float(state["best_loss"])
         self.best_epoch = int(state["best_epoch"])
         self.history = json.loads(state["history"])
+        self.initial_errors = json.loads(state.get("initial_errors", "null"))
         self.log(f"resumed from {path} after epoch {self.epoch}")
 
 
