@@ -50,6 +50,13 @@ def bootstrap(
     return [data[int(i)] for i in picks], [data[i] for i in left_out]
 
 
+def held_out_name(config: TrainConfig) -> str:
+    if config.valid_files:
+        return ", ".join(Path(f).name for f in config.valid_files)
+    names = ", ".join(Path(f).name for f in config.train_files)
+    return f"{config.valid_fraction:g} of {names} (seed {config.seed}), held out"
+
+
 def train_committee(
     config: TrainConfig,
     train: Sequence[LabelledStructure],
@@ -119,7 +126,7 @@ def train_committee(
         alpha = fit_alpha(samples)
         table = calibration_table(samples, alpha)
         calibration = {
-            "data": "held-out set of cace-server train",
+            "data": held_out_name(config),
             "structures": samples.structures,
             "quantity": "energy",
             "alpha": alpha,
