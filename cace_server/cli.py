@@ -437,10 +437,14 @@ def label(
             factory,
             calculator_name=calculator,
             report_failure=lambda message: typer.echo(f"failed: {message}", err=True),
+            progress=lambda message: typer.echo(message, err=True),
         )
     except (LabelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except KeyboardInterrupt as exc:
+        typer.echo(f"interrupted: what is in {output} stays; rerun to go on", err=True)
+        raise typer.Exit(130) from exc
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(summary(report, output))

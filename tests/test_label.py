@@ -75,6 +75,7 @@ def test_labels_a_capture_file_with_reference_labels_not_predictions(tmp_path: P
     assert result.exit_code == 0, result.output
     assert "labelled 6, already labelled 0, failed 0 of 6" in result.output
     assert "skipped a torn last record" in result.output
+    assert f"labelled {inp}:seq 6 (6/6)" in result.output
 
     labelled = read_labelled([out], DataKeys())  # train's default keys, as is
     assert len(labelled) == 6
@@ -230,6 +231,7 @@ def test_bad_inputs_and_outputs_are_clear_errors(tmp_path: Path):
     cases.append(([str(tmp_path / "garbage.xyz"), "-o", str(tmp_path / "o.xyz")], "cannot read"))
     (tmp_path / "notours.xyz").write_text("hello\n")
     cases.append(([str(inp), "-o", str(tmp_path / "notours.xyz")], "not an extended XYZ file"))
+    cases.append(([str(inp), "-o", str(inp)], "is also an input"))
     for args, message in cases:
         result = runner.invoke(app, ["label", *args, "--calculator", EMT])
         assert result.exit_code == 2, result.output

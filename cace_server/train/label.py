@@ -218,15 +218,19 @@ def label(
     *,
     calculator_name: str = "",
     report_failure: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> LabelReport:
     """Label every input structure not already in ``output``, appending each one whole.
 
     A structure whose calculation fails is reported (``report_failure``), not
     written, and retried by the next run; the calculator is then built anew.
+    ``progress`` is told of each structure written.
     """
     output = Path(output)
-    done, _, torn = open_output(output)
+    if any(Path(path).resolve() == output.resolve() for path in inputs):
+        raise LabelError(f"output {output} is also an input")
     structures, notes = read_inputs(inputs)
+    done, _, torn = open_output(output)
     report = LabelReport(total=len(structures), notes=notes)
     if torn:
         report.notes.append(f"{output}: dropped a torn last frame ({torn} bytes)")
@@ -246,7 +250,7 @@ def label(
     output.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        for item in pending:
+        for count, item in enumerate(pending, 1):
             try:
                 if calculator is None:
                     calculator = factory()
@@ -260,6 +264,8 @@ def label(
                 continue
             _append(fd, encode_frame(item.atoms, results, item.key, calculator_name))
             report.labelled += 1
+            if progress is not None:
+                progress(f"labelled {item.source} ({count}/{len(pending)})")
     finally:
         os.fsync(fd)
         os.close(fd)
