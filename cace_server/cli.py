@@ -461,6 +461,57 @@ def calibrate(
         typer.echo("(not written: --write updates the committee file, -o writes a new one)")
 
 
+@app.command()
+def label(
+    inputs: list[Path] = typer.Argument(
+        ..., help="capture files or other extended XYZ files with the structures to label"
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="extended XYZ file to append the labelled structures to"
+    ),
+    calculator: str = typer.Option(
+        ...,
+        help="ASE calculator as MODULE:CLASS, e.g. tblite.ase:TBLite or ase.calculators.emt:EMT",
+    ),
+    calculator_args: str = typer.Option(
+        None,
+        help='keyword arguments of the calculator as a JSON object, e.g. {"method": "GFN2-xTB"}',
+    ),
+) -> None:
+    """Label structures (energy, forces, stress) with an ASE calculator, for `train`.
+
+    Appends each labelled structure whole to OUTPUT; a rerun skips the structures
+    already there. Exit 1 when a calculation failed (the rest are written).
+    """
+    from cace_server.train.label import LabelError, calculator_factory, summary
+    from cace_server.train.label import label as run_label
+
+    try:
+        factory = calculator_factory(calculator, calculator_args)
+        report = run_label(
+            inputs,
+            output,
+            factory,
+            calculator_name=calculator,
+            report_failure=lambda message: typer.echo(f"failed: {message}", err=True),
+            progress=lambda message: typer.echo(message, err=True),
+        )
+    except (LabelError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except KeyboardInterrupt as exc:
+        typer.echo(f"interrupted: what is in {output} stays; rerun to go on", err=True)
+        raise typer.Exit(130) from exc
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(summary(report, output))
+    if report.failures:
+        typer.echo(
+            f"error: {len(report.failures)} structure(s) failed; rerun to retry them", err=True
+        )
+        raise typer.Exit(1)
+
+
 def _cli_type(annotation: Any) -> Any:
     """The type typer parses a setting's flag as: a list for tuples, X for ``X | None``."""
     from typing import get_args, get_origin
