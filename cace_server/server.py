@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cace_server.engine import DeviceFailed, Engine
+from cace_server.engine import DeviceFailed, Engine, EngineError
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.ipi.engine_evaluator import ipi_evaluator
@@ -161,6 +161,18 @@ async def serve(settings: ServerSettings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig)
 
+    if settings.http.allow_model_updates:
+        # SIGHUP: every model re-read from its path (a new file there is swapped in).
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hangup() -> None:
+            task = loop.create_task(reload_models(engine))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+
     # A dead device cannot recover in this process: stop, and exit non-zero (below).
     def on_device_failure(_reason: str) -> None:
         loop.call_soon_threadsafe(stop.set)
@@ -195,6 +207,19 @@ async def serve(settings: ServerSettings) -> None:
         logger.info("stopped")
     if engine.fatal_error is not None:
         raise DeviceFailed(f"the device failed: {engine.fatal_error}")
+
+
+async def reload_models(engine: Engine) -> None:
+    """Re-read every model from its path; a refused one keeps serving its old version."""
+    for name, info in engine.models.items():
+        if info.source is None:
+            continue
+        try:
+            new = await engine.aswap_model(name, info.source)
+        except EngineError as exc:
+            logger.error("SIGHUP: model %r not reloaded: %s", name, exc)
+        else:
+            logger.info("SIGHUP: model %r serves version %s", name, new.sha)
 
 
 async def stop_http(server: Any, app: Any, task: asyncio.Task[Any], settings: HttpSettings) -> None:

@@ -105,6 +105,7 @@ SPECIAL: dict[str, Any] = {
     "capture": "/data/capture",  # not created by the settings themselves
     "capture_threshold": 0.002,
     "capture_force_threshold": 0.5,
+    "model_update_dir": "/srv/models",
 }
 
 

@@ -14,7 +14,8 @@ credit). Small batches cost little, so a 3-atom request waits only for the batch
 already on the device, and bulk work still gets at least half the time when small
 requests never stop coming.
 
-A batch holds items of one lane and one model, in arrival order, bounded by atoms
+A batch holds items of one lane and one model version (see ``Engine.swap_model``:
+an item keeps the version it was submitted for), in arrival order, bounded by atoms
 and neighbour pairs. The head of its lane always goes into the batch (even when it
 alone exceeds a bound), so nothing is starved within a lane; later items that do
 not fit wait for a following batch. The batch of an i-PI step closes when every
@@ -29,6 +30,7 @@ import enum
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,24 +72,30 @@ class WorkItem:
     trajectory: str | None = None
     step_group: StepGroup | None = None  # the i-PI step it belongs to, if any
     origin: Origin | None = None  # where it came from (capture records it)
+    version: int = 0  # the model version it is evaluated with (pinned at submission)
 
     @property
     def n_atoms(self) -> int:
         return len(self.structure)
+
+    @property
+    def model_key(self) -> tuple[str, int]:
+        """Which model version computes it: items of one batch share this."""
+        return (self.model, self.version)
 
 
 def select_batch(
     items: deque[WorkItem], max_atoms: int, max_pairs: int
 ) -> tuple[list[WorkItem], deque[WorkItem]]:
     """Split ``items`` into (next batch, the rest in order); ``items`` must not be empty."""
-    model = items[0].model
+    model = items[0].model_key
     batch: list[WorkItem] = []
     rest: deque[WorkItem] = deque()
     atoms = pairs = 0
     for item in items:
         cost = item.cost
         fits = atoms + cost.atoms <= max_atoms and pairs + cost.pairs <= max_pairs
-        if item.model == model and (fits or not batch):
+        if item.model_key == model and (fits or not batch):
             batch.append(item)
             atoms += cost.atoms
             pairs += cost.pairs
@@ -129,10 +137,22 @@ class PendingQueue:
                     item.step_group.arrived(item.trajectory, now)
             self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Wake the workers waiting for work (one has a task to run, see ``take_batch``)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def take_batch(
-        self, max_atoms: int, max_pairs: int, wait_s: float = 0.0
+        self,
+        max_atoms: int,
+        max_pairs: int,
+        wait_s: float = 0.0,
+        interrupt: Callable[[], bool] | None = None,
     ) -> list[WorkItem] | None:
         """Block until a batch is available; ``None`` when the queue is closed (and drained).
+
+        Returns an empty batch when ``interrupt()`` is true while it waits for work (a
+        worker's task, such as loading a model version, is due; see :meth:`wake`).
 
         With ``wait_s`` > 0, waits until ``wait_s`` after the head item of the chosen
         lane arrived for more items of its model to join, unless the batch is
@@ -149,6 +169,8 @@ class PendingQueue:
                 while lane is None:
                     if self._closed:
                         return None
+                    if interrupt is not None and interrupt():
+                        return []
                     self._cond.wait()
                     lane = self._next_lane()
                 head = self._lanes[lane][0]
@@ -229,10 +251,10 @@ class PendingQueue:
 
     @staticmethod
     def _is_full(items: deque[WorkItem], max_atoms: int, max_pairs: int) -> bool:
-        model = items[0].model
+        model = items[0].model_key
         atoms = pairs = 0
         for item in items:
-            if item.model != model:
+            if item.model_key != model:
                 continue
             atoms += item.cost.atoms
             pairs += item.cost.pairs

@@ -7,6 +7,12 @@ coroutines or threads, share batches. See ``worker.py`` for batching and failure
 isolation, ``steps.py`` for how an i-PI step becomes one batch, ``trajectories.py`` for
 the Verlet lists kept per trajectory.
 
+:meth:`Engine.swap_model` replaces a served model while serving: the new version is
+loaded and warmed on every worker beside the old one, checked, then new work gets
+it; work already submitted finishes on the version it was submitted for, and an
+i-PI step group keeps one version for all of its step (see ``_pin``). The old
+version is released once nothing submitted refers to it.
+
 A fatal device error (a dead CUDA context) ends the engine: what it holds fails
 with :class:`DeviceFailed`, :attr:`Engine.healthy` turns false and the callbacks
 given to :meth:`Engine.on_fatal` run (the server exits non-zero from there).
@@ -17,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import dataclasses
 import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, overload
 
@@ -37,6 +46,7 @@ from cace_server.engine.errors import (
     InvalidStructure,
     NotReady,
     Overloaded,
+    SwapRefused,
     UnknownModel,
     UnsupportedOutput,
 )
@@ -46,6 +56,7 @@ from cace_server.engine.models import (
     ModelSource,
     check_inputs,
     default_name,
+    model_sha,
 )
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats, StatsSnapshot
@@ -153,6 +164,15 @@ class Engine:
             for k, (device, label) in enumerate(zip(devices, _labels(devices), strict=True))
         ]
         self._entries: dict[str, CatalogueEntry] = {}
+        # model versions: the one new work of each model gets, every one still loaded
+        # (the catalogue entry its prepare threads use), and items submitted per version
+        self._current: dict[str, int] = dict.fromkeys(self._names, 0)
+        self._next_version: dict[str, int] = dict.fromkeys(self._names, 1)
+        self._version_entries: dict[tuple[str, int], CatalogueEntry] = {}
+        self._outstanding: Counter[tuple[str, int]] = Counter()
+        # (step group key, model) -> (pinned version, its items not yet resolved)
+        self._group_pins: dict[tuple[str, str], tuple[int, int]] = {}
+        self._swap_lock = threading.Lock()
         self._trajectories = TrajectoryLists(
             self.settings.neighbor_skin, self.settings.max_neighbor_lists, self.stats
         )
@@ -334,10 +354,11 @@ class Engine:
         if not self._entries and self._all_ready():
             first = self._workers[0]
             with self._lock:
-                self._entries = {
-                    name: CatalogueEntry(first.infos[name], first.models[name])
-                    for name in self._names
-                }
+                if not self._entries:
+                    for name in self._names:
+                        entry = CatalogueEntry(first.infos[name], first.models[name])
+                        self._version_entries[(name, 0)] = entry
+                    self._entries = {name: self._version_entries[(name, 0)] for name in self._names}
         return self._entries
 
     def serving(self, name: str | None = None) -> ModelInfo:
@@ -396,6 +417,9 @@ class Engine:
         sizes = [len(s) if isinstance(s, Structure) else 0 for s in structures]
         n_atoms = sum(sizes)
         lane_of = self._lane(lane, n_atoms)
+        if not structures:
+            return []
+        version = self._pin(name, step_group, len(structures))
         items = [
             WorkItem(
                 name,
@@ -406,11 +430,13 @@ class Engine:
                 trajectory=trajectory,
                 step_group=step_group,
                 origin=origin,
+                version=version,
             )
             for i, s in enumerate(structures)
         ]
-        if not items:
-            return []
+        done = partial(self._item_done, name, version, step_group)
+        for item in items:
+            item.future.add_done_callback(done)
         # i-PI steps are not held to the atom budget: refusing one ends a simulation.
         atom_limit = None if lane_of is Lane.IPI else self.settings.max_queue_atoms
         refusal = self.stats.try_admit(
@@ -418,6 +444,8 @@ class Engine:
         )
         if refusal is not None:
             self.stats.error(Overloaded.kind)
+            for item in items:  # releases their hold on the version
+                item.future.cancel()
             raise Overloaded(refusal)
         clock = _RequestClock(len(items), items[0].submitted, self.stats)
         for item, size in zip(items, sizes, strict=True):
@@ -565,6 +593,135 @@ class Engine:
             group.size = size
             return group
 
+    # -- model versions ------------------------------------------------------------------------
+    def swap_model(
+        self, name: str | None, source: ModelSource, *, timeout: float | None = None
+    ) -> ModelInfo:
+        """Serve ``source`` (a model file, committee file or member list) as model ``name``.
+
+        The new version is checked (file checksums), loaded and warmed up on every
+        worker beside the serving one, and checked against the live trajectories
+        (i-PI connections, HTTP sessions: each of their elements must be known to
+        it). Then new work gets it; work already submitted finishes on the old
+        version, which is released once nothing refers to it. Its neighbour lists
+        are its own (a changed cutoff rebuilds every live trajectory's list).
+        A source with the serving version's SHA changes nothing. Blocks (call it
+        from a thread); one swap at a time. Raises SwapRefused (the old version
+        keeps serving), UnknownModel, NotReady or EngineClosed.
+        """
+        key = self._check_accepting(name)
+        with self._swap_lock:
+            self._check_accepting(key)
+            current = self.model_info(key)
+            sha = _checked_sha(source)
+            if sha is not None and sha == current.sha:
+                return current
+            with self._lock:
+                version = self._next_version[key]
+                self._next_version[key] += 1
+            loading = [
+                w.run_task(partial(w.load_version, key, version, source)) for w in self._workers
+            ]
+            done, not_done = concurrent.futures.wait(loading, timeout)
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if not_done or errors:
+                self._discard(key, version)
+                if not_done:
+                    raise SwapRefused(f"model {key!r}: loading the new version timed out")
+                error = errors[0]
+                assert error is not None
+                raise SwapRefused(
+                    f"model {key!r}: the new version does not load: {type(error).__name__}: {error}"
+                ) from error
+            info = dataclasses.replace(loading[0].result(), default=key == self._default)
+            missing = self._missing_species(key, info.elements)
+            if missing:
+                self._discard(key, version)
+                raise SwapRefused(
+                    f"model {key!r}: the new version lacks {missing}", reason="species_in_use"
+                )
+            entry = CatalogueEntry(info, self._workers[0].version_model(key, version))
+            with self._lock:
+                old = self._current[key]
+                self._version_entries[(key, version)] = entry
+                for worker in self._workers:
+                    worker.adopt_version(key, version, info)
+                self._entries = {**self._entries, key: entry}
+                self._current[key] = version
+                release = self._outstanding[(key, old)] == 0
+            if release:
+                self._release(key, old)
+            logger.info("model %r now serves version %s (was %s)", key, info.sha, current.sha)
+            return info
+
+    async def aswap_model(
+        self, name: str | None, source: ModelSource, *, timeout: float | None = None
+    ) -> ModelInfo:
+        """:meth:`swap_model` without blocking the event loop."""
+        return await asyncio.to_thread(lambda: self.swap_model(name, source, timeout=timeout))
+
+    def _missing_species(self, name: str, elements: Sequence[int]) -> str:
+        """What live trajectories of ``name`` use that ``elements`` lack ("" if nothing)."""
+        from ase.data import chemical_symbols
+
+        known = set(elements)
+        lacking = []
+        for trajectory, species in sorted(self._trajectories.species(name).items()):
+            missing = sorted(species - known)
+            if missing:
+                symbols = ", ".join(chemical_symbols[z] for z in missing)
+                lacking.append(f"{symbols} (used by the live trajectory {trajectory})")
+        return "; ".join(lacking)
+
+    def _pin(self, name: str, group: StepGroup | None, n: int) -> int:
+        """The version new work of ``name`` gets, counted as outstanding.
+
+        The items of a step group (the beads of an i-PI step) keep the version their
+        group had while any of them is unresolved: i-PI waits for every bead of a
+        step before it sends the next, so a step never sees two versions.
+        """
+        with self._lock:
+            version = self._current[name]
+            if group is not None:
+                pinned, left = self._group_pins.get((group.key, name), (version, 0))
+                if left > 0:
+                    version = pinned
+                self._group_pins[(group.key, name)] = (version, left + n)
+            self._outstanding[(name, version)] += n
+            return version
+
+    def _item_done(
+        self, name: str, version: int, group: StepGroup | None, _future: Future[Prediction]
+    ) -> None:
+        key = (name, version)
+        with self._lock:
+            if group is not None:
+                pinned, left = self._group_pins[(group.key, name)]
+                if left <= 1:
+                    del self._group_pins[(group.key, name)]
+                else:
+                    self._group_pins[(group.key, name)] = (pinned, left - 1)
+            self._outstanding[key] -= 1
+            if self._outstanding[key] > 0:
+                return
+            del self._outstanding[key]
+            release = version != self._current[name] and key in self._version_entries
+        if release:
+            self._release(name, version)
+
+    def _release(self, name: str, version: int) -> None:
+        """Free an old version nothing submitted refers to any more."""
+        with self._lock:
+            if self._version_entries.pop((name, version), None) is None:
+                return
+        self._trajectories.drop_version(name, version)
+        self._discard(name, version)
+        logger.info("model %r: version %d released", name, version)
+
+    def _discard(self, name: str, version: int) -> None:
+        for worker in self._workers:
+            worker.run_task(partial(worker.drop_version, name, version))
+
     # -- internals -----------------------------------------------------------------------------
     def _device_failed(self, worker: Worker, reason: str) -> None:
         """A worker's device died: fail everything waiting, refuse new work, tell listeners."""
@@ -625,7 +782,8 @@ class Engine:
 
     def _prepare(self, items: list[WorkItem], group: _PreparedGroup) -> None:
         """Neighbour lists of (part of) one request, on a prepare thread."""
-        entry = self._catalogue()[items[0].model]
+        self._catalogue()
+        entry = self._version_entries[items[0].model_key]
         model, required = entry.model, entry.info.required_inputs
         ready: list[WorkItem] = []
         for item in items:
@@ -645,7 +803,12 @@ class Engine:
                         self.stats.neighbor_list(reused=False)
                     else:  # counts built and reused lists itself
                         item.prepared = self._trajectories.prepare(
-                            item.model, model, item.trajectory, item.index, item.structure
+                            item.model,
+                            model,
+                            item.trajectory,
+                            item.index,
+                            item.structure,
+                            item.version,
                         )
                     item.cost = model.batch_cost(item.prepared)
                 except StructureError as exc:
@@ -670,6 +833,25 @@ class Engine:
         for item in items:
             error = EngineClosed(_CLOSED_BEFORE) if self._fatal is None else self._device_error()
             reject(item, error, self.stats)
+
+
+def _checked_sha(source: ModelSource) -> str | None:
+    """The SHA of a model source whose files' checksums hold; SwapRefused otherwise."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    from cace_server.model.committee import CommitteeError, committee_spec
+    from cace_server.model.io import ModelFileError, check_integrity
+
+    try:
+        spec = committee_spec(str(source))
+        files = [Path(source)] if spec is None else list(spec.members)
+        for path in files:
+            if not os.path.isfile(path):
+                raise ModelFileError(f"model file {path} does not exist")
+            check_integrity(path)
+        return model_sha(source)
+    except (ModelFileError, CommitteeError, OSError, ValueError) as exc:
+        raise SwapRefused(f"{exc}") from exc
 
 
 def _labels(devices: Sequence[str | None]) -> list[str]:

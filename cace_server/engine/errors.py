@@ -35,6 +35,20 @@ class UnknownModel(EngineError, LookupError):
     kind = "unknown_model"
 
 
+class SwapRefused(EngineError, ValueError):
+    """A new model version was refused (``Engine.swap_model``); the old one keeps serving.
+
+    ``reason``: ``"bad_model"`` (unreadable, damaged, does not load or warm up) or
+    ``"species_in_use"`` (lacks an element a live trajectory uses).
+    """
+
+    kind = "swap_refused"
+
+    def __init__(self, message: str, *, reason: str = "bad_model") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class UnsupportedOutput(EngineError, ValueError):
     """The request asks for an output the model does not compute (e.g. BEC)."""
 

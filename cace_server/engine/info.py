@@ -34,6 +34,7 @@ def info_dict(info: ModelInfo, *, sha256: str | None) -> dict[str, Any]:
         "description": info.description,
         "source": info.source,
         "sha256": sha256,
+        "model_sha": info.sha,
         "committee": committee_dict(info.description.get("committee")),
     }
 

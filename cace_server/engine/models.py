@@ -176,6 +176,9 @@ class ModelInfo:
     required_inputs: tuple[str, ...] = ()
     #: the model's own description (family, long range, ...), from ``model.describe()``.
     description: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the served version: short SHA-256 of its file(s) (:func:`model_sha`); None for a
+    #: model built in memory
+    sha: str | None = None
 
     @property
     def family(self) -> list[str]:
@@ -235,7 +238,40 @@ def materialize(source: ModelSource, device: str | None, dtype: str | None) -> S
     return source
 
 
-def describe(name: str, model: ServedModel, *, default: bool, source: str | None) -> ModelInfo:
+#: hex digits of the SHA-256 that name a model version (``model_sha``)
+SHA_DIGITS = 12
+
+
+def model_sha(source: ModelSource) -> str | None:
+    """The version of a model source: the short SHA-256 of its file; for a committee, of
+    its committee file (if any) and its members' digests; None for a built model."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    import hashlib
+
+    from cace_server.model.committee import committee_spec
+    from cace_server.model.io import file_digest
+
+    text = str(source)
+    spec = committee_spec(text)
+    if spec is None:
+        return file_digest(text)[:SHA_DIGITS]
+    h = hashlib.sha256()
+    if text.endswith(".toml"):
+        h.update(file_digest(text).encode())
+    for member in spec.members:
+        h.update(file_digest(member).encode())
+    return h.hexdigest()[:SHA_DIGITS]
+
+
+def describe(
+    name: str,
+    model: ServedModel,
+    *,
+    default: bool,
+    source: str | None,
+    sha: str | None = None,
+) -> ModelInfo:
     """Read a model's description once (on the worker thread, after loading)."""
     offered = set(model.outputs)
     outputs = tuple(name for name in SERVED if name in offered)
@@ -253,6 +289,7 @@ def describe(name: str, model: ServedModel, *, default: bool, source: str | None
         outputs=outputs,
         required_inputs=tuple(str(k) for k in model.required_inputs),
         description=description,
+        sha=sha,
     )
 
 

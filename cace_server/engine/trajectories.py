@@ -9,6 +9,10 @@ transport sends all beads over one connection). One position may still see sever
 structures in turn (one i-PI connection serving all beads of a step one by one): it
 keeps up to ``SLOTS_PER_KEY`` lists and uses the one that covers the structure. The
 least recently used keys are dropped beyond a bound.
+
+Lists are kept per model version: a new version (``Engine.swap_model``) builds its
+own, so a changed cutoff never reads a list built for the old one. The species of
+each trajectory are kept too: a swap refuses a model lacking one of them.
 """
 
 from __future__ import annotations
@@ -31,17 +35,25 @@ class TrajectoryLists:
         self.skin = skin
         self.max_lists = max_neighbor_lists
         self._stats = stats
-        self._lists: OrderedDict[tuple[str, str, int], list[Any]] = OrderedDict()
+        self._lists: OrderedDict[tuple[str, int, str, int], list[Any]] = OrderedDict()
+        self._species: OrderedDict[tuple[str, str], frozenset[int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def prepare(
-        self, model_name: str, model: ServedModel, trajectory: str, index: int, s: Structure
+        self,
+        model_name: str,
+        model: ServedModel,
+        trajectory: str,
+        index: int,
+        s: Structure,
+        version: int = 0,
     ) -> Any:
         """The prepared structure, from the trajectory's kept lists (built anew with no skin)."""
+        self._note_species(model_name, trajectory, s)
         if self.skin <= 0:
             self._stats.neighbor_list(reused=False)
             return model.prepare(s)
-        key = (model_name, trajectory, index)
+        key = (model_name, version, trajectory, index)
         with self._lock:
             slots = self._lists.get(key)
             if slots is None:
@@ -62,6 +74,31 @@ class TrajectoryLists:
         prepared, reused = verlet.prepare(s)
         self._stats.neighbor_list(reused)
         return prepared
+
+    def _note_species(self, model_name: str, trajectory: str, s: Structure) -> None:
+        key = (model_name, trajectory)
+        with self._lock:
+            known = key in self._species
+            if known:
+                self._species.move_to_end(key)
+        if known:
+            return
+        species = frozenset(int(z) for z in set(s.numbers.tolist()))
+        with self._lock:
+            self._species[key] = species
+            while len(self._species) > self.max_lists:
+                self._species.popitem(last=False)
+
+    def species(self, model_name: str) -> dict[str, frozenset[int]]:
+        """Trajectory -> its elements, for the live trajectories of ``model_name``."""
+        with self._lock:
+            return {t: z for (name, t), z in self._species.items() if name == model_name}
+
+    def drop_version(self, model_name: str, version: int) -> None:
+        """Forget the lists built for a released model version."""
+        with self._lock:
+            for key in [k for k in self._lists if k[0] == model_name and k[1] == version]:
+                del self._lists[key]
 
     def __len__(self) -> int:
         with self._lock:

@@ -7,6 +7,11 @@ way, so only the structure that really fails gets an error. A fatal device error
 (a dead CUDA context) is different: nothing can run on that device any more, so
 the worker fails its batch with :class:`DeviceFailed`, reports to the engine and
 stops. With several devices there is one worker per device, all draining one queue.
+
+Between batches the worker runs its tasks (:meth:`Worker.run_task`): loading and
+warming a new model version beside the served one (``Engine.swap_model``) and
+releasing an old one. Items carry the version they were submitted for, so a batch
+is computed by the version its items were queued for.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +45,7 @@ from cace_server.engine.models import (
     ServedModel,
     describe,
     materialize,
+    model_sha,
     warmup_batches,
 )
 from cace_server.engine.settings import EngineSettings
@@ -110,8 +119,15 @@ class Worker:
         self.label = label or device or "default"
         self._on_fatal = on_fatal
         self._capture = capture
+        #: the serving version of each model (and its description)
         self.models: dict[str, ServedModel] = {}
         self.infos: dict[str, ModelInfo] = {}
+        # every loaded version, (name, version number) -> model: the serving ones and,
+        # during a swap, the new one or an old one that queued work still refers to
+        self._versions: dict[tuple[str, int], ServedModel] = {}
+        self._shas: dict[tuple[str, int], str | None] = {}
+        self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._tasks_lock = threading.Lock()
         self.started = threading.Event()  # set when start-up finished, failed or not
         self.ready = threading.Event()  # set when start-up succeeded
         self.error: BaseException | None = None
@@ -150,6 +166,7 @@ class Worker:
         self.ready.set()
         self.started.set()
         self._serve()
+        self._run_tasks(RuntimeError("the engine worker stopped"))
 
     def _start_up(self) -> None:
         settings = self._settings
@@ -164,35 +181,99 @@ class Worker:
             # worker's device, not cuda:0, also where a library omits the index.
             torch.cuda.set_device(self.device)
         for name, source in self._sources.items():
-            model = materialize(source, self.device, settings.dtype)
-            long_range = settings.long_range_for(name)
-            if long_range:
-                model.configure_long_range(**long_range)
-                logger.info("model %r long range: %s", name, long_range)
-            path = str(source) if isinstance(source, (str, os.PathLike)) else None
-            self.models[name] = model
-            self.infos[name] = describe(name, model, default=name == self._default, source=path)
-            info = self.infos[name]
-            if self._capture is not None:
-                self._capture.check_model(name, info.outputs)
-            logger.info(
-                "model %r loaded: %d elements, cutoff %.2f Å, %s on %s, %d parameters",
-                name,
-                len(info.elements),
-                info.cutoff,
-                info.dtype,
-                info.device,
-                info.n_parameters,
-            )
+            self.models[name], self.infos[name] = self._load(name, source)
         if settings.warmup:
             for name, model in self.models.items():
                 self._warm_up(name, model)
         # Only with the debug setting (see faults.py): after warm-up, so it counts traffic.
         self.models = {name: inject_faults(model) for name, model in self.models.items()}
+        for name, model in self.models.items():
+            self._versions[(name, 0)] = model
+            self._shas[(name, 0)] = self.infos[name].sha
         # The sources (paths or the caller's objects) are no longer needed.
         self._sources.clear()
 
-    def _warm_up(self, name: str, model: ServedModel) -> None:
+    def _load(self, name: str, source: ModelSource) -> tuple[ServedModel, ModelInfo]:
+        settings = self._settings
+        sha = model_sha(source)
+        model = materialize(source, self.device, settings.dtype)
+        long_range = settings.long_range_for(name)
+        if long_range:
+            model.configure_long_range(**long_range)
+            logger.info("model %r long range: %s", name, long_range)
+        path = str(source) if isinstance(source, (str, os.PathLike)) else None
+        info = describe(name, model, default=name == self._default, source=path, sha=sha)
+        if self._capture is not None:
+            self._capture.check_model(name, info.outputs)
+        logger.info(
+            "model %r (%s) loaded: %d elements, cutoff %.2f Å, %s on %s, %d parameters",
+            name,
+            sha,
+            len(info.elements),
+            info.cutoff,
+            info.dtype,
+            info.device,
+            info.n_parameters,
+        )
+        return model, info
+
+    # -- versions (run on this thread through run_task) -----------------------------------------
+    def run_task(self, task: Callable[[], Any]) -> Future[Any]:
+        """Run ``task`` on this thread between batches; its result or error in the future."""
+        future: Future[Any] = Future()
+        with self._tasks_lock:
+            self._tasks.append((task, future))
+        self._queue.wake()
+        return future
+
+    def _has_tasks(self) -> bool:
+        return bool(self._tasks)
+
+    def _run_tasks(self, error: BaseException | None = None) -> None:
+        while True:
+            with self._tasks_lock:
+                if not self._tasks:
+                    return
+                task, future = self._tasks.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            if error is not None:
+                future.set_exception(error)
+                continue
+            try:
+                future.set_result(task())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def load_version(self, name: str, version: int, source: ModelSource) -> ModelInfo:
+        """Load and warm up a new version of model ``name`` beside the serving one.
+
+        Nothing refers to ``version`` until the engine commits the swap, so the
+        serving version keeps computing every batch meanwhile.
+        """
+        model, info = self._load(name, source)
+        if self._settings.warmup:
+            self._warm_up(name, model, info)
+        self._versions[(name, version)] = inject_faults(model)
+        self._shas[(name, version)] = info.sha
+        return info
+
+    def adopt_version(self, name: str, version: int, info: ModelInfo) -> None:
+        """``version`` is now the one new work of ``name`` gets (called at commit)."""
+        self.models[name] = self._versions[(name, version)]
+        self.infos[name] = info
+
+    def drop_version(self, name: str, version: int) -> None:
+        """Release a version nothing refers to any more (its memory, on a GPU too)."""
+        model = self._versions.pop((name, version), None)
+        self._shas.pop((name, version), None)
+        if model is not None:
+            self._release_memory_of(model)
+
+    def version_model(self, name: str, version: int) -> ServedModel:
+        return self._versions[(name, version)]
+
+    def _warm_up(self, name: str, model: ServedModel, info: ModelInfo | None = None) -> None:
         """Run the shapes real traffic brings before /readyz says ready.
 
         An open cluster (direct long-range sum), a periodic box (reciprocal sum), a
@@ -201,7 +282,7 @@ class Worker:
         has no such first-call costs, so it skips the largest batch: warm-up stays
         about a second there. Models with Born effective charges compute them too.
         """
-        info = self.infos[name]
+        info = info if info is not None else self.infos[name]
         on_gpu = str(model.device).startswith("cuda")
         limit = self._settings.max_batch_atoms if on_gpu else 0
         start = time.monotonic()
@@ -253,10 +334,13 @@ class Worker:
         wait_s = settings.batch_wait_ms / 1000.0
         while True:
             batch = self._queue.take_batch(
-                settings.max_batch_atoms, settings.max_batch_pairs, wait_s
+                settings.max_batch_atoms, settings.max_batch_pairs, wait_s, self._has_tasks
             )
             if batch is None:
                 return
+            self._run_tasks()
+            if not batch:
+                continue
             self._stats.leave_queue(len(batch))
             # Callers that cancelled while waiting cost no compute.
             live = [item for item in batch if item.future.set_running_or_notify_cancel()]
@@ -296,7 +380,8 @@ class Worker:
 
     def _run_batch(self, items: list[WorkItem]) -> None:
         name = items[0].model
-        model = self.models[name]
+        key = items[0].model_key
+        model = self._versions[key]
         # One pass computes what any structure of the batch asked for; each caller
         # then gets its own outputs (see _deliver).
         outputs = Outputs.combined(item.outputs for item in items)
@@ -308,10 +393,10 @@ class Worker:
             part = parts.pop()
             predictions, failure, oom = self._call(model, part, outputs)
             if predictions is not None:
-                self._deliver(name, part, predictions)
+                self._deliver(name, part, predictions, self._shas.get(key))
                 continue
             if oom:
-                self._release_memory(name)
+                self._release_memory_of(model)
             if len(part) > 1:
                 # Halve and retry: for out-of-memory so that smaller batches fit, for
                 # other errors so that only the structure at fault fails.
@@ -359,7 +444,9 @@ class Worker:
             return None, message, False
         return predictions, "", False
 
-    def _deliver(self, name: str, part: list[WorkItem], predictions: list[Prediction]) -> None:
+    def _deliver(
+        self, name: str, part: list[WorkItem], predictions: list[Prediction], sha: str | None
+    ) -> None:
         for item, prediction in zip(part, predictions, strict=True):
             bad = non_finite_fields(prediction)
             if bad:
@@ -371,6 +458,8 @@ class Worker:
                 self._offer(name, item, prediction)
             prediction.keep_only(item.outputs)
             prediction.extras.setdefault("model", name)
+            if sha is not None:
+                prediction.extras["model_sha"] = sha
             resolve(item, prediction)
 
     def _offer(self, name: str, item: WorkItem, prediction: Prediction) -> None:
@@ -380,9 +469,6 @@ class Worker:
             self._capture.consider(name, item.structure, prediction, item.origin, item.index)
         except Exception:  # capture must never cost a caller its result
             logger.exception("capture failed on a structure")
-
-    def _release_memory(self, name: str) -> None:
-        self._release_memory_of(self.models[name])
 
     @staticmethod
     def _release_memory_of(model: ServedModel) -> None:

@@ -70,6 +70,14 @@ class EngineCollector(Collector):
         for device, reason in sorted(s.device_failures.items()):
             failed.add_metric([device, reason], 1.0)
         yield failed
+        versions = GaugeMetricFamily(
+            "cace_model_version_info",
+            "1 for the version each model serves (sha: short SHA-256 of its file(s))",
+            labels=["model", "sha"],
+        )
+        for name, info in sorted(self.engine.models.items()):
+            versions.add_metric([name, info.sha or ""], 1.0)
+        yield versions
         yield GaugeMetricFamily("cace_engine_uptime_seconds", "engine age", value=s.uptime_s)
         counters = {
             "requests": ("evaluation requests (rejected ones included)", s.requests),

@@ -177,12 +177,20 @@ class Result(BaseModel):
     )
 
 
+_SHA_NOTE = (
+    "the model version that computed the reply: the short SHA-256 of its file(s), as in "
+    "GET /v1/models (null for a model built in memory)"
+)
+
+
 class CalculateResponse(Result):
     model: str
+    model_sha: str | None = Field(None, description=_SHA_NOTE)
 
 
 class BatchResponse(BaseModel):
     model: str
+    model_sha: str | None = Field(None, description=_SHA_NOTE)
     results: list[Result]
 
 
@@ -241,6 +249,11 @@ class ModelOut(BaseModel):
     description: dict[str, Any] = Field(..., description="the model's own description")
     source: str | None
     sha256: str | None = Field(None, description="SHA-256 of the model file, when from a file")
+    model_sha: str | None = Field(
+        None,
+        description="the serving version: short SHA-256 of the file (a committee: of its "
+        "members' digests); every calculate reply and i-PI extras carry it",
+    )
     committee: CommitteeOut | None = Field(
         None, description="committee models: members and calibration (null for one model)"
     )

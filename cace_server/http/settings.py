@@ -94,6 +94,23 @@ class HttpSettings:
         help="at shutdown, seconds open HTTP connections get after the requests already "
         "received are answered",
     )
+    #: let clients replace a served model (``PUT /v1/models/{name}``, ``POST
+    #: /v1/models/{name}/reload``; SIGHUP reloads every model). Off by default.
+    allow_model_updates: bool = option(
+        False,
+        help="allow PUT /v1/models/NAME and POST /v1/models/NAME/reload (hot model swaps) "
+        "and reload every model on SIGHUP",
+    )
+    #: the directory a ``{"path": ...}`` model update may name (real path inside it);
+    #: uploaded model files are written there too. None: paths are refused and
+    #: uploads go to a private temporary directory.
+    model_update_dir: str | None = option(
+        None, help="directory whose model files PUT /v1/models/NAME may name"
+    )
+    #: largest uploaded model file (bytes).
+    max_model_bytes: int = option(
+        512 * 1024 * 1024, help="largest model file PUT /v1/models/NAME accepts"
+    )
     #: accept and return ``application/msgpack`` next to JSON.
     allow_binary: bool = True
     #: let clients attach the server to i-PI runs (``POST /v1/ipi/connections``). Off

@@ -39,7 +39,9 @@ class HttpState:
         self.settings = settings
         self.metrics = HttpMetrics(engine, groups.states)
         self.parser = ProcessParser()
-        self._digests: dict[str, str | None] = {}
+        self._digests: dict[tuple[str, str | None], str | None] = {}
+        #: where uploaded model files go without a model update directory
+        self.upload_dir: str | None = None
 
     async def close(self) -> None:
         """What the app owns: the i-PI groups created through it, the parser process."""
@@ -77,14 +79,15 @@ class HttpState:
         """SHA-256 of the model's file (computed once), None when not from a file."""
         if info.source is None:
             return None
-        if info.name not in self._digests:
+        key = (info.name, info.sha)  # a swapped model is a new version
+        if key not in self._digests:
             from cace_server.model.io import file_digest
 
             try:
-                self._digests[info.name] = await asyncio.to_thread(file_digest, info.source)
+                self._digests[key] = await asyncio.to_thread(file_digest, info.source)
             except OSError:
-                self._digests[info.name] = None
-        return self._digests[info.name]
+                self._digests[key] = None
+        return self._digests[key]
 
 
 def validated(model: type[_Body], obj: dict[str, Any]) -> _Body:

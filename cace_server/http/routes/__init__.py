@@ -2,8 +2,14 @@
 
 from fastapi import APIRouter
 
-from cace_server.http.routes import calculate, health, ipi, models
+from cace_server.http.routes import calculate, health, ipi, models, updates
 
-ROUTERS: tuple[APIRouter, ...] = (health.router, models.router, calculate.router, ipi.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    models.router,
+    updates.router,
+    calculate.router,
+    ipi.router,
+)
 
 __all__ = ["ROUTERS"]

@@ -195,10 +195,13 @@ async def _calculate(request: Request, state: HttpState, batch: bool) -> Respons
     fmt = "msgpack" if binary else "json"
     state.metrics.structures.labels(fmt).inc(len(req.structures))
     state.metrics.atoms.labels(fmt).inc(n_atoms)
+    # One request is computed by one version (the one current when it was submitted).
+    sha = preds[0].extras.get("model_sha") if preds else None
     if batch:
-        return codec.encode({"model": req.info.name, "results": results}, binary)
+        return codec.encode({"model": req.info.name, "model_sha": sha, "results": results}, binary)
     (out,) = results
     out["model"] = req.info.name
+    out["model_sha"] = sha
     return codec.encode(out, binary)
 
 
