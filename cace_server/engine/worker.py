@@ -195,8 +195,9 @@ class Worker:
 
     def _load(self, name: str, source: ModelSource) -> tuple[ServedModel, ModelInfo]:
         settings = self._settings
-        sha = model_sha(source)
+        # loading first: it names a missing or bad file (a committee member) clearly
         model = materialize(source, self.device, settings.dtype)
+        sha = model_sha(source)
         long_range = settings.long_range_for(name)
         if long_range:
             model.configure_long_range(**long_range)
