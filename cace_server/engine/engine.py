@@ -11,7 +11,7 @@ the Verlet lists kept per trajectory.
 loaded and warmed on every worker beside the old one, checked, then new work gets
 it; work already submitted finishes on the version it was submitted for, and an
 i-PI step group keeps one version for all of its step (see ``_pin``). The old
-version is released once nothing submitted refers to it.
+version is released once nothing submitted, and no step in progress, refers to it.
 
 A fatal device error (a dead CUDA context) ends the engine: what it holds fails
 with :class:`DeviceFailed`, :attr:`Engine.healthy` turns false and the callbacks
