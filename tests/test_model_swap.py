@@ -196,3 +196,26 @@ def test_upload_and_reload(engine: Engine, update_dir: Path) -> None:
         assert r.status_code == 200 and r.json()["model_sha"] == model_sha(SEED2)
         out = c.post("/v1/calculate", json=body(water(2)), headers=AUTH).json()
         assert out["model_sha"] == model_sha(SEED2)
+
+
+def test_a_step_split_into_batches_keeps_one_version(update_dir: Path) -> None:
+    """An i-PI step whose first bead ran alone (it came before the step's time limit
+    let the batch go) and was answered before the swap: the step's other bead still
+    gets the old version; the next step gets the new one (found by the real i-PI in
+    tests/test_ipi_swap.py)."""
+    old_sha, new_sha = model_sha(WATER), model_sha(SEED1)
+    settings = EngineSettings(dtype="float64", batch_wait_ms=2.0, step_wait_ms=20.0)
+    with Engine({"water": update_dir / "water.safetensors"}, settings=settings) as eng:
+        group = eng.step_group("ipi:test", 2)
+
+        def bead(member: str, seed: int) -> str:
+            (future,) = eng.submit(water(seed), lane="ipi", trajectory=member, step_group=group)
+            return str(future.result(60).extras["model_sha"])
+
+        assert [bead("a", 0), bead("b", 1)] == [old_sha, old_sha]  # a whole step
+        assert bead("a", 2) == old_sha  # alone: the step's time limit let it run
+        assert eng.swap_model("water", update_dir / SEED1.name).sha == new_sha
+        assert bead("b", 3) == old_sha  # the same step: the version it began with
+        assert [bead("a", 4), bead("b", 5)] == [new_sha, new_sha]  # the next step
+        assert [bead("a", 6), bead("b", 7)] == [new_sha, new_sha]
+        assert eng.model_info("water").sha == new_sha

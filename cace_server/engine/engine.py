@@ -11,7 +11,7 @@ the Verlet lists kept per trajectory.
 loaded and warmed on every worker beside the old one, checked, then new work gets
 it; work already submitted finishes on the version it was submitted for, and an
 i-PI step group keeps one version for all of its step (see ``_pin``). The old
-version is released once nothing submitted refers to it.
+version is released once nothing submitted, and no step in progress, refers to it.
 
 A fatal device error (a dead CUDA context) ends the engine: what it holds fails
 with :class:`DeviceFailed`, :attr:`Engine.healthy` turns false and the callbacks
@@ -170,8 +170,8 @@ class Engine:
         self._next_version: dict[str, int] = dict.fromkeys(self._names, 1)
         self._version_entries: dict[tuple[str, int], CatalogueEntry] = {}
         self._outstanding: Counter[tuple[str, int]] = Counter()
-        # (step group key, model) -> (pinned version, its items not yet resolved)
-        self._group_pins: dict[tuple[str, str], tuple[int, int]] = {}
+        # (step group key, model) -> the version its current step was pinned to
+        self._group_pins: dict[tuple[str, str], _StepPin] = {}
         self._swap_lock = threading.Lock()
         self._trajectories = TrajectoryLists(
             self.settings.neighbor_skin, self.settings.max_neighbor_lists, self.stats
@@ -419,7 +419,7 @@ class Engine:
         lane_of = self._lane(lane, n_atoms)
         if not structures:
             return []
-        version = self._pin(name, step_group, len(structures))
+        version = self._pin(name, step_group, len(structures), trajectory or "")
         items = [
             WorkItem(
                 name,
@@ -648,7 +648,7 @@ class Engine:
                     worker.adopt_version(key, version, info)
                 self._entries = {**self._entries, key: entry}
                 self._current[key] = version
-                release = self._outstanding[(key, old)] == 0
+                release = self._unused(key, old)
             if release:
                 self._release(key, old)
             logger.info("model %r now serves version %s (was %s)", key, info.sha, current.sha)
@@ -673,22 +673,47 @@ class Engine:
                 lacking.append(f"{symbols} (used by the live trajectory {trajectory})")
         return "; ".join(lacking)
 
-    def _pin(self, name: str, group: StepGroup | None, n: int) -> int:
+    def _pin(self, name: str, group: StepGroup | None, n: int, member: str) -> int:
         """The version new work of ``name`` gets, counted as outstanding.
 
-        The items of a step group (the beads of an i-PI step) keep the version their
-        group had while any of them is unresolved: i-PI waits for every bead of a
-        step before it sends the next, so a step never sees two versions.
+        A step group (the connections of an i-PI run) keeps the version of its step
+        until the step is over: while any of its items is unresolved, and while a
+        member (connection) that has not submitted in this step may still bring a
+        bead. A step can run as several batches (a bead arriving after the step's
+        time limit), so unresolved items alone do not mark its end. The next step
+        begins when a member submits again (i-PI sends no bead of the next step
+        before every bead of this one is answered), or when every member has
+        submitted and all is resolved.
         """
+        released: int | None = None
         with self._lock:
             version = self._current[name]
             if group is not None:
-                pinned, left = self._group_pins.get((group.key, name), (version, 0))
-                if left > 0:
-                    version = pinned
-                self._group_pins[(group.key, name)] = (version, left + n)
+                key = (group.key, name)
+                pin = self._group_pins.get(key)
+                if pin is not None and (pin.left > 0 or member not in pin.members):
+                    version = pin.version
+                else:
+                    if pin is not None and pin.version != version:
+                        released = pin.version
+                    pin = self._group_pins[key] = _StepPin(version)
+                pin.left += n
+                pin.members.add(member)
             self._outstanding[(name, version)] += n
-            return version
+            if released is not None and not self._unused(name, released):
+                released = None
+        if released is not None:
+            self._release(name, released)
+        return version
+
+    def _unused(self, name: str, version: int) -> bool:
+        """Nothing queued and no step group's current step refers to an old version
+        (call under the lock)."""
+        if self._outstanding[(name, version)] > 0 or version == self._current[name]:
+            return False
+        return not any(
+            key[1] == name and pin.version == version for key, pin in self._group_pins.items()
+        )
 
     def _item_done(
         self, name: str, version: int, group: StepGroup | None, _future: Future[Prediction]
@@ -696,16 +721,15 @@ class Engine:
         key = (name, version)
         with self._lock:
             if group is not None:
-                pinned, left = self._group_pins[(group.key, name)]
-                if left <= 1:
-                    del self._group_pins[(group.key, name)]
-                else:
-                    self._group_pins[(group.key, name)] = (pinned, left - 1)
+                pin = self._group_pins.get((group.key, name))
+                if pin is not None and pin.version == version:
+                    pin.left -= 1
+                    if pin.left <= 0 and len(pin.members) >= group.size:
+                        del self._group_pins[(group.key, name)]  # every member was served
             self._outstanding[key] -= 1
-            if self._outstanding[key] > 0:
-                return
-            del self._outstanding[key]
-            release = version != self._current[name] and key in self._version_entries
+            if self._outstanding[key] <= 0:
+                del self._outstanding[key]
+            release = key in self._version_entries and self._unused(name, version)
         if release:
             self._release(name, version)
 
@@ -833,6 +857,16 @@ class Engine:
         for item in items:
             error = EngineClosed(_CLOSED_BEFORE) if self._fatal is None else self._device_error()
             reject(item, error, self.stats)
+
+
+@dataclasses.dataclass
+class _StepPin:
+    """The version of a step group's current step, its unresolved items, and the
+    members that have submitted in the step."""
+
+    version: int
+    left: int = 0
+    members: set[str] = dataclasses.field(default_factory=set)
 
 
 def _checked_sha(source: ModelSource) -> str | None:
