@@ -223,6 +223,10 @@ def served(tmp_path: Path, socket_dir: str) -> Iterator[Served]:
             str(INIT),
             "--torch-threads",
             "1",
+            # a busy CPU may space the beads of a step by more than the default
+            # quiet tenth (100 ms); the step must stay one batch for the count below
+            "--step-wait-ms",
+            "10000",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
