@@ -13,9 +13,10 @@ captures the structures the committee is unsure of. Each round then:
 4. swap: the new committee replaces the served one between two i-PI steps
    (``PUT /v1/models/NAME``); i-PI never reconnects.
 
-It prints a table per round: captured and labelled structures, the fraction of
-evaluated structures above the threshold, validation energy/force RMSE of the
-committee mean before and after the fine-tune, and the wall time of each phase.
+It prints a table per round: the beads captured during the round's steps and the
+fraction of the round's beads above the threshold, the structures labelled so far,
+the validation energy/force RMSE of the committee mean before and after the
+fine-tune, and the wall time of each phase.
 
     python clients/examples/active_learning.py --workdir /tmp/al --rounds 2
 
@@ -38,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "cace_server.cli"]
@@ -214,19 +214,18 @@ class Loop:
     # -- one round -----------------------------------------------------------------------------
     def _round(self, index: int, committee: Path) -> Round:
         row = Round(index)
-        counts = self._counts()
         start = time.monotonic()
-        target = self._ipi_step() + self.args.steps
+        first = self._ipi_step()
+        target = first + self.args.steps
         while self._ipi_step() < target:
             self._check_alive()
             time.sleep(0.5)
-        row.steps = self.args.steps
+        last = self._ipi_step()
+        row.steps = last - first
         row.seconds["run"] = time.monotonic() - start
-        time.sleep(1.0)  # the capture writer counts a record once it is written
-        after = self._counts()
-        evaluated = after[0] - counts[0]
-        row.captured = int(after[1] - counts[1])
-        row.above = row.captured / evaluated if evaluated else math.nan
+        time.sleep(1.0)  # the capture writer writes a record just after its step
+        row.captured = self._captured_between(first, last)
+        row.above = row.captured / (self.args.beads * row.steps) if row.steps else math.nan
 
         start = time.monotonic()
         labelled = self.work / "labelled.extxyz"
@@ -292,19 +291,18 @@ class Loop:
         ase.io.write(out, [atoms for _, _, atoms in chosen], format="extxyz")
         return out
 
-    def _counts(self) -> tuple[float, float]:
-        """(structures evaluated, structures above the threshold) so far."""
-        text = httpx.get(self._url("/metrics"), timeout=10).text
-        evaluated = above = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.labels.get("model") != MODEL or not sample.name.endswith("_total"):
-                    continue
-                if family.name == "cace_engine_model_structures":
-                    evaluated += sample.value
-                elif family.name == "cace_captured":
-                    above += sample.value
-        return evaluated, above
+    def _captured_between(self, first: int, last: int) -> int:
+        """Captured beads of i-PI steps first+1..last (a connection's n-th evaluation
+        is step n - 1: the first is the initial force evaluation)."""
+        from cace_server.capture import read_capture
+
+        count = 0
+        for path in sorted((self.work / "capture").glob("capture-*.xyz")):
+            for atoms in read_capture(path).records:
+                if atoms.info.get("origin") == "ipi":
+                    step = int(atoms.info["origin_step"]) - 1
+                    count += first < step <= last
+        return count
 
     def _ipi_step(self) -> int:
         out = self.work / "ipi" / "al.out"
