@@ -11,7 +11,7 @@ wire mapping.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -170,6 +170,14 @@ class Outputs(frozenset[str]):
         """The names of this set that ``offered`` lacks, in catalogue order."""
         available = set(offered)
         return tuple(name for name in self if name not in available)
+
+    def require(self, offered: Sequence[str], who: str = "the model") -> None:
+        """Raise :class:`OutputNotOffered` naming what of this set ``offered`` lacks."""
+        missing = self.not_in(offered)
+        if missing:
+            raise OutputNotOffered(
+                f"{who} does not compute {', '.join(missing)} (it offers {', '.join(offered)})"
+            )
 
     @property
     def fields(self) -> frozenset[str]:

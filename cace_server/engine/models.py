@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cace_server.outputs import SERVED, OutputNotOffered, Outputs
+from cace_server.outputs import SERVED, Outputs
 from cace_server.structures import BatchCost, Prediction, Structure, StructureError
 
 
@@ -143,9 +143,7 @@ class ModelWrapper:
     def refuse_undeclared(self, outputs: Outputs) -> None:
         """Raise OutputNotOffered for outputs this wrapper does not declare (for
         subclasses that change :attr:`outputs`)."""
-        missing = outputs.not_in(self.outputs)
-        if missing:
-            raise OutputNotOffered(f"the model does not compute {', '.join(missing)}")
+        outputs.require(self.outputs)
 
     def configure_long_range(self, **options: str) -> None:
         self.inner.configure_long_range(**options)

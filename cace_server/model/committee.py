@@ -30,7 +30,7 @@ from cace_server.model.committee_pass import MemberNeeds, MemberResults, SharedE
 from cace_server.model.io import ModelFileError, load_model
 from cace_server.model.neighbors import PreparedStructure, VerletList
 from cace_server.model.potential import CACEPotential
-from cace_server.outputs import COMMITTEE_OUTPUTS, OutputNotOffered, Outputs
+from cace_server.outputs import COMMITTEE_OUTPUTS, Outputs
 from cace_server.structures import BatchCost, Prediction, Structure
 
 if sys.version_info >= (3, 11):
@@ -302,12 +302,7 @@ class Committee(torch.nn.Module):
     ) -> list[Prediction]:
         """The members' mean and spread, and what else of :data:`COMMITTEE_OUTPUTS` is asked."""
         chosen = self.default_outputs if outputs is None else Outputs(outputs)
-        missing = chosen.not_in(self.outputs)
-        if missing:
-            raise OutputNotOffered(
-                f"the committee does not compute {', '.join(missing)} (it offers "
-                f"{', '.join(self.outputs)})"
-            )
+        chosen.require(self.outputs, "the committee")
         prepared = [s if isinstance(s, PreparedStructure) else self.prepare(s) for s in structures]
         member_forces = bool({"forces_uncertainty", "committee_forces"} & chosen)
         need = MemberNeeds(

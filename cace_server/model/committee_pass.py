@@ -23,7 +23,7 @@ import torch
 
 from cace_server.model.edge_basis import EdgeTerms
 from cace_server.model.neighbors import GraphBatch, PreparedStructure, collate
-from cace_server.model.potential import CACEPotential, Geometry
+from cace_server.model.potential import CACEPotential, Geometry, to_host
 from cace_server.model.representation import sum_over_neighbours
 from cace_server.model.stacked import StackedMembers
 
@@ -121,14 +121,7 @@ class SharedEdgePass:
         batch = collate(group, first.device, self.widths, first.dtype)
         with torch.enable_grad():
             tensors = self.evaluate(batch, need)
-        # Every result in one float64 buffer: one device-to-host copy per pass.
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors.values()])
-        host = flat.to("cpu").numpy()
-        arrays: dict[str, np.ndarray] = {}
-        start = 0
-        for key, value in tensors.items():
-            arrays[key] = host[start : start + value.numel()].reshape(value.shape)
-            start += value.numel()
+        arrays = to_host(tensors)
         return MemberResults(
             list(group),
             arrays["energy"],

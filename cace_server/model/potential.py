@@ -8,7 +8,7 @@ model's dtype; the network runs in the model's dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from cace_server.model.neighbors import (
     prepare_structure,
 )
 from cace_server.model.representation import CACERepresentation
-from cace_server.outputs import OutputNotOffered, Outputs
+from cace_server.outputs import Outputs
 from cace_server.structures import BatchCost, Prediction, Structure
 
 
@@ -43,6 +43,18 @@ class BatchOutput:
     descriptors: torch.Tensor | None = None  # [N, features]: the heads' input
     dipole: torch.Tensor | None = None  # [B, 3] e·Å
     bec: torch.Tensor | None = None  # [N, 3, 3], [i, a, b] = d dipole_b / d r_ia
+
+
+def to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The tensors as float64 numpy arrays, in one device-to-host copy."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors.values()])
+    host = flat.to("cpu").numpy()
+    arrays: dict[str, np.ndarray] = {}
+    start = 0
+    for key, value in tensors.items():
+        arrays[key] = host[start : start + value.numel()].reshape(value.shape)
+        start += value.numel()
+    return arrays
 
 
 @dataclass
@@ -438,12 +450,7 @@ class CACEPotential(torch.nn.Module):
         cache, groups of a few thousand atoms are faster than one pass.
         """
         chosen = self.default_outputs if outputs is None else Outputs(outputs)
-        missing = chosen.not_in(self.outputs)
-        if missing:
-            raise OutputNotOffered(
-                f"the model does not compute {', '.join(missing)} (it offers "
-                f"{', '.join(self.outputs)})"
-            )
+        chosen.require(self.outputs)
         prepared = [s if isinstance(s, PreparedStructure) else self.prepare(s) for s in structures]
         results: list[Prediction] = []
         for group in self._groups(prepared):
@@ -498,14 +505,7 @@ class CACEPotential(torch.nn.Module):
             "bec": out.bec,
             "descriptors": out.descriptors,
         }
-        present = {k: v.detach() for k, v in parts.items() if v is not None}
-        flat = torch.cat([v.reshape(-1).to(torch.float64) for v in present.values()])
-        host = flat.to("cpu").numpy()
-        arrays: dict[str, np.ndarray] = {}
-        start = 0
-        for key, value in present.items():
-            arrays[key] = host[start : start + value.numel()].reshape(value.shape)
-            start += value.numel()
+        arrays = to_host({k: v for k, v in parts.items() if v is not None})
         energy = arrays["energy"]
         forces = arrays.get("forces")
         virial = arrays.get("virial")

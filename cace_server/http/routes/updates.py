@@ -62,28 +62,24 @@ def _allowed(source: str, state: HttpState) -> str:
     root = Path(directory).resolve()
     from cace_server.model.committee import CommitteeError, committee_spec
 
-    paths = [Path(part.strip()) for part in source.split(",")]
-    for path in paths:
+    def refuse_outside(path: Path, what: str) -> None:
         if not path.resolve().is_relative_to(root):
             raise ApiError(
                 403,
                 "path_not_allowed",
-                f"{path} is outside the model update directory {root}",
+                f"{what}{path} is outside the model update directory {root}",
                 field="path",
             )
+
+    # the named files first: nothing outside the directory is read
+    for part in source.split(","):
+        refuse_outside(Path(part.strip()), "")
     try:
         spec = committee_spec(source)
     except (CommitteeError, OSError, ValueError) as exc:
         raise ApiError(422, "bad_model", str(exc), field="path") from None
-    members = [] if spec is None else list(spec.members)
-    for member in members:  # a committee file's members must lie inside too
-        if not member.resolve().is_relative_to(root):
-            raise ApiError(
-                403,
-                "path_not_allowed",
-                f"committee member {member} is outside the model update directory {root}",
-                field="path",
-            )
+    for member in [] if spec is None else spec.members:  # a committee file's members too
+        refuse_outside(member, "committee member ")
     return source
 
 
