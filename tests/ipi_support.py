@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ase
@@ -28,6 +29,7 @@ from ipi.utils.units import unit_to_internal
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.structures import Structure
 from cace_server.units import ANGSTROM_PER_BOHR, FORCE_AU_PER_EV_ANGSTROM, HARTREE_PER_EV
+from tests.test_serve_http import free_port
 
 IPI_SCRIPT = Path(sys.executable).with_name("i-pi")
 
@@ -322,3 +324,35 @@ class CountingListener:
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
+
+
+@contextlib.contextmanager
+def serve_with_ipi(
+    log_path: Path, run: IpiRun, beads: int, template: Path, *options: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``cace-server serve`` on a free loopback port, driving ``run`` with one
+    connection per bead (one torch thread), ``options`` added; yields its URL and
+    process and stops it (SIGTERM, then kill) on the way out."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "cace_server.cli", "serve", "--port", str(port),
+        "--ipi", f"unix:{run.socket_path}", "--ipi-clients", str(beads),
+        "--ipi-template", str(template), "--torch-threads", "1", *options,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        try:
+            yield f"http://127.0.0.1:{port}", server
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(10)

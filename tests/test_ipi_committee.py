@@ -11,9 +11,7 @@ with the members evaluated over HTTP.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,9 +33,8 @@ from cace_server.model.committee import Committee, load_served
 from cace_server.outputs import Outputs
 from cace_server.structures import Prediction, Structure
 from cace_server.units import ANGSTROM_PER_BOHR, FORCE_AU_PER_EV_ANGSTROM, HARTREE_PER_EV
-from tests.ipi_support import IPI_SCRIPT, IpiRun
+from tests.ipi_support import IPI_SCRIPT, IpiRun, serve_with_ipi
 from tests.npt_support import NPT_MOTION
-from tests.test_serve_http import free_port
 
 MEMBERS = [
     Path(__file__).parent / "data" / "committee" / f"seed{k}.safetensors" for k in range(1, 5)
@@ -203,47 +200,24 @@ Served = tuple[IpiRun, str, "subprocess.Popen[bytes]"]
 def served(tmp_path: Path, socket_dir: str) -> Iterator[Served]:
     """i-PI listening, then ``cace-server serve`` with the committee on HTTP and i-PI."""
     run = committee_run(tmp_path / "ipi", socket_dir).start()
-    port = free_port()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [
-            *CLI,
-            "serve",
-            "--port",
-            str(port),
+    try:
+        with serve_with_ipi(
+            tmp_path / "server.log",
+            run,
+            BEADS,
+            INIT,
             "--model",
             "water=" + ",".join(str(m) for m in MEMBERS),
             "--dtype",
             "float64",
-            "--ipi",
-            f"unix:{run.socket_path}",
-            "--ipi-clients",
-            str(BEADS),
-            "--ipi-template",
-            str(INIT),
-            "--torch-threads",
-            "1",
             # a busy CPU may space the beads of a step by more than the default
             # quiet tenth (100 ms); the step must stay one batch for the count below
             "--step-wait-ms",
             "10000",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    try:
-        yield run, f"http://127.0.0.1:{port}", server
+        ) as (url, server):
+            yield run, url, server
     finally:
         run.stop()
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
-        log.close()
 
 
 @pytest.mark.ipi

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,8 +26,7 @@ import pytest
 
 from cace_server.engine.models import model_sha
 from cace_server.units import ANGSTROM_PER_BOHR, FORCE_AU_PER_EV_ANGSTROM
-from tests.ipi_support import IPI_SCRIPT, IpiRun
-from tests.test_serve_http import free_port
+from tests.ipi_support import IPI_SCRIPT, IpiRun, serve_with_ipi
 
 pytestmark = [
     pytest.mark.ipi,
@@ -74,47 +70,23 @@ def served(tmp_path: Path, socket_dir: str) -> Iterator[Served]:
         steps=STEPS,
         outputs=OUTPUTS,
     ).start()
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [
-            *CLI,
-            "serve",
-            "--port",
-            str(port),
+    try:
+        with serve_with_ipi(
+            tmp_path / "server.log",
+            run,
+            BEADS,
+            INIT,
             "--model",
             f"water={models / VERSIONS[0].name}",
             "--dtype",
             "float64",
-            "--ipi",
-            f"unix:{run.socket_path}",
-            "--ipi-clients",
-            str(BEADS),
-            "--ipi-template",
-            str(INIT),
             "--allow-model-updates",
             "--model-update-dir",
             str(models),
-            "--torch-threads",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    try:
-        yield run, f"http://127.0.0.1:{port}", models
+        ) as (url, _):
+            yield run, url, models
     finally:
         run.stop()
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
-        log.close()
 
 
 def connections(client: httpx.Client) -> list[dict[str, Any]]:
