@@ -30,9 +30,10 @@ from cace_server.engine import (
     UnknownModel,
     is_out_of_memory,
 )
-from cace_server.engine.batching import WorkItem, select_batch
+from cace_server.engine.batching import Lane, PendingQueue, WorkItem, select_batch
 from cace_server.engine.models import ModelWrapper
 from cace_server.engine.stats import Histogram
+from cace_server.engine.steps import StepGroup
 from cace_server.model import random_model
 from cace_server.outputs import Outputs
 from cace_server.structures import BatchCost, Prediction, Structure
@@ -630,3 +631,54 @@ def test_admission_counts_atoms_but_never_refuses_ipi_steps(model: Any) -> None:
         time.sleep(0.05)
         assert engine.snapshot().pending_atoms == 0
         assert len(engine.submit(make_structure(40, seed=925, periodic=False))) == 1  # room again
+
+
+def test_jobs_share_the_device_time_with_the_http_lanes(monkeypatch: Any) -> None:
+    """Small, bulk and jobs lanes alternate by the worker time each has used."""
+    from types import SimpleNamespace
+
+    from cace_server.engine import batching
+
+    now = [0.0]
+    monkeypatch.setattr(batching, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    seconds = {Lane.SMALL: 0.5, Lane.BULK: 1.0, Lane.JOBS: 2.0}  # what each batch costs
+    queue = PendingQueue()
+    structure = make_structure(3, seed=930, periodic=False)
+    for lane in seconds:
+        items = [WorkItem("m", structure, i, Outputs(), lane) for i in range(8)]
+        for item in items:
+            item.cost = BatchCost(3, 10)
+        queue.put_many(items)
+    order = []
+    for _ in range(12):
+        batch = queue.take_batch(max_atoms=3, max_pairs=100)  # one item a batch
+        assert batch is not None and len(batch) == 1
+        order.append(batch[0].lane.value[0])
+        now[0] += seconds[batch[0].lane]
+    # each lane's turn comes when it has used least (ties: small, bulk, jobs)
+    assert "".join(order) == "sbjssbssbjss"
+
+
+def test_an_ipi_step_waits_only_for_the_job_batch_on_the_device() -> None:
+    queue = PendingQueue()
+    structure = make_structure(3, seed=931, periodic=False)
+    jobs = [WorkItem("m", structure, i, Outputs(), Lane.JOBS) for i in range(6)]
+    for item in jobs:
+        item.cost = BatchCost(3, 10)
+    queue.put_many(jobs)  # the jobs lane holds three full batches
+    first = queue.take_batch(max_atoms=6, max_pairs=100, wait_s=10)
+    assert first == jobs[:2]  # a full batch does not wait for company
+    # a one-bead step of one connection: its batch closes once the bead is in
+    ipi = WorkItem("m", structure, 0, Outputs(), Lane.IPI, trajectory="ipi:c0")
+    ipi.step_group = StepGroup("ipi:address", 1, timeout_s=10)
+    queue.put_many([ipi])
+    assert queue.take_batch(max_atoms=6, max_pairs=100, wait_s=10) == [ipi]
+    assert queue.take_batch(max_atoms=6, max_pairs=100, wait_s=10) == jobs[2:4]
+
+
+def test_the_jobs_lane_is_held_to_the_atom_budget(model: Any) -> None:
+    with Engine(model, settings=settings(batch_wait_ms=0, max_queue_atoms=50)) as engine:
+        with pytest.raises(Overloaded, match="request of 60 atoms exceeds max_queue_atoms"):
+            engine.submit(make_structure(60, seed=932, periodic=False), lane="jobs")
+        (future,) = engine.submit(make_structure(20, seed=933, periodic=False), lane="jobs")
+        assert isinstance(future.result(30), Prediction)

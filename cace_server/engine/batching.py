@@ -1,18 +1,21 @@
 """Work items and the queue the worker drains into batches.
 
-Items wait in three lanes:
+Items wait in four lanes:
 
 - ``ipi``: structures from i-PI connections. A PIMD step is waited for by the whole
-  simulation, so this lane always goes first: it never waits behind HTTP work
-  other than the one batch already on the device.
+  simulation, so this lane always goes first: it never waits behind other work
+  than the one batch already on the device.
 - ``small``: HTTP requests of at most ``small_request_atoms`` atoms in total.
 - ``bulk``: larger HTTP requests.
+- ``jobs``: server-side jobs (batched relaxations, MD runs). Each iteration of a job
+  is one call holding all its live structures, and waits here; an i-PI step waits at
+  most for the one job batch already on the device.
 
-The two HTTP lanes share the device's time: the next batch comes from the lane that
-has used less of it (a lane that was empty starts level with the other, it saves no
-credit). Small batches cost little, so a 3-atom request waits only for the batch
-already on the device, and bulk work still gets at least half the time when small
-requests never stop coming.
+The ``small``, ``bulk`` and ``jobs`` lanes share the device's time: the next batch
+comes from the lane that has used least of it (ties in that order; a lane that was
+empty starts level with the busiest, it saves no credit). Small batches cost little,
+so a 3-atom request waits only for the batch already on the device, and each busy
+lane still gets its share of the time when the others never stop coming.
 
 A batch holds items of one lane and one model version (see ``Engine.swap_model``:
 an item keeps the version it was submitted for), in arrival order, bounded by atoms
@@ -49,9 +52,11 @@ class Lane(str, enum.Enum):
     IPI = "ipi"
     SMALL = "small"
     BULK = "bulk"
+    JOBS = "jobs"
 
 
-_HTTP_LANES = (Lane.SMALL, Lane.BULK)
+# The lanes that share the device's time, in the order that breaks ties.
+_SHARED_LANES = (Lane.SMALL, Lane.BULK, Lane.JOBS)
 
 
 @dataclass(eq=False)
@@ -112,10 +117,10 @@ class PendingQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._stats = stats
-        # Worker seconds used by each HTTP lane: a worker asks for its next batch when
+        # Worker seconds used by each shared lane: a worker asks for its next batch when
         # it has finished the previous one, so the time between is that batch's cost.
         # Per worker thread (lane, time taken): several workers may share the queue.
-        self._used: dict[Lane, float] = dict.fromkeys(_HTTP_LANES, 0.0)
+        self._used: dict[Lane, float] = dict.fromkeys(_SHARED_LANES, 0.0)
         self._computing: dict[int, tuple[Lane, float]] = {}
 
     def __len__(self) -> int:
@@ -232,17 +237,17 @@ class PendingQueue:
             return removed
 
     def _next_lane(self) -> Lane | None:
-        """i-PI first; then the HTTP lane that has used less worker time."""
+        """i-PI first; then the shared lane that has used least worker time."""
         if self._lanes[Lane.IPI]:
             return Lane.IPI
         most = max(self._used.values())
-        for lane in _HTTP_LANES:
+        for lane in _SHARED_LANES:
             if not self._lanes[lane]:
                 self._used[lane] = most  # idle time earns no credit
-        waiting = [lane for lane in _HTTP_LANES if self._lanes[lane]]
+        waiting = [lane for lane in _SHARED_LANES if self._lanes[lane]]
         if not waiting:
             return None
-        return min(waiting, key=lambda lane: self._used[lane])  # ties: small first
+        return min(waiting, key=lambda lane: self._used[lane])  # ties: small, bulk, jobs
 
     def _still_head(self, lane: Lane, head: WorkItem) -> bool:
         """``head`` still leads ``lane`` and no lane that goes first has work."""

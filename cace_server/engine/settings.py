@@ -92,7 +92,8 @@ class EngineSettings:
         1_000_000, help="most atoms accepted and not yet answered (i-PI steps exempt)"
     )
     # Requests of at most this many atoms in total wait in the "small" lane, which
-    # shares the device's time with the "bulk" lane of larger ones (i-PI steps go first).
+    # shares the device's time with the "bulk" lane of larger ones and the "jobs" lane
+    # (i-PI steps go first).
     small_request_atoms: int = option(
         1024, help="requests up to this many atoms share device time with larger ones"
     )
