@@ -168,6 +168,9 @@ class Prediction:
     # Per-atom descriptors (the node features the heads read), when asked for.
     descriptors: npt.NDArray[np.float64] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # What the structure added to its batch (set by the engine, for callers that
+    # account device time, such as jobs): not an output, never serialised.
+    cost: BatchCost | None = None
 
     def keep_only(self, outputs: Outputs) -> Prediction:
         """Drop (in place) the arrays of outputs not in ``outputs``; returns self.

@@ -127,3 +127,50 @@ def test_one_connection_serving_several_beads_keeps_a_list_for_each() -> None:
             assert pair_set(prepared) == pair_set(fresh)
     snap = stats.snapshot()
     assert (snap.neighbor_lists_built, snap.neighbor_lists_reused) == (4, 8)
+
+
+def test_a_job_keeps_each_structures_list_under_its_slot_and_forgets_them() -> None:
+    """A job's live set shrinks and reorders: ``slots`` (its structure indices) keep
+    each structure's Verlet list; ``forget_trajectory`` drops them when it ends."""
+    from cace_server.engine import Engine, EngineSettings
+
+    model = random_model((1, 8), seed=11, dtype="float64", cutoff=3.5)
+    rng = np.random.default_rng(4)
+    a, b = water_like(1), water_like(2, n=36, length=6.5)
+    settings = EngineSettings(dtype="float64", neighbor_skin=0.5, batch_wait_ms=0)
+    with Engine(model, settings=settings) as engine:
+
+        def run(structures: list[Structure], slots: list[int] | None) -> tuple[int, int]:
+            before = engine.snapshot()
+            futures = engine.submit(structures, lane="jobs", trajectory="job:1", slots=slots)
+            for s, future in zip(structures, futures, strict=True):
+                got = future.result(60)
+                fresh = model.predict([prepare_structure(s, model.elements, model.cutoff)])[0]
+                np.testing.assert_allclose(got.forces, fresh.forces, rtol=0, atol=TOL)
+                assert got.cost is not None and got.cost.atoms == len(s) and got.cost.pairs > 0
+            after = engine.snapshot()
+            return (
+                after.neighbor_lists_built - before.neighbor_lists_built,
+                after.neighbor_lists_reused - before.neighbor_lists_reused,
+            )
+
+        def step() -> None:
+            nonlocal a, b
+            a, b = moved(a, rng, 0.01), moved(b, rng, 0.01)
+
+        assert run([a, b], [0, 1]) == (2, 0)
+        step()
+        assert run([b, a], [1, 0]) == (0, 2)  # positions swapped, slots kept
+        step()
+        assert run([a], [0]) == (0, 1)  # b finished; a is now at position 0 alone
+        with pytest.raises(ValueError, match="1 slots for 2 structures"):
+            engine.submit([a, b], trajectory="job:1", slots=[0])
+        step()
+        assert run([b, a], None) == (2, 0)  # by position, each meets the other's list
+        assert "job:1" in engine._trajectories.species(engine.default_model)
+        engine.forget_trajectory("job:1")
+        assert len(engine._trajectories) == 0 and not engine._trajectories.species(
+            engine.default_model
+        )
+        step()
+        assert run([a, b], [0, 1]) == (2, 0)  # forgotten: built anew

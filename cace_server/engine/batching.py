@@ -78,10 +78,17 @@ class WorkItem:
     step_group: StepGroup | None = None  # the i-PI step it belongs to, if any
     origin: Origin | None = None  # where it came from (capture records it)
     version: int = 0  # the model version it is evaluated with (pinned at submission)
+    # the key of its Verlet list within the trajectory (None: its index)
+    slot: int | None = None
 
     @property
     def n_atoms(self) -> int:
         return len(self.structure)
+
+    @property
+    def list_slot(self) -> int:
+        """Which of the trajectory's Verlet lists it uses (see ``Engine.submit``'s ``slots``)."""
+        return self.index if self.slot is None else self.slot
 
     @property
     def model_key(self) -> tuple[str, int]:

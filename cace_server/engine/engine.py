@@ -386,6 +386,7 @@ class Engine:
         trajectory: str | None = None,
         step_group: StepGroup | None = None,
         origin: Origin | None = None,
+        slots: Sequence[int] | None = None,
     ) -> list[Future[Prediction]]:
         """Queue structures for evaluation; one future per structure, in order.
 
@@ -394,20 +395,25 @@ class Engine:
         each prediction holds; an output the model does not offer is refused with
         UnsupportedOutput. A batch computes what any of its structures asked for (Born
         effective charges cost extra backward passes). ``lane``: ``"ipi"`` for i-PI
-        steps (they go first); otherwise the request waits in the ``small`` or
-        ``bulk`` lane by its atom count (see ``batching.py``). ``trajectory`` names
-        the caller's structures that evolve step by step (an i-PI connection, an HTTP
-        client's X-CACE-Session): their neighbour lists are kept and reused.
-        ``step_group`` (with a trajectory) makes the batch of a step close once every
-        member of the group has submitted (:meth:`step_group`). ``origin``: where the
-        structures came from, for capture records and its per-source rate limit.
+        steps (they go first), ``"jobs"`` for a server-side job's iteration; otherwise
+        the request waits in the ``small`` or ``bulk`` lane by its atom count (see
+        ``batching.py``). ``trajectory`` names the caller's structures that evolve
+        step by step (an i-PI connection, an HTTP client's X-CACE-Session, a job):
+        their neighbour lists are kept and reused, structure i's under the key
+        ``slots[i]`` (default: i, its position in the call; a job whose set of live
+        structures changes passes each one's index in the job). ``step_group`` (with
+        a trajectory) makes the batch of a step close once every member of the group
+        has submitted (:meth:`step_group`). ``origin``: where the structures came
+        from, for capture records and its per-source rate limit.
 
         Raises UnknownModel, Overloaded, NotReady, EngineClosed or DeviceFailed for
-        the whole request; a structure that cannot be evaluated gets its error in
-        its future.
+        the whole request (ValueError for ``slots`` not one per structure); a
+        structure that cannot be evaluated gets its error in its future.
         """
         self.stats.request()
         structures = [structures] if isinstance(structures, Structure) else list(structures)
+        if slots is not None and len(slots) != len(structures):
+            raise ValueError(f"{len(slots)} slots for {len(structures)} structures")
         try:
             name = self._check_accepting(model)
             chosen = self._check_outputs(name, outputs)
@@ -431,6 +437,7 @@ class Engine:
                 step_group=step_group,
                 origin=origin,
                 version=version,
+                slot=None if slots is None else int(slots[i]),
             )
             for i, s in enumerate(structures)
         ]
@@ -479,6 +486,7 @@ class Engine:
         trajectory: str | None = ...,
         step_group: StepGroup | None = ...,
         origin: Origin | None = ...,
+        slots: Sequence[int] | None = ...,
     ) -> list[Prediction]: ...
 
     @overload
@@ -493,6 +501,7 @@ class Engine:
         trajectory: str | None = ...,
         step_group: StepGroup | None = ...,
         origin: Origin | None = ...,
+        slots: Sequence[int] | None = ...,
     ) -> list[Outcome]: ...
 
     async def evaluate(
@@ -506,13 +515,14 @@ class Engine:
         trajectory: str | None = None,
         step_group: StepGroup | None = None,
         origin: Origin | None = None,
+        slots: Sequence[int] | None = None,
     ) -> list[Prediction] | list[Outcome]:
         """Evaluate structures with ``model`` (default: the default model).
 
         Returns one Prediction per structure, in order. A failing structure raises
         its EngineError (after all structures of the call are done), or with
         ``return_exceptions`` takes its place in the list. ``lane``, ``trajectory``,
-        ``step_group`` and ``origin``: see :meth:`submit`.
+        ``step_group``, ``origin`` and ``slots``: see :meth:`submit`.
         """
         futures = self.submit(
             structures,
@@ -522,6 +532,7 @@ class Engine:
             trajectory=trajectory,
             step_group=step_group,
             origin=origin,
+            slots=slots,
         )
         if not futures:
             return []
@@ -592,6 +603,11 @@ class Engine:
                 group = self._step_groups[key] = StepGroup(key, size, timeout_s)
             group.size = size
             return group
+
+    def forget_trajectory(self, trajectory: str) -> None:
+        """Drop the neighbour lists (every model and version) and species kept for
+        ``trajectory``: a finished job frees its share of ``max_neighbor_lists`` now."""
+        self._trajectories.forget(trajectory)
 
     # -- model versions ------------------------------------------------------------------------
     def swap_model(
@@ -830,7 +846,7 @@ class Engine:
                             item.model,
                             model,
                             item.trajectory,
-                            item.index,
+                            item.list_slot,
                             item.structure,
                             item.version,
                         )

@@ -1,14 +1,18 @@
 """Verlet neighbour lists kept per trajectory: structures that evolve step by step.
 
-A trajectory is named by its caller: an i-PI connection (``ipi:...``) or an HTTP
-client's ``X-CACE-Session`` (``http:...``). Its consecutive structures (a bead, step
-after step) move little, so its neighbour list, built with a skin, is reused until an
-atom has moved half the skin (see :class:`cace_server.model.neighbors.VerletList`).
-Structures of one request are told apart by their position in it (i-PI's batched
-transport sends all beads over one connection). One position may still see several
-structures in turn (one i-PI connection serving all beads of a step one by one): it
-keeps up to ``SLOTS_PER_KEY`` lists and uses the one that covers the structure. The
-least recently used keys are dropped beyond a bound.
+A trajectory is named by its caller: an i-PI connection (``ipi:...``), an HTTP
+client's ``X-CACE-Session`` (``http:...``) or a server-side job. Its consecutive
+structures (a bead, step after step) move little, so its neighbour list, built with a
+skin, is reused until an atom has moved half the skin (see
+:class:`cace_server.model.neighbors.VerletList`).
+Structures of one request are told apart by an index: their position in it by default
+(i-PI's batched transport sends all beads over one connection), or one the caller
+gives (``Engine.submit``'s ``slots``: a job's structure index, stable while its set of
+live structures shrinks). One index may still see several structures in turn (one
+i-PI connection serving all beads of a step one by one): it keeps up to
+``SLOTS_PER_KEY`` lists and uses the one that covers the structure. The least
+recently used keys are dropped beyond a bound; a finished job drops its own
+(``Engine.forget_trajectory``).
 
 Lists are kept per model version: a new version (``Engine.swap_model``) builds its
 own, so a changed cutoff never reads a list built for the old one. The species of
@@ -29,7 +33,7 @@ SLOTS_PER_KEY = 64  # more beads than i-PI runs with on one connection, in pract
 
 
 class TrajectoryLists:
-    """(model, trajectory, index in request) -> the Verlet list of that structure."""
+    """(model, trajectory, index) -> the Verlet list of that structure."""
 
     def __init__(self, skin: float, max_neighbor_lists: int, stats: EngineStats) -> None:
         self.skin = skin
@@ -99,6 +103,14 @@ class TrajectoryLists:
         with self._lock:
             for key in [k for k in self._lists if k[0] == model_name and k[1] == version]:
                 del self._lists[key]
+
+    def forget(self, trajectory: str) -> None:
+        """Drop every list and the species kept for ``trajectory`` (all models, versions)."""
+        with self._lock:
+            for key in [k for k in self._lists if k[2] == trajectory]:
+                del self._lists[key]
+            for name_key in [k for k in self._species if k[1] == trajectory]:
+                del self._species[name_key]
 
     def __len__(self) -> int:
         with self._lock:

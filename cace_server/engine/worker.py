@@ -458,6 +458,7 @@ class Worker:
             if self._capture is not None:
                 self._offer(name, item, prediction)
             prediction.keep_only(item.outputs)
+            prediction.cost = item.cost
             prediction.extras.setdefault("model", name)
             if sha is not None:
                 prediction.extras["model_sha"] = sha
