@@ -263,7 +263,7 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
     from cace_server.http.timeouts import timed_protocol
 
     http = settings.http
-    app = create_app(engine, pool, http)
+    app = create_app(engine, pool, http, settings.jobs)
     config = uvicorn.Config(
         app,
         host=http.host,

@@ -21,6 +21,7 @@ from cace_server.capture import CaptureSettings
 from cace_server.engine.settings import EngineSettings
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi.settings import IpiSettings
+from cace_server.jobs.settings import JobSettings
 from cace_server.options import Setting, option, options_of
 
 if sys.version_info >= (3, 11):
@@ -82,6 +83,7 @@ class ServerSettings:
     http: HttpSettings = field(default_factory=HttpSettings)
     ipi: IpiSettings = field(default_factory=IpiSettings)
     capture: CaptureSettings = field(default_factory=CaptureSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

@@ -1,8 +1,8 @@
 """The FastAPI application, assembled: settings, shared state, handlers, routes, middleware.
 
-``create_app(engine, ipi_pool, settings)`` builds the app around an engine the
-caller owns (started before, closed after); the app owns only the i-PI groups
-created through it, which it stops on shutdown. The routes live in
+``create_app(engine, ipi_pool, settings, jobs)`` builds the app around an engine the
+caller owns (started before, closed after); the app owns the i-PI groups created
+through it and its jobs (``jobs``: their limits), which it stops on shutdown. The routes live in
 :mod:`cace_server.http.routes`, one module per area.
 """
 
@@ -23,16 +23,19 @@ from cace_server.http.routes import ROUTERS
 from cace_server.http.settings import HttpSettings
 from cace_server.http.state import HttpState
 from cace_server.ipi import DriverPool
+from cace_server.jobs import JobManager, JobSettings
 
 
 def create_app(
     engine: Engine,
     ipi_pool: DriverPool | None = None,
     settings: HttpSettings | None = None,
+    jobs: JobSettings | None = None,
 ) -> FastAPI:
     """The HTTP API around a (started or starting) engine."""
     settings = settings or HttpSettings()
-    state = HttpState(engine, IpiGroups(engine, settings, ipi_pool), settings)
+    manager = JobManager(engine, jobs)
+    state = HttpState(engine, IpiGroups(engine, settings, ipi_pool), settings, manager)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

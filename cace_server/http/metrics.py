@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from cace_server.capture import CaptureSnapshot
 from cace_server.engine import Engine, HistogramSnapshot
+from cace_server.jobs import JobsSnapshot
 
 HTTP_LATENCY_BUCKETS = (
     0.001,
@@ -162,12 +163,56 @@ def _capture_metrics(snap: CaptureSnapshot) -> Iterator[Metric]:
     yield uncertainty
 
 
+class JobsCollector(Collector):
+    """The jobs' counters (``JobManager.snapshot``), read at every scrape."""
+
+    def __init__(self, snapshot: Callable[[], JobsSnapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        jobs = GaugeMetricFamily("cace_jobs", "jobs held, by state", labels=["state"])
+        for state, count in snap.by_state.items():
+            jobs.add_metric([state], float(count))
+        yield jobs
+        yield CounterMetricFamily(
+            "cace_job_iterations",
+            "lockstep iterations of all jobs (one engine call each); rate() is iterations/s",
+            value=float(snap.iterations),
+        )
+        yield CounterMetricFamily(
+            "cace_job_evaluations",
+            "structures evaluated for jobs (each structure of each iteration)",
+            value=float(snap.evaluations),
+        )
+        finished = CounterMetricFamily(
+            "cace_job_structures",
+            "structures of jobs finished, by kind and status",
+            labels=["kind", "status"],
+        )
+        for (kind, status), count in sorted(snap.structures.items()):
+            finished.add_metric([kind, status], float(count))
+        yield finished
+        yield GaugeMetricFamily(
+            "cace_job_live_structures",
+            "structures in the current iteration of running jobs",
+            value=float(snap.live_structures),
+        )
+
+
 class HttpMetrics:
     """HTTP-side counters, in a registry of their own (plus the engine collector)."""
 
-    def __init__(self, engine: Engine, ipi_states: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        ipi_states: Callable[[], dict[str, int]],
+        jobs: Callable[[], JobsSnapshot] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(engine, ipi_states))
+        if jobs is not None:
+            self.registry.register(JobsCollector(jobs))
         self.requests = Counter(
             "cace_http_requests",
             "HTTP requests by route, method and status",

@@ -1,4 +1,4 @@
-"""What every route shares, reached as a FastAPI dependency: engine, settings, metrics, i-PI groups.
+"""What every route shares (a FastAPI dependency): engine, settings, metrics, i-PI groups, jobs.
 
 ``create_app`` builds one :class:`HttpState` per app and keeps it on ``app.state``;
 a route takes it as a parameter (``state: State``) and reads the request with it:
@@ -21,6 +21,7 @@ from cace_server.http.errors import ApiError, from_engine_error, from_validation
 from cace_server.http.ipi import IpiGroups
 from cace_server.http.metrics import HttpMetrics
 from cace_server.http.settings import HttpSettings
+from cace_server.jobs import JobManager
 from cace_server.transcode import ProcessParser
 
 # Bodies above this are parsed and checked on a worker thread, not on the event loop.
@@ -31,20 +32,24 @@ _Parsed = TypeVar("_Parsed")
 
 
 class HttpState:
-    """The routes' shared state: engine, settings, metrics, i-PI groups, file digests."""
+    """The routes' shared state: engine, settings, metrics, i-PI groups, jobs, file digests."""
 
-    def __init__(self, engine: Engine, groups: IpiGroups, settings: HttpSettings) -> None:
+    def __init__(
+        self, engine: Engine, groups: IpiGroups, settings: HttpSettings, jobs: JobManager
+    ) -> None:
         self.engine = engine
         self.groups = groups
         self.settings = settings
-        self.metrics = HttpMetrics(engine, groups.states)
+        self.jobs = jobs
+        self.metrics = HttpMetrics(engine, groups.states, jobs.snapshot)
         self.parser = ProcessParser()
         self._digests: dict[tuple[str, str | None], str | None] = {}
         #: where uploaded model files go without a model update directory
         self.upload_dir: str | None = None
 
     async def close(self) -> None:
-        """What the app owns: the i-PI groups created through it, the parser process."""
+        """What the app owns: its jobs, the i-PI groups created through it, the parser process."""
+        await asyncio.to_thread(self.jobs.close)
         await self.groups.close()
         self.parser.close()
 

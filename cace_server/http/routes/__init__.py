@@ -2,13 +2,14 @@
 
 from fastapi import APIRouter
 
-from cace_server.http.routes import calculate, health, ipi, models, updates
+from cace_server.http.routes import calculate, health, ipi, jobs, models, updates
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     models.router,
     updates.router,
     calculate.router,
+    jobs.router,
     ipi.router,
 )
 
