@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms, units
+from ase.constraints import FixCom
+from ase.md import velocitydistribution
 from ase.md.langevin import Langevin
 from ase.md.md import MolecularDynamics
 from ase.md.nose_hoover_chain import NoseHooverChainNVT
 from ase.md.nptberendsen import NPTBerendsen
 from ase.md.nvtberendsen import NVTBerendsen
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 
 from cace_server.jobs.items import JobItem
@@ -39,6 +41,18 @@ def structure_rng(params: MDParams, index: int) -> np.random.Generator:
     return np.random.default_rng([params.seed, index])
 
 
+def draw_velocities(atoms: Atoms, temperature_K: float, rng: np.random.Generator) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature_K`` (ASE's ``thermalize_momenta``,
+    called ``MaxwellBoltzmannDistribution`` before ASE 3.29)."""
+    thermalize = getattr(velocitydistribution, "thermalize_momenta", None)
+    if thermalize is not None:
+        thermalize(atoms, temperature_K, rng=rng)
+    else:  # pragma: no cover - ASE < 3.29
+        velocitydistribution.MaxwellBoltzmannDistribution(
+            atoms, temperature_K=temperature_K, rng=rng
+        )
+
+
 def integrator(atoms: Atoms, params: MDParams, rng: np.random.Generator) -> MolecularDynamics:
     """The ASE integrator ``params`` names, on ``atoms``."""
     dt = params.timestep_fs * units.fs
@@ -46,11 +60,14 @@ def integrator(atoms: Atoms, params: MDParams, rng: np.random.Generator) -> Mole
         return VelocityVerlet(atoms, timestep=dt, logfile=None)
     assert params.temperature_K is not None  # MDParams requires it for the thermostats
     if params.integrator == "langevin":
+        if params.fix_com:
+            atoms.set_constraint([*atoms.constraints, FixCom()])
         return Langevin(
             atoms,
             timestep=dt,
             temperature_K=params.temperature_K,
             friction=params.friction_per_fs / units.fs,
+            fixcm=False,
             rng=rng,
             logfile=None,
         )
@@ -111,7 +128,7 @@ def md_body(item: JobItem, params: MDParams, index: int) -> Body:
         rng = structure_rng(params, index)
         start = params.start_temperature
         if item.velocities is None and start is not None and start > 0:
-            MaxwellBoltzmannDistribution(atoms, temperature_K=start, rng=rng)
+            draw_velocities(atoms, start, rng)
             if params.zero_momentum:
                 Stationary(atoms)
         atoms.calc = calc

@@ -117,6 +117,11 @@ class MDParams(BaseModel):
     zero_momentum: bool = Field(
         True, description="remove the centre-of-mass motion of drawn velocities (ASE Stationary)"
     )
+    fix_com: bool = Field(
+        True,
+        description="langevin: keep the centre of mass in place (ASE's FixCom constraint, "
+        "what ASE recommends over the deprecated fixcm)",
+    )
     seed: int = Field(0, ge=0, description="seed of the velocities and the Langevin noise")
     friction_per_fs: float = Field(0.01, gt=0, description="Langevin friction (1/fs)")
     taut_fs: float = Field(100.0, gt=0, description="Berendsen thermostat time (fs)")
