@@ -9,7 +9,10 @@ what finished.
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import wait
 from pathlib import Path
@@ -34,6 +37,53 @@ except ImportError:  # not installed: use the source tree
     import cace_client  # noqa: F401
 
 from cace_client import AsyncCACEClient, CACEClient, CACEServerError, RemoteCACE  # noqa: E402
+
+
+class DroppingProxy:
+    """A TCP relay to the server that cuts the first results stream after two chunks
+    of its reply (its headers, then the first record): a dropped connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.drops = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._relay, args=(downstream,), daemon=True).start()
+
+    def _relay(self, down: socket.socket) -> None:
+        up = socket.create_connection(("127.0.0.1", self.port))
+        chunks, cut = 0, False
+        with down, up:
+            while True:
+                ready, _, _ = select.select([down, up], [], [], 5.0)
+                if not ready:
+                    return
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is down:
+                        if not cut and b"/results" in data and self.drops == 0:
+                            cut, chunks = True, 0  # count this stream's chunks only
+                        up.sendall(data)
+                        continue
+                    down.sendall(data)
+                    chunks += 1
+                    if cut and chunks == 2:
+                        self.drops += 1
+                        return
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +208,25 @@ def test_a_job_outlives_its_client(server: BackgroundServer, clusters: list[ase.
         with pytest.raises(CACEServerError) as info:
             later.job(job_id)
         assert info.value.status == 404
+
+
+def test_a_dropped_stream_resumes_and_the_job_goes_on(
+    server: BackgroundServer, clusters: list[ase.Atoms], relaxed: list[ase.Atoms]
+) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    proxy = DroppingProxy(port)
+    try:
+        with CACEClient(proxy.url, binary=True, backoff=0.05) as through:
+            handle = through.submit_relax(clusters, fmax=0.05, steps=300)
+            records = handle.results()
+            out = handle.atoms()
+    finally:
+        proxy.close()
+    assert proxy.drops == 1
+    assert [r["index"] for r in records] == list(range(len(clusters)))  # none twice
+    for a, b in zip(out, relaxed, strict=True):
+        assert a.info["steps"] == b.info["steps"]
+        assert np.abs(a.get_positions() - b.get_positions()).max() < 1e-9
 
 
 def test_cancel_keeps_what_finished(client: CACEClient, clusters: list[ase.Atoms]) -> None:
