@@ -10,14 +10,20 @@ idempotent, so a retried request is safe. Other errors raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
 from cace_client import wire
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+    from cace_client.jobs import JobHandle
 
 RETRY_STATUS = frozenset({502, 503})
 RETRY_ERRORS = (
@@ -123,6 +129,18 @@ class _Common:
         inputs: Sequence[str] = (),
     ) -> dict[str, Any]:
         return wire.batch_body(items, properties, model or self.model, self.binary, inputs)
+
+    def _job_body(
+        self,
+        kind: str,
+        images: Sequence[Any],
+        params: Mapping[str, Any] | None,
+        model: str | None,
+        inputs: Sequence[str],
+    ) -> dict[str, Any]:
+        from cace_client.jobs import job_body
+
+        return job_body(kind, images, params or {}, model or self.model, self.binary, inputs)
 
     @staticmethod
     def _ipi_body(address: str, species: Any, clients: int, model: str | None, **options: Any):
@@ -238,6 +256,177 @@ class CACEClient(_Common):
     def ipi_close(self, group_id: str) -> dict[str, Any]:
         return self._request("DELETE", f"/v1/ipi/connections/{group_id}")  # type: ignore[no-any-return]
 
+    # -- server-side jobs (relax, md): see cace_client.jobs
+    def submit_job(
+        self,
+        kind: str,
+        images: Sequence[Any],
+        params: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        inputs: Sequence[str] = (),
+    ) -> JobHandle:
+        """``POST /v1/jobs``: ``kind`` "relax" or "md", ``params`` by the server's names
+        (ASE's; times in fs). Returns at once; the job runs on the server."""
+        from cace_client.jobs import JobHandle
+
+        body = self._job_body(kind, images, params, model, inputs)
+        return JobHandle(self, self._request("POST", "/v1/jobs", body), images)
+
+    def submit_relax(
+        self,
+        images: Sequence[Any],
+        *,
+        fmax: float = 0.05,
+        steps: int = 1000,
+        optimizer: str = "FIRE",
+        maxstep: float | None = None,
+        optimizer_args: Mapping[str, float | int | bool] | None = None,
+        cell: bool = False,
+        scalar_pressure: float = 0.0,
+        hydrostatic_strain: bool = False,
+        constant_volume: bool = False,
+        model: str | None = None,
+        inputs: Sequence[str] = (),
+        **extra: Any,
+    ) -> JobHandle:
+        """Start a relaxation of ``images`` on the server with ASE's optimiser ``optimizer``
+        (FIRE, LBFGS, BFGS, LBFGSLineSearch, BFGSLineSearch, MDMin) and ASE's meanings
+        of ``fmax`` (eV/Å), ``steps``, ``maxstep`` (Å; ASE's default when None) and
+        ``optimizer_args``. ``cell=True`` relaxes the cell too (ASE's FrechetCellFilter,
+        3-D periodic structures) under ``scalar_pressure`` (eV/Å^3; 1 GPa =
+        ``ase.units.GPa``). ``FixAtoms`` constraints of the images hold their atoms.
+        Further keywords go to the server as they are (it names a bad one)."""
+        params: dict[str, Any] = {
+            "optimizer": optimizer,
+            "fmax": fmax,
+            "steps": steps,
+            "cell": cell,
+            "scalar_pressure": scalar_pressure,
+            "hydrostatic_strain": hydrostatic_strain,
+            "constant_volume": constant_volume,
+            **extra,
+        }
+        if maxstep is not None:
+            params["maxstep"] = maxstep
+        if optimizer_args:
+            params["optimizer_args"] = dict(optimizer_args)
+        return self.submit_job("relax", images, params, model, inputs)
+
+    def submit_md(
+        self,
+        images: Sequence[Any],
+        *,
+        steps: int,
+        timestep_fs: float = 0.5,
+        integrator: str = "velocity_verlet",
+        temperature_K: float | None = None,
+        initial_temperature_K: float | None = None,
+        zero_momentum: bool = True,
+        friction_per_fs: float | None = None,
+        taut_fs: float | None = None,
+        taup_fs: float | None = None,
+        pressure: float | None = None,
+        compressibility: float | None = None,
+        tdamp_fs: float | None = None,
+        tchain: int | None = None,
+        stride: int = 10,
+        frame_fields: Sequence[str] = ("positions",),
+        seed: int = 0,
+        model: str | None = None,
+        inputs: Sequence[str] = (),
+        **extra: Any,
+    ) -> JobHandle:
+        """Start an MD run of ``steps`` steps of each image on the server, with ASE's
+        integrators: ``velocity_verlet`` (NVE), ``langevin``, ``berendsen_nvt``,
+        ``nose_hoover_chain`` (NVT, need ``temperature_K``), ``berendsen_npt``.
+        Times in fs, friction in 1/fs, ``pressure`` eV/Å^3, ``compressibility``
+        Å^3/eV; a keyword left None takes the server's (ASE's) default. An image with
+        non-zero velocities starts from them; the others get Maxwell-Boltzmann
+        velocities at ``initial_temperature_K`` (default ``temperature_K``; none: at
+        rest), seeded by ``seed``. A frame every ``stride`` steps with the per-atom
+        ``frame_fields`` (positions, velocities, forces, cell). Further keywords go to
+        the server as they are (it names a bad one)."""
+        params: dict[str, Any] = {
+            "steps": steps,
+            "timestep_fs": timestep_fs,
+            "integrator": integrator,
+            "zero_momentum": zero_momentum,
+            "stride": stride,
+            "frame_fields": list(frame_fields),
+            "seed": seed,
+        }
+        optional = {
+            "temperature_K": temperature_K,
+            "initial_temperature_K": initial_temperature_K,
+            "friction_per_fs": friction_per_fs,
+            "taut_fs": taut_fs,
+            "taup_fs": taup_fs,
+            "pressure": pressure,
+            "compressibility": compressibility,
+            "tdamp_fs": tdamp_fs,
+            "tchain": tchain,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
+        params.update(extra)
+        return self.submit_job("md", images, params, model, inputs)
+
+    def job(self, job_id: str, images: Sequence[Any] | None = None) -> JobHandle:
+        """A handle on a job the server holds (e.g. after a restart of this process);
+        pass the submitted ``images`` to get ASE atoms back from it."""
+        from cace_client.jobs import JobHandle
+
+        return JobHandle(self, self._request("GET", f"/v1/jobs/{job_id}"), images)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The status of every job the server holds."""
+        return self._request("GET", "/v1/jobs")["jobs"]  # type: ignore[no-any-return]
+
+    def cancel_job(self, job_id: str, forget: bool = False) -> dict[str, Any]:
+        """Cancel a job (``forget``: the server also drops its results); its status."""
+        path = f"/v1/jobs/{job_id}" + ("?forget=true" if forget else "")
+        return self._request("DELETE", path)  # type: ignore[no-any-return]
+
+    def _wait(self, handle: JobHandle, progress: bool) -> JobHandle:
+        try:
+            return handle.wait(progress)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):  # the interrupt is what the caller must see
+                handle.cancel()
+            raise
+
+    def relax(
+        self,
+        images: Sequence[Any],
+        *,
+        progress: bool = False,
+        errors: Literal["raise", "keep"] = "raise",
+        **params: Any,
+    ) -> list[Atoms]:
+        """Relax ``images`` on the server and return the relaxed copies, in order (each
+        with a SinglePointCalculator and ``info`` converged, steps, fmax); ``params``
+        as :meth:`submit_relax`. Blocks until the job ends; ``progress=True`` shows a
+        tqdm bar. Ctrl-C (KeyboardInterrupt) cancels the job on the server; a dropped
+        connection does not (the stream resumes). ``errors="keep"``: a structure that
+        failed is None in its place instead of raising :class:`CACEServerError`."""
+        handle = self._wait(self.submit_relax(images, **params), progress)
+        return handle.atoms(errors)  # type: ignore[return-value]
+
+    def md(
+        self,
+        images: Sequence[Any],
+        *,
+        steps: int,
+        progress: bool = False,
+        errors: Literal["raise", "keep"] = "raise",
+        **params: Any,
+    ) -> list[list[Atoms]]:
+        """Run MD of ``images`` on the server and return each one's trajectory (frames
+        every ``stride`` steps, step 0 first; see :meth:`JobHandle.trajectories`);
+        ``params`` as :meth:`submit_md`. Blocking, progress, Ctrl-C and ``errors`` as
+        :meth:`relax`; the final states are ``client.submit_md(...).atoms()``."""
+        handle = self._wait(self.submit_md(images, steps=steps, **params), progress)
+        return handle.trajectories(errors)  # type: ignore[return-value]
+
     def close(self) -> None:
         self._http.close()
 
@@ -314,6 +503,27 @@ class AsyncCACEClient(_Common):
 
     async def models(self) -> Mapping[str, Any]:
         return await self._request("GET", "/v1/models")  # type: ignore[no-any-return]
+
+    # -- server-side jobs: start, watch and cancel (the blocking helpers are CACEClient's)
+    async def submit_job(
+        self,
+        kind: str,
+        images: Sequence[Any],
+        params: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        inputs: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """``POST /v1/jobs`` (as :meth:`CACEClient.submit_job`): the job's status and ``id``."""
+        body = self._job_body(kind, images, params, model, inputs)
+        return await self._request("POST", "/v1/jobs", body)  # type: ignore[no-any-return]
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """A job's status: state and progress."""
+        return await self._request("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def cancel_job(self, job_id: str, forget: bool = False) -> dict[str, Any]:
+        path = f"/v1/jobs/{job_id}" + ("?forget=true" if forget else "")
+        return await self._request("DELETE", path)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         await self._http.aclose()
