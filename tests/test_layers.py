@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     # server.py, and settings.py which composes the settings of every component.
     ("server",),
     ("http",),
-    ("ipi",),
+    # frontends on the engine: i-PI connections and server-side jobs (relax, MD)
+    ("ipi", "jobs"),
     # engine and train never import each other; validation (the geometry checks of
     # the frontends) and calculator (ASE, in process) build on the model.
     ("engine", "train", "validation", "calculator"),

@@ -106,6 +106,7 @@ SPECIAL: dict[str, Any] = {
     "capture_threshold": 0.002,
     "capture_force_threshold": 0.5,
     "model_update_dir": "/srv/models",
+    "job_batch_atoms": 2048,
 }
 
 
