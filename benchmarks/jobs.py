@@ -385,10 +385,9 @@ def ipi_case(
     )
     clusters = water_clusters(args.ipi_job_count) if job else []
     try:
-        run.start()
-        run.wait_for_socket()
         ipi = ["--ipi", f"unix:{run.socket_path}", "--ipi-clients", str(args.beads)]
         ipi += ["--ipi-template", str(template)]
+        # The server waits for i-PI (retrying), which starts once the job runs.
         with serving(args.threads, work / f"{name}.log", *ipi, *options) as server:
             job_id = None
             with httpx.Client(base_url=server.url, timeout=600) as client:
@@ -399,6 +398,9 @@ def ipi_case(
                         "relax": {"fmax": 1e-4, "steps": 100_000},  # outlasts the i-PI run
                     }
                     job_id = submit(client, body)
+                    while client.get(f"/v1/jobs/{job_id}").json()["model_calls"] < 2:
+                        time.sleep(0.05)
+                run.start()
                 times = arrivals(run, timeout=1800)
                 status = client.get(f"/v1/jobs/{job_id}").json() if job_id else None
                 m = metrics(server.url)
@@ -407,11 +409,8 @@ def ipi_case(
     finally:
         run.stop()
         shutil.rmtree(sockets, ignore_errors=True)
-    if status is not None:  # only the steps taken while the job ran
-        start = status["started"]
-        times = [t for t in times if t >= start]
-        if status["state"] != "running":
-            raise RuntimeError(f"the job ended before i-PI did ({status['state']}): more clusters")
+    if status is not None and status["state"] != "running":
+        raise RuntimeError(f"the job ended before i-PI did ({status['state']}): more clusters")
     intervals = [b - a for a, b in itertools.pairwise(times)][2:]
     behind = {
         int(k.split('"')[1]): int(v)
