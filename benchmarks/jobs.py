@@ -464,8 +464,12 @@ def with_ipi(args: argparse.Namespace, work: Path) -> None:
         "at most job_batch_atoms atoms, default max_batch_atoms); between steps i-PI itself "
         "integrates, and the jobs lane takes the idle device then. A step costs about its "
         "own batch plus one job batch: a smaller --job-batch-atoms shortens that wait (the "
-        "job then needs more, smaller iterations). Every i-PI batch above waited behind at "
-        "most one other batch (one worker), as the lane rule says."
+        "job then needs more, smaller iterations)."
+    )
+    worst = max(max(c["behind"], default=0) for c in cases)
+    verdict = "holds" if worst <= 1 else "VIOLATED"
+    print(
+        f"lane rule (at most one batch ahead of an i-PI step, one worker): {verdict}, worst {worst}"
     )
 
 
