@@ -32,7 +32,7 @@ from cace_server.engine import (
 )
 from cace_server.engine.batching import Lane, PendingQueue, WorkItem, select_batch
 from cace_server.engine.models import ModelWrapper
-from cace_server.engine.stats import Histogram
+from cace_server.engine.stats import EngineStats, Histogram
 from cace_server.engine.steps import StepGroup
 from cace_server.model import random_model
 from cace_server.outputs import Outputs
@@ -674,6 +674,36 @@ def test_an_ipi_step_waits_only_for_the_job_batch_on_the_device() -> None:
     queue.put_many([ipi])
     assert queue.take_batch(max_atoms=6, max_pairs=100, wait_s=10) == [ipi]
     assert queue.take_batch(max_atoms=6, max_pairs=100, wait_s=10) == jobs[2:4]
+
+
+def test_the_queue_counts_the_batches_an_ipi_step_waited_behind() -> None:
+    """What ``/metrics`` shows of the lane rule: each i-PI batch waited behind the
+    other lanes' batches on the device when it arrived, none taken while it waited."""
+    stats = EngineStats()
+    queue = PendingQueue(stats)
+    structure = make_structure(3, seed=934, periodic=False)
+    jobs = [WorkItem("m", structure, i, Outputs(), Lane.JOBS) for i in range(6)]
+    for item in jobs:
+        item.cost = BatchCost(3, 10)
+    queue.put_many(jobs)
+
+    def bead(step: int) -> WorkItem:
+        item = WorkItem("m", structure, 0, Outputs(), Lane.IPI, trajectory="ipi:c0")
+        item.step_group = StepGroup(f"ipi:{step}", 1, timeout_s=10)
+        return item
+
+    assert queue.take_batch(max_atoms=6, max_pairs=100) == jobs[:2]  # on the device
+    first = bead(0)
+    queue.put_many([first])  # arrives behind that job batch, goes before the others
+    assert queue.take_batch(max_atoms=6, max_pairs=100) == [first]
+    second = bead(1)
+    queue.put_many([second])  # arrives while its own lane's batch computes
+    assert queue.take_batch(max_atoms=6, max_pairs=100) == [second]
+    assert queue.take_batch(max_atoms=6, max_pairs=100) == jobs[2:4]
+    snap = stats.snapshot()
+    assert snap.batches_by_lane == {"jobs": 2, "ipi": 2}
+    assert snap.ipi_waited_behind == {1: 1, 0: 1}
+    assert snap.ipi_waited_behind_lane == {"jobs": 1}
 
 
 def test_the_jobs_lane_is_held_to_the_atom_budget(model: Any) -> None:

@@ -80,6 +80,9 @@ class WorkItem:
     version: int = 0  # the model version it is evaluated with (pinned at submission)
     # the key of its Verlet list within the trajectory (None: its index)
     slot: int | None = None
+    # i-PI items: per shared lane, batches on the device at enqueue minus batches taken
+    # by then; adding the count taken by its own batch's turn gives what it waited behind
+    ahead_offset: dict[Lane, int] | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -129,6 +132,8 @@ class PendingQueue:
         # Per worker thread (lane, time taken): several workers may share the queue.
         self._used: dict[Lane, float] = dict.fromkeys(_SHARED_LANES, 0.0)
         self._computing: dict[int, tuple[Lane, float]] = {}
+        # Batches taken from each lane, to count what an i-PI step waited behind.
+        self._taken: dict[Lane, int] = dict.fromkeys(Lane, 0)
 
     def __len__(self) -> int:
         with self._cond:
@@ -144,6 +149,8 @@ class PendingQueue:
                 raise EngineClosed("engine is shutting down")
             for item in items:
                 item.enqueued = now
+                if item.lane is Lane.IPI:
+                    item.ahead_offset = self._ahead_offset()
                 self._lanes[item.lane].append(item)
                 if item.step_group is not None and item.trajectory is not None:
                     item.step_group.arrived(item.trajectory, now)
@@ -211,8 +218,34 @@ class PendingQueue:
                         continue
                 batch, self._lanes[lane] = select_batch(self._lanes[lane], max_atoms, max_pairs)
                 self._computing[threading.get_ident()] = (lane, time.monotonic())
+                self._taken[lane] += 1
                 self._step_taken(batch, not timed_out)
+                self._count_taken(lane, batch)
                 return batch
+
+    def _ahead_offset(self) -> dict[Lane, int]:
+        """Batches of the shared lanes on the device now, less those taken so far."""
+        offset = {lane: -self._taken[lane] for lane in _SHARED_LANES}
+        for lane, _ in self._computing.values():
+            if lane in offset:
+                offset[lane] += 1
+        return offset
+
+    def _count_taken(self, lane: Lane, batch: list[WorkItem]) -> None:
+        """Count the batch by lane and, for an i-PI batch, the batches it waited behind:
+        those of other lanes on the device when its first structure arrived or taken
+        while it waited (the lane rule allows only the former, one per worker)."""
+        if self._stats is None:
+            return
+        behind: dict[Lane, int] = {}
+        if lane is Lane.IPI:
+            for item in batch:
+                if item.ahead_offset is None:
+                    continue
+                counts = {k: n + self._taken[k] for k, n in item.ahead_offset.items()}
+                if sum(counts.values()) > sum(behind.values()):
+                    behind = counts
+        self._stats.batch_taken(lane.value, {k.value: n for k, n in behind.items() if n})
 
     def _step_taken(self, batch: list[WorkItem], complete: bool) -> None:
         groups: dict[int, tuple[StepGroup, list[str]]] = {}

@@ -83,7 +83,11 @@ class StatsSnapshot:
     ``neighbor_lists_built``/``_reused``: neighbour lists built, and Verlet lists of
     trajectories (i-PI connections, HTTP sessions) reused; ``step_batches``: batches
     closed because every connection of an i-PI step had submitted
-    (``step_timeouts``: closed by the time limit instead).
+    (``step_timeouts``: closed by the time limit instead). ``batches_by_lane``:
+    batches taken from the queue by lane; ``ipi_waited_behind``: i-PI batches by the
+    number of other lanes' batches each waited behind (on the device when its first
+    structure arrived, or taken while it waited: the lane rule allows at most one per
+    worker), ``ipi_waited_behind_lane``: those batches by their lane.
     ``queue_wait``: per structure, submission to start of its batch (includes the
     neighbour list); ``pending_atoms``: atoms accepted and not yet answered;
     ``compute``: per batch; ``latency``: per request, submission
@@ -103,6 +107,9 @@ class StatsSnapshot:
     neighbor_lists_reused: int
     step_batches: int
     step_timeouts: int
+    batches_by_lane: dict[str, int]
+    ipi_waited_behind: dict[int, int]
+    ipi_waited_behind_lane: dict[str, int]
     errors: dict[str, int]
     structures_by_model: dict[str, int]
     queue_depth: int
@@ -139,6 +146,9 @@ class EngineStats:
         self._lists_reused = 0
         self._step_batches = 0
         self._step_timeouts = 0
+        self._by_lane: Counter[str] = Counter()
+        self._ipi_behind: Counter[int] = Counter()
+        self._ipi_behind_lane: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._by_model: Counter[str] = Counter()
         self._queue_depth = 0
@@ -236,6 +246,14 @@ class EngineStats:
             else:
                 self._step_timeouts += 1
 
+    def batch_taken(self, lane: str, behind: dict[str, int]) -> None:
+        """A batch taken from ``lane``; an i-PI one with the batches it waited ``behind``."""
+        with self._lock:
+            self._by_lane[lane] += 1
+            if lane == "ipi":
+                self._ipi_behind[sum(behind.values())] += 1
+                self._ipi_behind_lane.update(behind)
+
     def oom_split(self) -> None:
         with self._lock:
             self._oom_splits += 1
@@ -260,6 +278,9 @@ class EngineStats:
                 neighbor_lists_reused=self._lists_reused,
                 step_batches=self._step_batches,
                 step_timeouts=self._step_timeouts,
+                batches_by_lane=dict(self._by_lane),
+                ipi_waited_behind=dict(self._ipi_behind),
+                ipi_waited_behind_lane=dict(self._ipi_behind_lane),
                 errors=dict(self._errors),
                 structures_by_model=dict(self._by_model),
                 queue_depth=self._queue_depth,

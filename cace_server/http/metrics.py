@@ -103,6 +103,29 @@ class EngineCollector(Collector):
         for device, n in sorted(s.model_calls_by_device.items()):
             by_device.add_metric([device], n)
         yield by_device
+        by_lane = CounterMetricFamily(
+            "cace_engine_lane_batches", "batches taken from the queue, by lane", labels=["lane"]
+        )
+        for lane, n in sorted(s.batches_by_lane.items()):
+            by_lane.add_metric([lane], n)
+        yield by_lane
+        behind = CounterMetricFamily(
+            "cace_engine_ipi_waited_behind",
+            "i-PI step batches by how many batches of other lanes each waited behind "
+            "(at most one per worker: the one on the device when the step arrived)",
+            labels=["batches"],
+        )
+        for n, count in sorted(s.ipi_waited_behind.items()):
+            behind.add_metric([str(n)], count)
+        yield behind
+        behind_lane = CounterMetricFamily(
+            "cace_engine_ipi_waited_behind_lane",
+            "batches that i-PI step batches waited behind, by their lane",
+            labels=["lane"],
+        )
+        for lane, n in sorted(s.ipi_waited_behind_lane.items()):
+            behind_lane.add_metric([lane], n)
+        yield behind_lane
         errors = CounterMetricFamily(
             "cace_engine_errors", "failed structures or rejected requests", labels=["kind"]
         )
