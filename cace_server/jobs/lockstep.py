@@ -68,6 +68,28 @@ class LockstepCalculator(Calculator):
         if not stress:
             self.implemented_properties = ["energy", "free_energy", "forces"]
 
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """What changed since the last evaluation: ASE's test, without its cost.
+
+        ASE compares every array with ``allclose`` on each property request (four per
+        optimiser step); profiled on 64 water clusters that was 40 ms of a 240 ms
+        iteration. Positions and cell are set, never nudged by 1e-15, so an exact
+        comparison gives the same answers.
+        """
+        last = self.atoms
+        if last is None or len(last) != len(atoms):
+            return list(all_changes)
+        changed = []
+        if not np.array_equal(last.positions, atoms.positions):
+            changed.append("positions")
+        if not np.array_equal(last.numbers, atoms.numbers):
+            changed.append("numbers")
+        if not np.array_equal(last.cell.array, atoms.cell.array):
+            changed.append("cell")
+        if not np.array_equal(last.pbc, atoms.pbc):
+            changed.append("pbc")
+        return changed
+
     def calculate(
         self,
         atoms: Atoms | None = None,
