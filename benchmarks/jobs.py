@@ -1,6 +1,6 @@
 """Server-side jobs (``POST /v1/jobs``) against ASE driving ``RemoteCACE`` step by step.
 
-A ``cace-server serve`` subprocess (HTTP only, float64, the bundled water model
+A ``cace-server serve`` subprocess (HTTP only, float64 unless --dtype, the bundled water model
 ``cace_server/data/water.safetensors``) serves every case; this process is the client
 (httpx for jobs, ``cace_client.RemoteCACE`` for ASE).
 
@@ -77,6 +77,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# the model's dtype in every server and reference (--dtype)
+DTYPE = ["float64"]
+
+
 class Server:
     """``cace-server serve`` in a subprocess (its own session, stopped with SIGTERM)."""
 
@@ -85,7 +89,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable, "-m", "cace_server.cli", "serve", "--port", str(self.port),
-            "--model", f"water={MODEL}", "--dtype", "float64",
+            "--model", f"water={MODEL}", "--dtype", DTYPE[0],
             "--torch-threads", str(threads), *options,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
@@ -210,7 +214,7 @@ def relax(args: argparse.Namespace, work: Path) -> None:
     print(
         f"{len(clusters)} water clusters ({len(clusters[0])} to {len(clusters[-1])} atoms, "
         f"{atoms_total} in all), {args.optimizer} fmax {args.fmax} steps {args.steps}, "
-        f"float64, server: cace-server serve subprocess, {args.threads} torch thread(s)"
+        f"{DTYPE[0]}, server: cace-server serve subprocess, {args.threads} torch thread(s)"
     )
     rows: list[tuple[str, float, int, int]] = []  # case, wall, model calls, engine batches
     with serving(args.threads, work / "relax-server.log") as server:
@@ -274,21 +278,32 @@ def drift(total: np.ndarray, n_atoms: int) -> tuple[float, float]:
 
 
 def md(args: argparse.Namespace, work: Path) -> None:
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    import ase.io
+    from ase.md.velocitydistribution import Stationary
     from ase.md.verlet import VelocityVerlet
 
     from cace_server.calculator import CACECalculator
+    from cace_server.jobs.md import draw_velocities
 
-    boxes = water_boxes(args.md_boxes, args.md_molecules)
+    liquid = REFERENCE / "liquid-64.xyz"
+    if args.md_molecules == 64 and liquid.exists():
+        # equilibrated liquid water: random boxes have close contacts that make NVE drift
+        start = ase.io.read(liquid)
+        start.pbc = True
+        boxes = [start.copy() for _ in range(args.md_boxes)]
+        source = f"copies of {liquid.name} (equilibrated liquid)"
+    else:
+        boxes = water_boxes(args.md_boxes, args.md_molecules)
+        source = "scripts/water_clusters.py boxes (unrelaxed: expect drift from close contacts)"
     rng = np.random.default_rng(args.seed)
-    for atoms in boxes:
-        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
+    for atoms in boxes:  # each box its own velocities
+        draw_velocities(atoms, 300, rng)
         Stationary(atoms)
     n = len(boxes[0])
     print(
-        f"{len(boxes)} boxes of {args.md_molecules} water molecules ({n} atoms), "
+        f"{len(boxes)} boxes of {args.md_molecules} water molecules ({n} atoms; {source}), "
         f"{args.md_steps} NVE steps of {args.timestep} fs from velocities drawn at 300 K, "
-        f"float64, server: cace-server serve subprocess, {args.threads} torch thread(s)"
+        f"{DTYPE[0]}, server: cace-server serve subprocess, {args.threads} torch thread(s)"
     )
     with serving(args.threads, work / "md-server.log") as server:
         body = {
@@ -309,7 +324,7 @@ def md(args: argparse.Namespace, work: Path) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    calc = CACECalculator(MODEL, dtype="float64")
+    calc = CACECalculator(MODEL, dtype=DTYPE[0])
     ase_drifts = []
     t0 = time.perf_counter()
     for atoms in boxes:
@@ -434,7 +449,7 @@ def ipi_case(
 def with_ipi(args: argparse.Namespace, work: Path) -> None:
     print(
         f"i-PI NVT PIMD of liquid-64 (192 atoms), {args.beads} beads = {args.beads} UNIX "
-        f"connections, {args.ipi_steps} steps; cace-server serve subprocess, float64, "
+        f"connections, {args.ipi_steps} steps; cace-server serve subprocess, {DTYPE[0]}, "
         f"{args.threads} torch thread(s); the job: relax {args.ipi_job_count} clusters"
     )
     cases = [ipi_case(args, work, "alone", False, [])]
@@ -486,6 +501,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="FIRE")
     parser.add_argument("--client-threads", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="server torch threads")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--md", action="store_true", help="the NVE comparison instead")
     parser.add_argument("--md-boxes", type=int, default=16)
     parser.add_argument("--md-molecules", type=int, default=64)
@@ -501,6 +517,7 @@ def main() -> None:
         help="also run with the job at this job_batch_atoms (repeatable)",
     )  # fmt: skip
     args = parser.parse_args()
+    DTYPE[0] = args.dtype
     work = Path(tempfile.mkdtemp(prefix="cace-jobs-bench-"))
     try:
         if args.md:

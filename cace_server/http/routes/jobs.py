@@ -11,6 +11,7 @@ another with ``Accept: application/msgpack``), ending with a line ``{"end": true
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -205,8 +206,9 @@ async def cancel_job(
     else:
         state.jobs.cancel(job_id)
     # The runner stops at its next look at the flag (a fraction of a second).
-    if not job.is_finished:
-        await job.changed(len(job.records()[0]), 2.0)
+    deadline = time.monotonic() + 2.0
+    while not job.is_finished and time.monotonic() < deadline:
+        await job.changed(len(job.records()[0]), deadline - time.monotonic())
     return _status(job)
 
 
