@@ -25,7 +25,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import FIRE, LBFGS
 
 from cace_server.calculator import CACECalculator
-from cace_server.engine import Engine, EngineSettings
+from cace_server.engine import Engine, EngineSettings, LaneTiming
 from cace_server.jobs import (
     JobItem,
     JobManager,
@@ -334,3 +334,63 @@ def test_limits_refuse_with_the_reason(engine: Engine) -> None:
             assert job.wait(30)
     finally:
         manager.close()
+
+
+def test_a_capped_job_evaluates_its_structures_in_turns_with_the_same_results() -> None:
+    """While i-PI shares the device a job iteration may take part of the live set; each
+    structure's run is unchanged, and no structure is left behind."""
+    model = load_model(WATER, dtype="float64")
+    clusters = water_clusters(5, seed=12, smallest=2, largest=4)
+    params = RelaxParams(fmax=0.05, steps=200)
+    from cace_server.jobs.relax import relax_body
+
+    def run(cap: int | None) -> tuple[dict[int, dict[str, Any]], list[int]]:
+        sizes: list[int] = []
+
+        def evaluate(structures: list[Any], slots: list[int]) -> list[Any]:
+            sizes.append(sum(len(s) for s in structures))
+            return model.predict(structures, outputs=("energy", "forces"))
+
+        tasks = [
+            Task(i, len(a), relax_body(JobItem.from_ase(a), params), LockstepCalculator())
+            for i, a in enumerate(clusters)
+        ]
+        limit = (lambda: cap) if cap is not None else None
+        loop = Lockstep(evaluate, max_atoms=10_000, max_pairs=10**9, cap=limit)
+        return dict(loop.run(tasks)), sizes
+
+    whole, whole_sizes = run(None)
+    turns, turn_sizes = run(20)
+    assert max(turn_sizes) <= 20 < max(whole_sizes)
+    assert len(turn_sizes) > len(whole_sizes)
+    for i in range(len(clusters)):
+        assert turns[i]["steps"] == whole[i]["steps"]
+        np.testing.assert_allclose(turns[i]["positions"], whole[i]["positions"], atol=1e-9)
+
+
+def test_a_job_beside_an_ipi_run_holds_its_batch_to_an_ipi_batchs_length(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = JobManager(engine)
+    try:
+        now = time.monotonic()
+        idle = {"jobs": LaneTiming(now, 0.2, 1e-4)}
+        monkeypatch.setattr(engine, "lane_timing", lambda: idle)
+        assert manager._cap(8192) == 8192  # no i-PI run: the whole budget
+        busy = {**idle, "ipi": LaneTiming(now, 0.05, 5e-4)}
+        monkeypatch.setattr(engine, "lane_timing", lambda: busy)
+        assert manager._cap(8192) == 1024  # 0.05 s / 1e-4 s per atom = 500, floor 8192/8
+        busy["ipi"] = LaneTiming(now, 0.4, 5e-4)
+        assert manager._cap(8192) == 4000
+        busy["ipi"] = LaneTiming(now - 10, 0.4, 5e-4)  # the i-PI run has ended
+        assert manager._cap(8192) == 8192
+    finally:
+        manager.close()
+
+
+def test_lane_timing_keeps_moving_averages() -> None:
+    t = LaneTiming().updated(1.0, 0.1, 100)
+    assert (t.last_end, t.batch_s, t.s_per_atom) == (1.0, 0.1, 0.001)
+    t = t.updated(2.0, 0.2, 100)
+    assert t.last_end == 2.0
+    assert t.batch_s == pytest.approx(0.13) and t.s_per_atom == pytest.approx(0.0013)

@@ -16,6 +16,7 @@ Every failure is an :class:`EngineError` subclass (``kind`` names it for metrics
 a structure that fails does not fail the others of its request or batch.
 """
 
+from cace_server.engine.batching import LaneTiming
 from cace_server.engine.engine import Engine
 from cace_server.engine.errors import (
     DeviceFailed,
@@ -47,6 +48,7 @@ __all__ = [
     "EvaluationError",
     "HistogramSnapshot",
     "InvalidStructure",
+    "LaneTiming",
     "ModelInfo",
     "NonFiniteResult",
     "NotReady",

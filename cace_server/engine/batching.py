@@ -119,6 +119,29 @@ def select_batch(
     return batch, rest
 
 
+# weight of the newest batch in a lane's moving averages
+_NEWEST_WEIGHT = 0.3
+
+
+@dataclass(frozen=True)
+class LaneTiming:
+    """A lane's recent batches: when the last ended (``time.monotonic``), and moving
+    averages of a batch's seconds and of seconds per atom."""
+
+    last_end: float = float("-inf")
+    batch_s: float = 0.0
+    s_per_atom: float = 0.0
+
+    def updated(self, now: float, seconds: float, atoms: int) -> LaneTiming:
+        per_atom = seconds / max(atoms, 1)
+        if self.last_end == float("-inf"):
+            return LaneTiming(now, seconds, per_atom)
+        a = _NEWEST_WEIGHT
+        return LaneTiming(
+            now, (1 - a) * self.batch_s + a * seconds, (1 - a) * self.s_per_atom + a * per_atom
+        )
+
+
 class PendingQueue:
     """Prepared items waiting for the worker, in lanes; producers are the prepare threads."""
 
@@ -131,7 +154,9 @@ class PendingQueue:
         # it has finished the previous one, so the time between is that batch's cost.
         # Per worker thread (lane, time taken): several workers may share the queue.
         self._used: dict[Lane, float] = dict.fromkeys(_SHARED_LANES, 0.0)
-        self._computing: dict[int, tuple[Lane, float]] = {}
+        self._computing: dict[int, tuple[Lane, float, int]] = {}
+        # Recent batches of each lane (a frontend sizes its own work from them).
+        self._timing: dict[Lane, LaneTiming] = {}
         # Batches taken from each lane, to count what an i-PI step waited behind.
         self._taken: dict[Lane, int] = dict.fromkeys(Lane, 0)
 
@@ -181,8 +206,8 @@ class PendingQueue:
         """
         with self._cond:
             previous = self._computing.pop(threading.get_ident(), None)
-            if previous is not None and previous[0] in self._used:
-                self._used[previous[0]] += time.monotonic() - previous[1]
+            if previous is not None:
+                self._finished(*previous)
             while True:
                 lane = self._next_lane()
                 while lane is None:
@@ -217,16 +242,30 @@ class PendingQueue:
                     if not self._still_head(lane, head):
                         continue
                 batch, self._lanes[lane] = select_batch(self._lanes[lane], max_atoms, max_pairs)
-                self._computing[threading.get_ident()] = (lane, time.monotonic())
+                atoms = sum(item.n_atoms for item in batch)
+                self._computing[threading.get_ident()] = (lane, time.monotonic(), atoms)
                 self._taken[lane] += 1
                 self._step_taken(batch, not timed_out)
                 self._count_taken(lane, batch)
                 return batch
 
+    def _finished(self, lane: Lane, started: float, atoms: int) -> None:
+        """Account a batch that has just been computed (caller holds the condition)."""
+        now = time.monotonic()
+        seconds = now - started
+        if lane in self._used:
+            self._used[lane] += seconds
+        self._timing[lane] = self._timing.get(lane, LaneTiming()).updated(now, seconds, atoms)
+
+    def timing(self) -> dict[Lane, LaneTiming]:
+        """Recent batches by lane (lanes that have had none are absent)."""
+        with self._cond:
+            return dict(self._timing)
+
     def _ahead_offset(self) -> dict[Lane, int]:
         """Batches of the shared lanes on the device now, less those taken so far."""
         offset = {lane: -self._taken[lane] for lane in _SHARED_LANES}
-        for lane, _ in self._computing.values():
+        for lane, _, _ in self._computing.values():
             if lane in offset:
                 offset[lane] += 1
         return offset

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Literal, overload
 
 from cace_server.capture import Capture, CaptureSettings, Origin
-from cace_server.engine.batching import Lane, PendingQueue, WorkItem, reject
+from cace_server.engine.batching import Lane, LaneTiming, PendingQueue, WorkItem, reject
 from cace_server.engine.errors import (
     DeviceFailed,
     EngineClosed,
@@ -374,6 +374,11 @@ class Engine:
     def snapshot(self) -> StatsSnapshot:
         """The engine's counters (see :class:`StatsSnapshot`)."""
         return self.stats.snapshot()
+
+    def lane_timing(self) -> dict[str, LaneTiming]:
+        """Recent batches by lane name: when the last ended, mean seconds per batch and
+        per atom. A frontend that chooses its own batch sizes (jobs) reads it."""
+        return {lane.value: t for lane, t in self._queue.timing().items()}
 
     # -- evaluation ----------------------------------------------------------------------------
     def submit(

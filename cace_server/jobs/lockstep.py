@@ -15,7 +15,10 @@ microsecond, and a thousand suspended optimisers need no thread each.
 The live set is bounded by a budget of atoms and neighbour pairs (the model's own
 cost estimate, :class:`~cace_server.structures.BatchCost`, learnt from each
 structure's previous evaluation); a structure that finishes leaves and a waiting one
-enters at the next iteration, so the batch stays full.
+enters at the next iteration, so the batch stays full. An iteration normally
+evaluates the whole live set; ``cap()`` may ask for less (while an i-PI run shares
+the device, see ``manager.py``): the live structures are then evaluated in turns,
+those that waited longest first, each still one call at a time.
 """
 
 from __future__ import annotations
@@ -170,11 +173,13 @@ class Lockstep:
         max_atoms: int,
         max_pairs: int,
         cancelled: Callable[[], bool] = lambda: False,
+        cap: Callable[[], int] | None = None,
     ) -> None:
         self._evaluate = evaluate
         self.max_atoms = max_atoms
         self.max_pairs = max_pairs
         self._cancelled = cancelled
+        self._cap = cap
         self.stats = IterationStats()
         # pairs per atom seen so far: the estimate for structures not yet evaluated
         self._pairs_seen = 0
@@ -193,10 +198,14 @@ class Lockstep:
                 live = [t for t in live if t.request is not None]
                 if not live:
                     continue
-                outcomes = self._evaluate([t.request for t in live], [t.index for t in live])  # type: ignore[misc]
+                turn = self._turn(live)
+                outcomes = self._evaluate([t.request for t in turn], [t.index for t in turn])  # type: ignore[misc]
                 self.stats.iterations += 1
-                self.stats.evaluations += len(live)
-                for task, outcome in zip(live, outcomes, strict=True):
+                self.stats.evaluations += len(turn)
+                # those evaluated now go to the back of the line
+                chosen = set(map(id, turn))
+                live = [t for t in live if id(t) not in chosen] + turn
+                for task, outcome in zip(turn, outcomes, strict=True):
                     if isinstance(outcome, Prediction) and outcome.cost is not None:
                         task.pairs = outcome.cost.pairs
                         self._pairs_seen += outcome.cost.pairs
@@ -212,6 +221,20 @@ class Lockstep:
             for task in live:  # cancelled, or the run failed: end the suspended ASE runs
                 if task._glet is not None and not task._glet.dead:
                     task._glet.throw(GreenletExit)
+
+    def _turn(self, live: list[Task]) -> list[Task]:
+        """The live structures evaluated this iteration: all, or the first up to ``cap()`` atoms."""
+        if self._cap is None:
+            return live
+        cap = self._cap()
+        turn: list[Task] = []
+        atoms = 0
+        for task in live:
+            if turn and atoms + task.n_atoms > cap:
+                continue
+            turn.append(task)
+            atoms += task.n_atoms
+        return turn
 
     def _cost(self, task: Task) -> tuple[int, int]:
         if task.pairs is not None:

@@ -47,6 +47,11 @@ STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed", "cancelle
 _FINISHED = frozenset({"done", "failed", "cancelled"})
 # How often a job waiting for the engine looks at its cancellation flag (s).
 _POLL_S = 0.1
+# An i-PI run counts as sharing the device while its last batch ended less than this ago.
+_IPI_ACTIVE_S = 2.0
+# While it does, a job iteration holds at least this fraction of the job's atom budget
+# (so that a job keeps moving beside an i-PI run of tiny batches).
+_SHARED_FLOOR = 8
 
 
 class JobRefused(Exception):
@@ -377,6 +382,24 @@ class JobManager:
         atoms = self.settings.job_batch_atoms or engine.max_batch_atoms
         return min(atoms, engine.max_batch_atoms), engine.max_batch_pairs
 
+    def _cap(self, budget: int) -> int:
+        """Atoms a job evaluates in its next iteration.
+
+        The whole budget, unless an i-PI run is using the device: the i-PI lane goes
+        first, but a step whose beads arrive while a job batch runs waits for it. The job
+        batch is then held to about the duration of an i-PI batch (from the engine's
+        moving averages), so i-PI keeps at least half of the device and a step waits at
+        most about one batch of its own length (``benchmarks/jobs.py --with-ipi``).
+        """
+        timing = self.engine.lane_timing()
+        ipi, jobs = timing.get("ipi"), timing.get("jobs")
+        if ipi is None or jobs is None or jobs.s_per_atom <= 0:
+            return budget
+        if time.monotonic() - ipi.last_end > _IPI_ACTIVE_S:
+            return budget
+        share = int(ipi.batch_s / jobs.s_per_atom)
+        return max(budget // _SHARED_FLOOR, min(budget, share))
+
     def _tasks(self, job: Job) -> list[Task]:
         tasks = []
         for index, item in enumerate(job.items):
@@ -400,6 +423,7 @@ class JobManager:
             max_atoms=max_atoms,
             max_pairs=max_pairs,
             cancelled=lambda: job.cancelled or self._closed,
+            cap=lambda: self._cap(max_atoms),
         )
         if not job._start(loop):
             return  # cancelled while queued
