@@ -475,11 +475,11 @@ def with_ipi(args: argparse.Namespace, work: Path) -> None:
         )
     print(
         "\nWhat bounds the slowdown: the i-PI lane goes first, so an i-PI step waits at most "
-        "for the one batch already on the device when its beads arrive (a job iteration of "
-        "at most job_batch_atoms atoms, default max_batch_atoms); between steps i-PI itself "
-        "integrates, and the jobs lane takes the idle device then. A step costs about its "
-        "own batch plus one job batch: a smaller --job-batch-atoms shortens that wait (the "
-        "job then needs more, smaller iterations)."
+        "for the one batch already on the device when its beads arrive; between steps i-PI "
+        "itself integrates, and the jobs lane takes the idle device then. While i-PI batches "
+        "keep coming, a job iteration is held to about one i-PI batch's duration (at least "
+        "job_batch_atoms/8 atoms), so a step costs at most about twice its own batch; "
+        "--job-batch-atoms also bounds it.\n"
     )
     worst = max(max(c["behind"], default=0) for c in cases)
     verdict = "holds" if worst <= 1 else "VIOLATED"
