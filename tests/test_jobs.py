@@ -121,34 +121,42 @@ def test_a_fire_job_equals_ases_run_structure_by_structure(
     assert status["model_calls"] == status["iterations"] == longest + 1
 
 
-def test_an_lbfgs_job_is_as_close_to_ases_run_as_ase_is_to_itself(
-    manager: JobManager, calculator: CACECalculator
-) -> None:
-    """LBFGS on floppy clusters amplifies last-bit differences: ASE's own run moves by up
-    to 1e-3 Å when its forces change by 1e-15 relative (a batch of structures rounds
-    differently from one structure, at that level). The job must agree with ASE to
-    1e-6 Å, or to within the spread of ASE's own runs under such noise."""
-    clusters = water_clusters(4, seed=3, smallest=2, largest=5)
-    _, records = run_job(manager, "relax", clusters, RelaxParams(optimizer="LBFGS", steps=400))
-    exact = 0
+def lbfgs_agreement(
+    clusters: list[Atoms], records: list[dict[str, Any]], calculator: Any, steps: int
+) -> int:
+    """Check LBFGS job records against ASE's runs; returns how many clusters ASE itself
+    reproduces under rounding noise (those the job must match exactly).
+
+    LBFGS on floppy clusters amplifies the last bit: a batch of structures rounds
+    differently from one structure (~4e-16 eV/Å), and ASE's own run, given forces
+    perturbed by 1e-15 relative, can end 1e-3 Å or a whole local minimum away. Where
+    ASE's run is reproducible under that noise, the job must equal it (1e-6 Å, steps
+    within 1); where it is not, the job must still converge when ASE does, to fmax.
+    """
+    stable = 0
     for cluster, record in zip(clusters, records, strict=True):
-        atoms, nsteps, converged = ase_relax(cluster, calculator, LBFGS, 0.05, 400)
+        atoms, nsteps, converged = ase_relax(cluster, calculator, LBFGS, 0.05, steps)
         assert record["converged"] == converged
-        dx = np.abs(record["positions"] - atoms.positions).max()
-        if dx <= 1e-6:
-            assert abs(record["steps"] - nsteps) <= 1
-            exact += 1
-            continue
+        if converged:
+            assert record["fmax"] < 0.05
         noisy = [
-            ase_relax(cluster, Perturbed(calculator, 1e-15, seed), LBFGS, 0.05, 400)
+            ase_relax(cluster, Perturbed(calculator, 1e-15, seed), LBFGS, 0.05, steps)
             for seed in (1, 2)
         ]
-        spread = max(np.abs(a.positions - atoms.positions).max() for a, _, _ in noisy)
-        steps = max(abs(n - nsteps) for _, n, _ in noisy)
-        assert dx <= 10 * spread, (dx, spread)
-        assert abs(record["steps"] - nsteps) <= max(1, 2 * steps)
-        assert record["fmax"] < 0.05 or not converged
-    assert exact >= len(clusters) // 2
+        spread = max(float(np.abs(a.positions - atoms.positions).max()) for a, _, _ in noisy)
+        if spread <= 1e-7 and all(n == nsteps for _, n, _ in noisy):
+            stable += 1
+            assert record["steps"] == nsteps
+            np.testing.assert_allclose(record["positions"], atoms.positions, rtol=0, atol=1e-6)
+    return stable
+
+
+def test_an_lbfgs_job_equals_ases_run_wherever_ase_is_reproducible(
+    manager: JobManager, calculator: CACECalculator
+) -> None:
+    clusters = water_clusters(4, seed=3, smallest=2, largest=5)
+    _, records = run_job(manager, "relax", clusters, RelaxParams(optimizer="LBFGS", steps=400))
+    assert lbfgs_agreement(clusters, records, calculator, 400) >= 2
 
 
 def test_a_cell_relaxation_under_pressure_equals_ases(

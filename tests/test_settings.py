@@ -41,7 +41,7 @@ def test_server_settings_are_the_sections_and_nothing_else() -> None:
     for f in dataclasses.fields(ServerSettings):
         assert dataclasses.is_dataclass(f.default_factory), f"{f.name} is no section"
     assert options_of(ServerSettings) == []
-    assert set(sections()) == {"model", "engine", "http", "ipi", "capture", "log"}
+    assert set(sections()) == {"model", "engine", "http", "ipi", "capture", "jobs", "log"}
 
 
 def test_no_two_sections_declare_the_same_field() -> None:
