@@ -75,13 +75,23 @@ def water_clusters(
     return [water_cluster(int(n), rng) for n in sizes]
 
 
-def water_box(molecules: int, rng: np.random.Generator, min_oo: float = 2.5) -> Atoms:
-    """One periodic cubic box of ``molecules`` molecules at liquid density."""
+def water_box(
+    molecules: int, rng: np.random.Generator, min_oo: float = 2.5, min_contact: float = 1.5
+) -> Atoms:
+    """One periodic cubic box of ``molecules`` molecules at liquid density; atoms of
+    different molecules at least ``min_contact`` apart (periodic images included)."""
     side = (molecules * _VOLUME_PER_MOLECULE) ** (1 / 3)
-    centres = _place(molecules, lambda: rng.uniform(0, side, 3), min_oo, rng, cell=side)
-    atoms = Atoms("OH2" * molecules, positions=_molecules(centres, rng), cell=[side] * 3, pbc=True)
-    atoms.wrap()
-    return atoms
+    for _ in range(1000):
+        centres = _place(molecules, lambda: rng.uniform(0, side, 3), min_oo, rng, cell=side)
+        positions = _molecules(centres, rng)
+        atoms = Atoms("OH2" * molecules, positions=positions, cell=[side] * 3, pbc=True)
+        distances = atoms.get_all_distances(mic=True)
+        molecule = np.arange(len(atoms)) // 3
+        between = distances[molecule[:, None] != molecule[None, :]]
+        if between.min() >= min_contact:
+            atoms.wrap()
+            return atoms
+    raise RuntimeError(f"could not place {molecules} molecules {min_contact} Å apart")
 
 
 def water_boxes(count: int = 8, molecules: int = 16, seed: int = 0) -> list[Atoms]:
