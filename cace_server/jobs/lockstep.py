@@ -34,7 +34,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from greenlet import GreenletExit, greenlet
 
-from cace_server.structures import Prediction, Structure
+from cace_server.structures import Prediction, Structure, voigt
 
 Outcome = Prediction | BaseException
 #: evaluates structures in one call: (structures, their indices in the job) -> outcomes
@@ -120,8 +120,7 @@ class LockstepCalculator(Calculator):
         if self.stress:
             if outcome.stress is None:
                 raise RuntimeError("the model returned no stress for a 3-D periodic structure")
-            s = np.asarray(outcome.stress, dtype=np.float64)
-            self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+            self.results["stress"] = voigt(outcome.stress)
         norms = np.linalg.norm(forces if self.free is None else forces[self.free], axis=1)
         self.max_force = float(norms.max()) if norms.size else 0.0
         self.evaluations += 1
