@@ -73,6 +73,10 @@ Outcome = Prediction | BaseException
 _CLOSED_BEFORE = "engine closed before the structure was evaluated"
 
 
+#: step groups kept (one per i-PI address or HTTP step-group name)
+MAX_STEP_GROUPS = 1024
+
+
 class _RequestClock:
     """Records a request's latency when the last of its structures is resolved."""
 
@@ -600,12 +604,20 @@ class Engine:
         return _collect(outcomes, return_exceptions)
 
     def step_group(self, key: str, size: int) -> StepGroup:
-        """The step group named ``key`` (e.g. an i-PI address) of ``size`` members."""
+        """The step group named ``key`` (an i-PI address, or the name HTTP clients of one
+        path-integral run share) of ``size`` members; the least recently used of more
+        than ``MAX_STEP_GROUPS`` groups are forgotten."""
         with self._lock:
-            group = self._step_groups.get(key)
+            group = self._step_groups.pop(key, None)
             if group is None:
                 timeout_s = self.settings.step_wait_ms / 1000.0
-                group = self._step_groups[key] = StepGroup(key, size, timeout_s)
+                group = StepGroup(key, size, timeout_s)
+                if len(self._step_groups) >= MAX_STEP_GROUPS:
+                    # Groups are named by clients (HTTP step-group headers): keep the
+                    # most recently used. A dropped group's queued items keep their
+                    # object; its next request starts a new one that learns its members.
+                    del self._step_groups[next(iter(self._step_groups))]
+            self._step_groups[key] = group  # re-inserted: the dict is in order of use
             group.size = size
             return group
 

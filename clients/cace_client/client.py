@@ -108,6 +108,21 @@ class _Common:
         return wire.encode(body, self.binary)
 
     @staticmethod
+    def _step_headers(session: str | None, step_group: tuple[str, int] | None) -> dict[str, str]:
+        """``session``: the id of a trajectory whose structures change step by step (the
+        server keeps its neighbour list). ``step_group``: (name, members) shared by the
+        clients of one path-integral run, one session per bead, so the server evaluates
+        a step's beads in one model call."""
+        headers = {}
+        if session:
+            headers["x-cace-session"] = session
+        if step_group is not None:
+            name, size = step_group
+            headers["x-cace-step-group"] = name
+            headers["x-cace-step-group-size"] = str(int(size))
+        return headers
+
+    @staticmethod
     def _decode(response: httpx.Response) -> Any:
         _raise_for(response)
         return wire.decode(response.content, response.headers.get("content-type", ""))
@@ -171,8 +186,16 @@ class CACEClient(_Common):
         super().__init__(url, token, timeout, retries, backoff, binary, model)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout)
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Any:
         content, headers = self._prepare(body)
+        if extra_headers:
+            headers = {**headers, **extra_headers}
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -194,14 +217,21 @@ class CACEClient(_Common):
         properties: Sequence[str] | None = None,
         model: str | None = None,
         inputs: Sequence[str] = (),
+        *,
+        session: str | None = None,
+        step_group: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
         """One structure (``ase.Atoms`` or a request dict); arrays come back as numpy.
 
         ``inputs``: per-atom arrays of the atoms that the model reads (its
         ``required_inputs`` in :meth:`models`), sent as the request's ``arrays``.
+        ``session`` and ``step_group``: see :meth:`_step_headers`.
         """
         raw = self._request(
-            "POST", "/v1/calculate", self._calc_body(atoms_or_dict, properties, model, inputs)
+            "POST",
+            "/v1/calculate",
+            self._calc_body(atoms_or_dict, properties, model, inputs),
+            self._step_headers(session, step_group),
         )
         return wire.result(raw)
 
@@ -463,8 +493,16 @@ class AsyncCACEClient(_Common):
             base_url=self.url, headers=self.headers, timeout=self.timeout, limits=limits
         )
 
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Any:
         content, headers = self._prepare(body)
+        if extra_headers:
+            headers = {**headers, **extra_headers}
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -486,9 +524,13 @@ class AsyncCACEClient(_Common):
         properties: Sequence[str] | None = None,
         model: str | None = None,
         inputs: Sequence[str] = (),
+        *,
+        session: str | None = None,
+        step_group: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
         body = self._calc_body(atoms_or_dict, properties, model, inputs)
-        return wire.result(await self._request("POST", "/v1/calculate", body))
+        headers = self._step_headers(session, step_group)
+        return wire.result(await self._request("POST", "/v1/calculate", body, headers))
 
     async def calculate_batch(
         self,

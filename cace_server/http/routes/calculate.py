@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from cace_server.capture import Origin
-from cace_server.engine import EngineError, ModelInfo
+from cace_server.engine import EngineError, ModelInfo, StepGroup
 from cace_server.http import codec
 from cace_server.http.errors import ApiError, from_engine_error
 from cace_server.http.openapi import error_responses, request_body
@@ -46,6 +46,11 @@ _BINARY_NOTE = (
 _ERRORS = error_responses(400, 401, 413, 415, 422, 503, 504)
 
 SESSION_HEADER = "x-cace-session"
+STEP_GROUP_HEADER = "x-cace-step-group"
+STEP_GROUP_SIZE_HEADER = "x-cace-step-group-size"
+#: more members than this in one step group is refused (i-PI's largest bead counts are
+#: in the hundreds; a member is one client's trajectory)
+MAX_STEP_GROUP_SIZE = 4096
 
 
 def _session(request: Request) -> str | None:
@@ -53,6 +58,41 @@ def _session(request: Request) -> str | None:
     (MD through ASE), so the engine keeps their neighbour lists (Verlet, with a skin)."""
     value = request.headers.get(SESSION_HEADER)
     return f"http:{value[:200]}" if value else None
+
+
+def _step_group(request: Request, state: HttpState, trajectory: str | None) -> StepGroup | None:
+    """The step group a request belongs to (``X-CACE-Step-Group`` and its ``-Size``).
+
+    The clients of one path-integral run (LAMMPS partitions, one per bead) each send
+    their bead's structure with the same group name and the bead count; the engine
+    then batches a step's beads into one model call, as it does for the connections
+    of one i-PI address. Each member is one session (``X-CACE-Session``).
+    """
+    key = request.headers.get(STEP_GROUP_HEADER)
+    if not key:
+        return None
+    if trajectory is None:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"{STEP_GROUP_HEADER} needs {SESSION_HEADER}: each member of a step group is "
+            "one session",
+            field=STEP_GROUP_HEADER,
+        )
+    raw = request.headers.get(STEP_GROUP_SIZE_HEADER, "")
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= MAX_STEP_GROUP_SIZE:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"{STEP_GROUP_SIZE_HEADER} must be the group's member count, 1 to "
+            f"{MAX_STEP_GROUP_SIZE}; got {raw[:20]!r}",
+            field=STEP_GROUP_SIZE_HEADER,
+        )
+    return state.engine.step_group(f"http:{key[:200]}", size)
 
 
 def result_dict(pred: Prediction, n: int, props: Outputs, binary: bool) -> dict:
@@ -153,7 +193,12 @@ def _origin(request: Request) -> Origin:
 
 
 async def _evaluate(
-    state: HttpState, req: _Checked, batch: bool, trajectory: str | None, origin: Origin
+    state: HttpState,
+    req: _Checked,
+    batch: bool,
+    trajectory: str | None,
+    origin: Origin,
+    step_group: StepGroup | None = None,
 ) -> list[Prediction]:
     timeout = state.settings.request_timeout_s
     try:
@@ -163,6 +208,7 @@ async def _evaluate(
                 req.info.name,
                 outputs=req.outputs,
                 trajectory=trajectory,
+                step_group=step_group,
                 origin=origin,
             ),
             timeout,
@@ -183,11 +229,20 @@ async def _calculate(request: Request, state: HttpState, batch: bool) -> Respons
         request.headers.get("content-type"),
         state.settings.allow_binary,
     )
+    trajectory = _session(request)
+    group = _step_group(request, state, trajectory)
     req = await state.parse(request, lambda obj: _read(obj, state, batch))
+    if group is not None and len(req.structures) != 1:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"a member of a step group sends one structure per step, not {len(req.structures)}",
+            field=STEP_GROUP_HEADER,
+        )
     n_atoms = sum(len(s) for s in req.structures)
     request.state.structures = len(req.structures)
     request.state.atoms = n_atoms
-    preds = await _evaluate(state, req, batch, _session(request), _origin(request))
+    preds = await _evaluate(state, req, batch, trajectory, _origin(request), group)
     results = [
         result_dict(p, len(s), req.outputs, binary)
         for p, s in zip(preds, req.structures, strict=True)
