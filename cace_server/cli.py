@@ -572,6 +572,7 @@ def serve(
         raise typer.Exit(2) from exc
     setup_logging(settings.log.level, settings.log.json)
     from cace_server.engine import DeviceFailed, EngineError
+    from cace_server.server import IpiRunRefused
 
     try:
         asyncio.run(run(settings))
@@ -579,6 +580,10 @@ def serve(
         # Not a usage error: the orchestrator should restart the server.
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from exc
+    except IpiRunRefused as exc:
+        # the i-PI run cannot go on (the reason is also in the log): a batch job ends
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(4) from exc
     except (ValueError, EngineError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

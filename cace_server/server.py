@@ -9,6 +9,12 @@ half-written), let the engine finish what it accepted, exit 0. A second signal
 exits at once (status 128 + the signal number). When a device fails (a dead CUDA
 context) the same shutdown runs and :func:`serve` raises DeviceFailed: the command
 exits 3, for a restart.
+
+With ``--no-http --no-ipi-reconnect`` the process exists for its i-PI runs: it exits 0
+once every connection has closed (i-PI's runs ended, connections i-PI never accepted
+included), and exits 4 (:class:`IpiRunRefused`, the reason logged and printed) as
+soon as a connection refuses what i-PI sent: i-PI has no error message, and would
+otherwise wait for a client that never comes.
 """
 
 from __future__ import annotations
@@ -33,9 +39,13 @@ from cace_server.http.settings import HttpSettings
 from cace_server.ipi import DriverOptions, DriverPool
 from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.settings import ServerSettings
-from cace_server.validation import check_geometry
+from cace_server.validation import check_ipi_geometry
 
 logger = logging.getLogger("cace_server")
+
+
+class IpiRunRefused(Exception):
+    """An i-PI connection refused what i-PI sent and will not reconnect (exit status 4)."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -110,10 +120,20 @@ def build_driver_pool(settings: ServerSettings, engine: Engine) -> DriverPool:
     model = settings.ipi.model
     evaluate = ipi_evaluator(engine, model, settings.ipi.bec)
     required = engine.model_info(model).required_inputs
-    # i-PI structures get the geometry checks HTTP requests get.
+    # i-PI structures get the geometry checks HTTP requests get (close contacts: see
+    # check_ipi_geometry).
     cutoff = engine.model_info(model).cutoff if engine.ready else None
     limits = settings.http.geometry  # one min_distance for both frontends
-    validate = None if cutoff is None else partial(check_geometry, cutoff=cutoff, limits=limits)
+    validate = (
+        None
+        if cutoff is None
+        else partial(
+            check_ipi_geometry,
+            cutoff=cutoff,
+            limits=limits,
+            refuse_close_contacts=settings.ipi.refuse_close_contacts,
+        )
+    )
 
     per_address = []
     for address, template in settings.ipi.templates_per_address():
@@ -195,9 +215,13 @@ async def serve(settings: ServerSettings) -> None:
         if http_task is not None:
             waiters.append(http_task)
         elif settings.ipi.addresses and not settings.ipi.reconnect:
-            # Nothing else can bring work: stop once every i-PI run has ended.
+            # Nothing else can bring work: stop once every i-PI run has ended, or as
+            # soon as one cannot go on (a refusal).
             waiters.append(asyncio.create_task(pool.wait()))
+            waiters.append(asyncio.create_task(pool.refusal_event.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
     finally:
         logger.info("shutting down")
         if http_server is not None and http_task is not None:
@@ -207,6 +231,13 @@ async def serve(settings: ServerSettings) -> None:
         logger.info("stopped")
     if engine.fatal_error is not None:
         raise DeviceFailed(f"the device failed: {engine.fatal_error}")
+    if not settings.http.enabled and not settings.ipi.reconnect and pool.refusals:
+        connection, reason = pool.refusals[0]
+        raise IpiRunRefused(
+            f"{connection} refused what i-PI sent: {reason} (i-PI has no error message and "
+            "waits for another client; <exit_on_disconnect> true </exit_on_disconnect> in "
+            "its <ffsocket> makes it stop too)"
+        )
 
 
 async def reload_models(engine: Engine) -> None:

@@ -5,7 +5,9 @@ HTTP requests and i-PI positions get the same checks: atoms closer than
 handle, and densities that would exhaust memory rather than inform. A failure is a
 :class:`GeometryError` saying what and where (``("positions", 3)``, ``("cell",)``);
 each frontend reports it its own way (HTTP: a 422 naming the field; i-PI: the
-connection is closed with a log line).
+connection is closed with a log line). On the i-PI path close contacts are a warning
+unless refused on purpose (:func:`check_ipi_geometry`): i-PI asks for the geometries
+of vibrational analyses and scans on purpose, some with atoms 0.05 Å apart.
 """
 
 from __future__ import annotations
@@ -43,15 +45,19 @@ class GeometryLimits:
     max_neighbors_per_atom: int
 
 
-def check_geometry(structure: Structure, cutoff: float, limits: GeometryLimits) -> None:
-    """Raise GeometryError unless ``structure`` is fit for a model of this ``cutoff``."""
+def check_geometry(
+    structure: Structure, cutoff: float, limits: GeometryLimits, *, overlap: bool = True
+) -> None:
+    """Raise GeometryError unless ``structure`` is fit for a model of this ``cutoff``
+    (atoms closer than ``min_distance`` included unless ``overlap`` is False)."""
     where: tuple[str, ...] = ("cell",) if structure.pbc.any() else ("positions",)
     for radius in (max(limits.min_distance, 1.0), cutoff):
         try:
             check_neighbor_grid(structure, radius)
         except StructureError as exc:
             raise GeometryError(str(exc), "unsupported_geometry", where) from None
-    check_overlap(structure, limits.min_distance)
+    if overlap:
+        check_overlap(structure, limits.min_distance)
     density = estimated_neighbors(structure, cutoff)
     if density > limits.max_neighbors_per_atom:
         raise GeometryError(
@@ -61,6 +67,26 @@ def check_geometry(structure: Structure, cutoff: float, limits: GeometryLimits) 
             "too_dense",
             ("positions",),
         )
+
+
+def check_ipi_geometry(
+    structure: Structure,
+    cutoff: float,
+    limits: GeometryLimits,
+    *,
+    refuse_close_contacts: bool = False,
+) -> str | None:
+    """The checks of :func:`check_geometry` for a structure i-PI sent: atoms closer than
+    ``min_distance`` are refused only if ``refuse_close_contacts``; otherwise the
+    structure is evaluated and the returned warning names the closest pair."""
+    check_geometry(structure, cutoff, limits, overlap=refuse_close_contacts)
+    if refuse_close_contacts:
+        return None
+    try:
+        check_overlap(structure, limits.min_distance)
+    except GeometryError as exc:
+        return f"{exc}; evaluated as i-PI asked (ipi_refuse_close_contacts is off)"
+    return None
 
 
 def check_overlap(structure: Structure, min_distance: float) -> None:

@@ -70,6 +70,9 @@ class IpiRun:
         velocities: bool = True,
         outputs: str = OUTPUTS,
         pressure_mpa: float | None = None,
+        port: int | None = None,
+        exit_on_disconnect: bool = False,
+        timestep_fs: float = 0.25,
     ) -> None:
         self.workdir = workdir
         self.nbeads = nbeads
@@ -84,10 +87,10 @@ class IpiRun:
             '<velocities mode="thermal" units="kelvin"> 300 </velocities>' if velocities else ""
         )
         if motion is None:
-            motion = """
+            motion = f"""
       <motion mode="dynamics">
         <dynamics mode="nvt">
-          <timestep units="femtosecond"> 0.25 </timestep>
+          <timestep units="femtosecond"> {timestep_fs} </timestep>
           <thermostat mode="pile_l"><tau units="femtosecond"> 50 </tau></thermostat>
         </dynamics>
       </motion>"""
@@ -96,6 +99,12 @@ class IpiRun:
             if pressure_mpa is not None
             else ""
         )
+        # TCP (mode inet) on loopback when a port is given; ``name`` is then unused
+        address = f"<address> {name} </address>"
+        if port is not None:
+            mode = "inet"
+            address = f"<address> 127.0.0.1 </address> <port> {port} </port>"
+        exit_flag = "<exit_on_disconnect> true </exit_on_disconnect>" if exit_on_disconnect else ""
         (workdir / "input.xml").write_text(
             f"""<simulation verbosity="low" safe_stride="1000" floatformat="%.16e"
             sockets_prefix="{self.prefix}">
@@ -103,7 +112,7 @@ class IpiRun:
   <total_steps> {steps} </total_steps>
   <prng><seed> 12345 </seed></prng>
   <ffsocket name="cace" mode="{mode}" pbc="false">
-    <address> {name} </address>
+    {address} {exit_flag}
     <batch_size> {batch_size} </batch_size>
     <timeout> {timeout} </timeout>
   </ffsocket>

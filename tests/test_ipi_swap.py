@@ -184,15 +184,15 @@ def test_ipi_pimd_keeps_running_through_two_model_swaps(served: Served, tmp_path
         client.close()
     server_log = (tmp_path / "server.log").read_text(errors="replace")
 
-    # (a) no connection lost: each of the 8 served one link, for every step. (A second
-    # link may open in the moment between i-PI's last step and the removal of its
-    # socket, since reconnecting is on; i-PI never handshakes it, and the count of
-    # handshakes below proves that no link was lost and remade during the run.)
+    # (a) no connection lost: each of the 8 served one link (one that i-PI accepted),
+    # for every step. A link opened, since reconnecting is on, in the moment between
+    # i-PI's last step and the removal of its socket is closed by i-PI before it
+    # accepts it: the driver counts no session and no error for it.
     assert len(links) == BEADS
     for link in links:
-        assert link["sessions"] in (1, 2), (link, server_log[-3000:])
+        assert link["sessions"] == 1, (link, server_log[-3000:])
         assert link["steps"] == STEPS + 1, link
-        assert link["last_error"] is None or "closed" in link["last_error"], link
+        assert link["last_error"] is None, (link, server_log[-3000:])
     # ... and i-PI saw 8 handshakes, no client dropped, and a clean exit
     ipi_log = (run.workdir / "ipi.log").read_text(errors="replace")
     assert ipi_log.count("Handshaking was successful") == BEADS, ipi_log[-3000:]

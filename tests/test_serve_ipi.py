@@ -102,7 +102,9 @@ def test_serve_refuses_missing_model(tmp_path: Path) -> None:
 def test_ipi_structures_get_the_http_geometry_checks(
     tmp_path: Path, socket_dir: str, ipi_runs: list
 ) -> None:
-    """Two atoms 0.01 Bohr apart: refused as over HTTP, i-PI's connection closed with a reason."""
+    """Two atoms 0.01 Bohr apart and ``--ipi-refuse-close-contacts``: refused as over HTTP,
+    i-PI's connection closed with a reason, and the server exits 4 (it will not reconnect).
+    (Without the flag they are computed with a warning: tests/test_ipi_run_end.py.)"""
     from ase.build import molecule
 
     atoms = molecule("H2O", cell=[10.0, 10.0, 10.0], pbc=True)
@@ -116,14 +118,14 @@ def test_ipi_structures_get_the_http_geometry_checks(
         server = subprocess.run(
             [
                 *CLI, "serve", "--no-http", "--no-ipi-reconnect", "--log-json",
-                "--ipi", f"unix:{run.socket_path}",
+                "--ipi", f"unix:{run.socket_path}", "--ipi-refuse-close-contacts",
                 "--ipi-template", str(tmp_path / "run" / "init.extxyz"),
             ],
             stdout=log, stderr=subprocess.STDOUT, timeout=180,
             env=dict(os.environ, OMP_NUM_THREADS="1"),
         )  # fmt: skip
     text = log_path.read_text()
-    assert server.returncode == 0, text[-3000:]
+    assert server.returncode == 4, text[-3000:]
     refusals = [
         json.loads(line)
         for line in text.splitlines()
@@ -131,8 +133,8 @@ def test_ipi_structures_get_the_http_geometry_checks(
     ]
     assert refusals, text[-3000:]
     message = refusals[0]["message"]
-    assert refusals[0]["level"] == "warning"
+    assert refusals[0]["level"] == "error"
     assert "atom 1 is 0.005 Å from atom 2, closer than min_distance 0.1 Å" in message, message
-    assert message.endswith("closing the connection")
+    assert "closing the connection" in message and "the connection closes for good" in message
     # i-PI never got forces for it
     assert all(p.stat().st_size == 0 for p in (tmp_path / "run").glob("sim.frc*"))

@@ -120,3 +120,25 @@ def test_the_queue_closes_a_stalled_step_after_the_quiet_time_not_the_time_limit
     assert batch is not None and [i.trajectory for i in batch] == ["c0", "c1"]
     # the quiet time (0.2 s) after c1, well before c0's limit (2 s)
     assert 0.1 < waited < 1.0, waited
+
+
+def test_a_connection_accepted_late_brings_the_rest_of_the_first_step() -> None:
+    # Cold start: i-PI accepted c0 alone and gave it the first bead; c1, accepted a poll
+    # later, brings the other bead of that step. No step waits out its time limit.
+    group = StepGroup("ipi:a", size=1, timeout_s=1.0)
+    group.arrived("c0")
+    assert group.complete()  # the only accepted connection submitted
+    group.taken(["c0"])
+    group.size = 2  # c1 accepted
+    group.arrived("c1")
+    assert group.complete()  # the rest of the first step: runs at once
+    group.taken(["c1"])
+    # the next step is one batch of both
+    group.arrived("c0")
+    assert not group.complete()
+    group.arrived("c1")
+    assert group.complete()
+    group.taken(["c0", "c1"])
+    group.arrived("c1")
+    group.arrived("c0")
+    assert group.complete()

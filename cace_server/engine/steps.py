@@ -6,18 +6,27 @@ arrives (one step becomes several model calls) or waits longer than needed. A
 :class:`StepGroup` knows which members (connections) are active and closes the
 batch as soon as every active member's structure of this step is queued.
 
-Until every one of ``size`` connections has been seen, a step waits for all of
-them. After that, a member is active when it submitted in this step or the
-previous one, so a connection that i-PI no longer uses (fewer beads than
-connections, a run that ended) stops being waited for after one step. A step whose
+``size`` is the number of connections that i-PI has accepted (the driver knows:
+i-PI accepts a few per poll, and one still in its listen backlog brings no bead), so
+a cold start does not wait for connections i-PI has not taken yet. Until every one
+of ``size`` connections has been seen, a step waits for all of them. After that, a
+member is active when it submitted in this step or the previous one, so a
+connection that i-PI no longer uses (fewer beads than connections, a run that
+ended) stops being waited for after one step. A step whose
 members do not all arrive within ``timeout_s`` of the first one, or that sees no
 arrival for ``QUIET_FRACTION * timeout_s``, is closed anyway (counted as a step
 timeout; from then on only members seen are waited for). The quiet limit matters:
 measured with ``cace-server serve`` and 32 connections, a bead that reached us
 after its step was closed (a late connection) started a step of its own, and i-PI
 sent no further bead until it was answered; every later step then waited out the
-full time limit (9 timeouts in 7 steps, 2.1 s per step against 1.1 s). Every method
-is called under the queue's lock.
+full time limit (9 timeouts in 7 steps, 2.1 s per step against 1.1 s).
+
+A connection i-PI accepts after it handed out a step's first beads brings a bead of
+that step, which our group has already closed (every connection accepted then was
+served). Such a *late joiner* (a member never seen before, arriving when no member
+has yet arrived in the new step) is counted in the step before: its batch runs as
+soon as every accepted connection has been seen, and the next step waits for it.
+Every method is called under the queue's lock.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ class StepGroup:
         self._queued: Counter[str] = Counter()  # member -> items waiting in the queue
         self._taken: set[str] = set()  # members whose item of this step was batched
         self._last_arrival: float | None = None  # time of this step's latest arrival
+        self._arrivals = 0  # arrivals of this step's own beads (late joiners not counted)
+        self._late: set[str] = set()  # late joiners whose bead of the previous step waits
 
     def arrived(self, member: str, now: float | None = None) -> None:
         """A member's structure entered the queue at ``now`` (time.monotonic's clock)."""
@@ -51,7 +62,12 @@ class StepGroup:
             # A second structure of the same member: i-PI has begun the next step
             # (or a member serves several beads); the current step is over.
             self._next_step()
-        self._last_seen[member] = self.step
+        if member not in self._last_seen and self.step > 0 and not self._arrivals:
+            self._late.add(member)
+            self._last_seen[member] = self.step - 1
+        else:
+            self._last_seen[member] = self.step
+            self._arrivals += 1
         self._queued[member] += 1
         self._last_arrival = time.monotonic() if now is None else now
 
@@ -69,6 +85,9 @@ class StepGroup:
         """Every active member has this step's structure queued or already batched."""
         if not self._learned and len(self._last_seen) < self.size:
             return False
+        if self._late and not self._arrivals:
+            # only late joiners queued: the rest of the previous step, once all are in
+            return len(self._last_seen) >= self.size
         return all(self._queued[m] > 0 or m in self._taken for m in self.active())
 
     def taken(self, members: Iterable[str]) -> None:
@@ -77,7 +96,10 @@ class StepGroup:
             self._queued[member] -= 1
             if self._queued[member] <= 0:
                 del self._queued[member]
-            self._taken.add(member)
+            if member in self._late:
+                self._late.discard(member)  # its bead was of the previous step
+            else:
+                self._taken.add(member)
         # Until every connection has been seen, one still unseen may bring this step's
         # bead late (i-PI accepts a few connections per poll): the step then ends when
         # a member that was served in it submits again (``arrived``). Ending it here
@@ -95,6 +117,7 @@ class StepGroup:
         self._queued[member] -= 1
         if self._queued[member] <= 0:
             del self._queued[member]
+            self._late.discard(member)
 
     def _next_step(self) -> None:
         if len(self._last_seen) >= self.size:
@@ -102,6 +125,7 @@ class StepGroup:
         self.step += 1
         self._taken.clear()
         self._last_arrival = None
+        self._arrivals = 0
         # Members silent for two steps are no longer active: drop them for good.
         stale = [m for m, seen in self._last_seen.items() if seen < self.step - 1]
         for m in stale:

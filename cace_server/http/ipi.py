@@ -25,7 +25,7 @@ from cace_server.http.settings import HttpSettings
 from cace_server.ipi import ConnectionState, DriverOptions, DriverPool, IpiAddress, parse_address
 from cace_server.ipi.engine_evaluator import ipi_evaluator
 from cace_server.ipi.pinned import AddressRefused, PinnedSocket, pin_socket
-from cace_server.validation import check_geometry
+from cace_server.validation import check_ipi_geometry
 
 logger = logging.getLogger("cace_server.http")
 
@@ -175,7 +175,7 @@ class IpiGroups:
             before_connect=self._before_connect,
             check_socket=partial(self._socket_refusal, given=parsed.path or ""),
             validate=partial(
-                check_geometry,
+                check_ipi_geometry,
                 cutoff=self.engine.model_info(model).cutoff,
                 limits=self.settings.geometry,
             ),

@@ -10,6 +10,21 @@ failed evaluations end that link with a logged reason. Nothing escapes
 :meth:`DriverConnection.run` but cancellation, so one connection can never take the
 process or its neighbours down.
 
+A link counts once i-PI has *accepted* it (sent its first message): i-PI accepts a
+few connections per poll, so others wait in its listen backlog, and the kernel may
+queue one while i-PI exits. i-PI closing (EOF or reset) a link it never accepted, or
+one between messages, is i-PI ending it ("closed by i-PI"), not a lost connection;
+only a reset in the middle of an exchange is. The connections of one pool to one
+address share a :class:`Peers`: the step group waits only for accepted ones, and
+without reconnecting, once i-PI has ended one accepted link the others that it never
+accepted give up (its run is over).
+
+i-PI has no error message. A *refusal* (a structure the server will not evaluate, a
+protocol error, a failed evaluation) ends the link with an error in the log and in
+``last_error``; i-PI keeps the structure for the next client, so the refusal is also
+reported to the pool (:attr:`Peers.refused`), where the server ends visibly instead
+of leaving i-PI waiting (see ``server.serve``).
+
 Replies are encoded whole before the first byte is written, and written with a single
 ``write``: a cancelled connection leaves either a whole reply or none on the wire.
 """
@@ -17,6 +32,7 @@ Replies are encoded whole before the first byte is written, and written with a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -48,7 +64,8 @@ class Source:
 
     connection: str
     address: str
-    peers: int  # connections of this pool to the same address, this one included
+    #: connections of this pool to the same address that i-PI has accepted (at least 1)
+    peers: int
 
 
 class Evaluator(Protocol):
@@ -98,10 +115,11 @@ class DriverOptions:
     dedupe: bool = True
     #: i-PI's ``sockets_prefix`` used for ``unix:NAME`` addresses.
     sockets_prefix: str = "/tmp/ipi_"
-    #: checks every structure i-PI sends before it is evaluated (the same geometry
-    #: checks as HTTP: :func:`cace_server.validation.check_geometry`); a StructureError
-    #: ends the link with a logged reason.
-    validate: Callable[[Structure], None] | None = None
+    #: checks every structure i-PI sends before it is evaluated (the geometry checks
+    #: of :func:`cace_server.validation.check_ipi_geometry`); a StructureError refuses
+    #: it (ends the link), a returned string is a warning (logged, rate-limited) and
+    #: the structure is evaluated.
+    validate: Callable[[Structure], str | None] | None = None
     #: awaited before every connection attempt (rate limits, allow-lists); returning
     #: False gives the connection up (it closes, with ``last_error`` saying why).
     before_connect: Callable[[IpiAddress], Awaitable[bool]] | None = None
@@ -142,8 +160,39 @@ class StructureRefused(Exception):
     """i-PI sent a structure the server does not evaluate (the message says why)."""
 
 
+class Peers:
+    """The connections of one pool to one i-PI address, and what they have in common."""
+
+    def __init__(self) -> None:
+        self.members: list[DriverConnection] = []
+        #: (connection, reason) of every link ended by a refusal
+        self.refused: list[tuple[str, str]] = []
+        self.on_refusal: Callable[[str, str], None] | None = None
+        self._run_over: asyncio.Event | None = None
+
+    @property
+    def accepted(self) -> int:
+        return sum(1 for c in self.members if c.accepted)
+
+    @property
+    def run_over(self) -> asyncio.Event:
+        """Set when i-PI has ended an accepted link of a connection that will not
+        reconnect: the run these connections were made for is over."""
+        if self._run_over is None:
+            self._run_over = asyncio.Event()
+        return self._run_over
+
+    def refusal(self, connection: str, reason: str) -> None:
+        self.refused.append((connection, reason))
+        if self.on_refusal is not None:
+            self.on_refusal(connection, reason)
+
+
 # Checking this many atoms or more per message moves to a thread (off the event loop).
 _THREAD_CHECK_ATOMS = 4096
+
+#: a connection logs at most one structure warning (close contacts) per this many seconds
+WARNING_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -151,6 +200,7 @@ class _Link:
     """Protocol state of one link: one socket connection, from connect to close."""
 
     decoder: p.DriverDecoder
+    accepted: bool = False  # i-PI has sent a message on it
     initialized: bool = False
     reply: bytes | None = None  # FORCEREADY waiting for GETFORCE
     shm: ShmSegments | None = None
@@ -187,14 +237,23 @@ class DriverConnection:
         self.batch_size = 1
         self.last_error: str | None = None
         self.last_step_seconds: float | None = None
-        #: connections to the same address in this connection's pool (set by the pool)
-        self.peers = 1
+        #: the connections to the same address in this connection's pool (the pool's)
+        self.peers = Peers()
+        self.peers.members.append(self)
+        self._link: _Link | None = None
+        self._warned_at: float | None = None
+        self._warnings_unlogged = 0
 
     # ------------------------------------------------------------ public
 
     @property
+    def accepted(self) -> bool:
+        """i-PI has accepted the current link (sent it a message)."""
+        return self._link is not None and self._link.accepted
+
+    @property
     def source(self) -> Source:
-        return Source(self.name, str(self.address), self.peers)
+        return Source(self.name, str(self.address), max(self.peers.accepted, 1))
 
     def status(self) -> ConnectionStatus:
         transport = "shm" if self.address.shm else ("unix" if self.address.is_unix else "tcp")
@@ -205,7 +264,7 @@ class DriverConnection:
             state=self.state,
             steps=self.steps,
             structures=self.structures,
-            sessions=self.links,
+            sessions=self.links,  # links i-PI accepted
             bead_index=self.bead_index,
             batch_size=self.batch_size,
             last_error=self.last_error,
@@ -218,6 +277,8 @@ class DriverConnection:
         try:
             while True:
                 self.state = ConnectionState.CONNECTING
+                if self._run_is_over():
+                    return
                 streams = await self._connect()
                 if streams is None:
                     return
@@ -232,6 +293,22 @@ class DriverConnection:
                     backoff = min(backoff * 2, self.options.backoff_max)
         finally:
             self.state = ConnectionState.CLOSED
+
+    def _run_is_over(self) -> bool:
+        """Without reconnecting: i-PI ended another link of this address (its run is
+        over), so this connection, which i-PI never accepted, gives up."""
+        if self.options.reconnect or not self.peers.run_over.is_set():
+            return False
+        logger.info("%s: i-PI's run ended before it accepted this connection", self.name)
+        return True
+
+    async def _backoff(self, seconds: float) -> None:
+        """Sleep, cut short when the run is over (see :meth:`_run_is_over`)."""
+        if self.options.reconnect:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.peers.run_over.wait(), seconds)
 
     # ------------------------------------------------------------ connecting
 
@@ -293,7 +370,9 @@ class DriverConnection:
                     return None
                 if attempts == 1:
                     logger.info("%s: waiting for i-PI at %s (%s)", self.name, self.address, exc)
-                await asyncio.sleep(backoff)
+                await self._backoff(backoff)
+                if self._run_is_over():
+                    return None
                 backoff = min(backoff * 2, self.options.backoff_max)
                 continue
             logger.info("%s: connected to %s", self.name, self.address)
@@ -302,33 +381,76 @@ class DriverConnection:
     # ------------------------------------------------------------ serving
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.links += 1
         self.state = ConnectionState.CONNECTED
         self.bead_index = None
         self.batch_size = 1
-        link = _Link(p.DriverDecoder(shm=self.address.shm, max_atoms=self.options.max_atoms))
+        link = self._link = _Link(
+            p.DriverDecoder(shm=self.address.shm, max_atoms=self.options.max_atoms)
+        )
+        ended_by_ipi = False
         try:
             await self._link_loop(link, reader, writer)
         except LinkEnded as end:
+            ended_by_ipi = True
             logger.info("%s: %s", self.name, end)
         except p.ProtocolError as exc:
-            self._fail(f"protocol error, closing the connection: {exc}")
+            self._refuse(f"protocol error: {exc}")
         except StructureRefused as exc:
-            # i-PI has no error message: closing the connection is how a driver says no.
-            self._fail(f"{exc}; closing the connection")
+            self._refuse(str(exc))
         except (ConnectionError, BrokenPipeError) as exc:
-            self._fail(f"connection lost: {exc}", level=logging.INFO)
+            if not link.accepted:
+                ended_by_ipi = True
+                logger.info("%s: closed by i-PI before it accepted this connection", self.name)
+            elif (
+                link.decoder.pending
+                or link.reply is not None
+                or self.state is ConnectionState.COMPUTING
+            ):
+                self._fail(f"connection lost: {exc}", level=logging.INFO)
+            else:  # between messages: i-PI went away (the end of a run, or killed)
+                ended_by_ipi = True
+                logger.info("%s: closed by i-PI between messages (%s)", self.name, exc)
         except Exception as exc:  # the evaluator's or a bug: never past this connection
-            self._fail(f"{type(exc).__name__}: {exc}", level=logging.ERROR)
+            self._refuse(f"evaluation failed: {type(exc).__name__}: {exc}")
             logger.debug("%s: traceback", self.name, exc_info=exc)
         finally:
+            self._link = None
             if link.shm is not None:
                 link.shm.close()
             await self._close_writer(writer)
+        if ended_by_ipi and link.accepted and not self.options.reconnect:
+            self.peers.run_over.set()
 
     def _fail(self, reason: str, level: int = logging.WARNING) -> None:
         self.last_error = reason
         logger.log(level, "%s: %s", self.name, reason)
+
+    def _refuse(self, reason: str) -> None:
+        """End the link for a reason of ours, loudly: i-PI has no error message and keeps
+        waiting for a client that computes what it asked for."""
+        then = (
+            "the connection reconnects, and i-PI will hand it the same structure"
+            if self.options.reconnect
+            else "the connection closes for good"
+        )
+        self._fail(
+            f"{reason}; closing the connection (i-PI has no error message: it waits for "
+            f"another client to compute this; {then})",
+            level=logging.ERROR,
+        )
+        self.peers.refusal(self.name, reason)
+
+    def _warn(self, message: str) -> None:
+        """Log a structure warning, at most one per WARNING_INTERVAL_S per connection."""
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < WARNING_INTERVAL_S:
+            self._warnings_unlogged += 1
+            return
+        more = self._warnings_unlogged
+        suffix = f" ({more} more structures warned about since the last warning)" if more else ""
+        logger.warning("%s: %s%s", self.name, message, suffix)
+        self._warned_at = now
+        self._warnings_unlogged = 0
 
     async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
         writer.close()
@@ -363,7 +485,12 @@ class DriverConnection:
                         f"truncated message: i-PI closed the connection "
                         f"{decoder.pending} bytes into a message"
                     )
+                if not link.accepted:
+                    raise LinkEnded("closed by i-PI before it accepted this connection")
                 raise LinkEnded("i-PI closed the connection")
+            if not link.accepted:
+                link.accepted = True
+                self.links += 1
             for message in decoder.feed(data):
                 # a ServerDecoder only ever yields server messages
                 reply = await self._handle(link, cast(p.ServerMessage, message))
@@ -431,17 +558,21 @@ class DriverConnection:
     ) -> list[Structure]:
         """The message's structures, checked; raises StructureRefused."""
 
+        warnings: list[str] = []
+
         def build() -> list[Structure]:
             structures = []
             for k, (cell, pos) in enumerate(zip(cells, positions, strict=True)):
+                where = f" {k} of {len(cells)}" if len(cells) > 1 else ""
                 try:
                     (structure,) = structures_from_wire(
                         cell[None], pos[None], numbers, self.options.pbc, self.options.arrays
                     )
                     if self.options.validate is not None:
-                        self.options.validate(structure)
+                        warning = self.options.validate(structure)
+                        if warning:
+                            warnings.append(f"the structure{where} i-PI sent: {warning}")
                 except StructureError as exc:
-                    where = f" {k} of {len(cells)}" if len(cells) > 1 else ""
                     raise StructureRefused(
                         f"refusing the structure{where} i-PI sent: {exc}"
                     ) from None
@@ -449,8 +580,13 @@ class DriverConnection:
             return structures
 
         if positions.size // 3 >= _THREAD_CHECK_ATOMS and self.options.validate is not None:
-            return await asyncio.to_thread(build)
-        return build()
+            structures = await asyncio.to_thread(build)
+        else:
+            structures = build()
+        if warnings:
+            self._warn(warnings[0])
+            self._warnings_unlogged += len(warnings) - 1
+        return structures
 
     def _check_idle(self, link: _Link) -> None:
         if link.reply is not None:

@@ -16,6 +16,7 @@ from cace_server.ipi.driver import (
     DriverConnection,
     DriverOptions,
     Evaluator,
+    Peers,
 )
 
 logger = logging.getLogger("cace_server.ipi")
@@ -29,6 +30,21 @@ class DriverPool:
         self.options = options
         self.connections: list[DriverConnection] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._peers: dict[IpiAddress, Peers] = {}
+        #: (connection, reason) of every link ended by a refusal (see ``driver``)
+        self.refusals: list[tuple[str, str]] = []
+        self._refusal: asyncio.Event | None = None
+
+    def _refused(self, connection: str, reason: str) -> None:
+        self.refusals.append((connection, reason))
+        self.refusal_event.set()
+
+    @property
+    def refusal_event(self) -> asyncio.Event:
+        """Set once a connection of this pool has refused what i-PI sent."""
+        if self._refusal is None:
+            self._refusal = asyncio.Event()
+        return self._refusal
 
     def add(
         self,
@@ -49,9 +65,13 @@ class DriverPool:
             for i in range(clients)
         ]
         self.connections.extend(added)
-        same = [c for c in self.connections if c.address == parsed]
-        for c in same:
-            c.peers = len(same)
+        peers = self._peers.get(parsed)
+        if peers is None:
+            peers = self._peers[parsed] = Peers()
+            peers.on_refusal = self._refused
+        for c in added:
+            c.peers = peers
+            peers.members.append(c)
         if self._tasks:
             self._tasks.extend(self._spawn(c) for c in added)
         return added

@@ -28,6 +28,14 @@ class IpiSettings:
         help="reconnect when i-PI goes away; with --no-http and --no-ipi-reconnect the "
         "server exits once every i-PI run has ended",
     )
+    # i-PI asks for close contacts on purpose (vibrational analyses, scans): computed
+    # with a warning in the log unless this is on.
+    refuse_close_contacts: bool = option(
+        False,
+        name="ipi_refuse_close_contacts",
+        help="refuse i-PI structures with atoms closer than --min-distance (ends the run, "
+        "see the README); off: compute them and log a warning",
+    )
     model: str | None = option(
         None, name="ipi_model", show="default model", help="model for i-PI connections"
     )
