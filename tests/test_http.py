@@ -368,10 +368,14 @@ def test_auth_on(engine: Engine) -> None:
         assert c.get("/healthz").status_code == 200
         assert c.head("/healthz").status_code == 200
         body = body_of(water_cluster(1, seed=4))
-        for path in ("/readyz", "/v1/models", "/metrics", "/v1/ipi/connections", "/docs"):
+        for path in ("/v1/models", "/metrics", "/v1/ipi/connections", "/docs"):
             r = c.get(path)
             assert r.status_code == 401, path
             assert r.headers["www-authenticate"].startswith("Bearer")
+        # readiness is open to probes (which cannot send a token), without details
+        assert c.get("/readyz").json() == {"status": "ready"}
+        ok = {"authorization": "Bearer s3cret"}
+        assert c.get("/readyz", headers=ok).json()["models"] == list(engine.model_names)
         r = c.post("/v1/calculate", json=body)
         assert r.status_code == 401 and r.json()["error"] == "unauthorized"
         bad = {"authorization": "Bearer wrong"}

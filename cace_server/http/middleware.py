@@ -22,7 +22,9 @@ from cace_server.http.metrics import HttpMetrics
 access_logger = logging.getLogger("cace_server.http.access")
 logger = logging.getLogger("cace_server.http")
 
-OPEN_PATHS = frozenset({"/healthz"})
+#: answered without a token: the probes of an orchestrator, which cannot send one from
+#: a secret (``/readyz`` then leaves out the model names and error details)
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 async def _send_error(scope: Scope, send: Send, error: ApiError) -> None:
@@ -209,7 +211,7 @@ class BearerAuth:
         self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         given = b""
@@ -218,7 +220,12 @@ class BearerAuth:
                 scheme, _, credentials = value.partition(b" ")
                 if scheme.lower() == b"bearer":
                     given = credentials.strip()
-        if not given or not hmac.compare_digest(given, self.token):
+        authorized = bool(given) and hmac.compare_digest(given, self.token)
+        if scope["path"] in OPEN_PATHS:
+            scope.setdefault("state", {})["authorized"] = authorized
+            await self.app(scope, receive, send)
+            return
+        if not authorized:
             error = ApiError(
                 401,
                 "unauthorized",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
@@ -42,13 +42,22 @@ async def healthz_head() -> Response:
 
 
 @router.get("/readyz", summary="Models loaded and warm", responses=error_responses(503))
-async def readyz(state: State) -> Response:
+async def readyz(request: Request, state: State) -> Response:
     engine = state.engine
-    _check_device(engine)
+    # open to probes without a token (BearerAuth); details only to those with one
+    detailed = getattr(request.state, "authorized", True)
+    if detailed:
+        _check_device(engine)
+    elif not engine.healthy:
+        raise ApiError(503, "device_failed", "the device failed", headers={"Retry-After": "5"})
     if not engine.ready:
         error = engine.startup_error
-        message = "engine is starting" if error is None else f"engine failed: {error}"
+        message = "engine is starting" if error is None else "engine failed"
+        if detailed and error is not None:
+            message = f"engine failed: {error}"
         raise ApiError(503, "not_ready", message, headers={"Retry-After": "1"})
+    if not detailed:
+        return codec.encode({"status": "ready"}, False)
     return codec.encode({"status": "ready", "models": list(engine.model_names)}, False)
 
 
