@@ -221,7 +221,8 @@ async def serve(settings: ServerSettings) -> None:
             waiters.append(asyncio.create_task(pool.refusal_event.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
-            waiter.cancel()
+            if waiter is not http_task:  # stop_http shuts the HTTP server down gracefully
+                waiter.cancel()
     finally:
         logger.info("shutting down")
         if http_server is not None and http_task is not None:

@@ -210,13 +210,15 @@ def served(tmp_path: Path, socket_dir: str) -> Iterator[Served]:
             "water=" + ",".join(str(m) for m in MEMBERS),
             "--dtype",
             "float64",
-            # a busy CPU may space the beads of a step by more than the default
-            # quiet tenth (100 ms); the step must stay one batch for the count below.
-            # Measured on CI's 2 cores: i-PI's first NPT step (its committee output and
-            # barostat set up) handed out the second bead 1.09 s after the first, past
-            # a 1 s quiet limit; 3 s leaves room for that.
+            # The count below is about our batching, not i-PI's pace: every bead of
+            # every step arrives here, but a busy CPU may space a step's beads by more
+            # than the quiet tenth of this limit. Measured on 2 cores: i-PI's first NPT
+            # step handed out its second bead 1.09 s after the first (past a 1 s quiet
+            # limit), and with a 3 s one a CI run still saw two steps closed early at a
+            # load average of 3.8. A limit i-PI cannot outrun (12 s quiet) keeps the
+            # count about us; a missing bead would still show as a timeout.
             "--step-wait-ms",
-            "30000",
+            "120000",
         ) as (url, server):
             yield run, url, server
     finally:
