@@ -3,11 +3,12 @@
 A local Ray cluster of two nodes on this machine (``cace_server.ray_serve.local_fleet``,
 one CPU each) serves the app with 1, then 2 replicas of 1 torch thread each; next to
 it, one plain ``cace-server serve`` with 2 torch threads (a subprocess, while the Ray
-cluster is down). Each is loaded with 64-molecule water boxes (192 atoms, a new
-random box per request from a pool) by an AsyncCACEClient keeping ``--concurrency``
-requests in flight for ``--seconds`` after a warm-up; prints req/s, p50/p99 latency,
-the 2-replica/1-replica scaling ratio and how the requests spread over the replicas
-(their counters as Ray exports them). Needs the extra: ``pip install 'cace-server[ray]'``.
+cluster is down). Each is loaded with liquid water of 64 molecules (192 atoms,
+``clients/lammps/water64.data``, 16 rattled copies in turn) by an AsyncCACEClient
+keeping ``--concurrency`` requests in flight for ``--seconds`` after a warm-up;
+prints req/s, p50/p99 latency, the 2-replica/1-replica scaling ratio and how the
+requests spread over the replicas (their counters as Ray exports them). Needs the
+extra: ``pip install 'cace-server[ray]'``.
 
     python benchmarks/scale.py
     python benchmarks/scale.py --seconds 30 --dtype float64
@@ -27,18 +28,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+# benchmarks/http.py would shadow the standard library's http package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "clients"))
+DATA = REPO / "clients" / "lammps" / "water64.data"
 # The Ray workers and the server subprocess import this tree's cace_server too.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), str(REPO / "clients"), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
 
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 from cace_client import AsyncCACEClient  # noqa: E402
-
-from scripts.water_clusters import water_boxes  # noqa: E402
 
 
 def free_port() -> int:
@@ -68,6 +71,21 @@ async def load(url: str, images: list[Any], concurrency: int, seconds: float, wa
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     return len(latencies) / seconds, statistics.median(latencies), p99
+
+
+def water64(count: int) -> list[Any]:
+    """``count`` copies of liquid water (64 molecules), each rattled differently."""
+    import ase.io
+
+    liquid = ase.io.read(DATA, format="lammps-data", atom_style="atomic")
+    liquid.set_atomic_numbers(np.where(liquid.get_masses() > 10, 8, 1))
+    liquid.pbc = True
+    images = []
+    for seed in range(count):
+        atoms = liquid.copy()
+        atoms.rattle(0.02, seed=seed)
+        images.append(atoms)
+    return images
 
 
 def wait_ready(url: str, timeout: float = 300.0) -> None:
@@ -146,8 +164,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     args = parser.parse_args()
-    images = water_boxes(16, molecules=64, seed=1)
-    assert all(len(atoms) == 192 for atoms in images)
+    images = water64(16)
 
     fleet = ray_fleet(args, images)
     plain = plain_server(args, images)

@@ -230,3 +230,20 @@ def test_builder_arguments(tmp_path: Path) -> None:
         module.replica_settings({"no_such": "1"}, num_cpus=1, environ={})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         module.deployment_options({**module.RAY_ARGS, "max_ongoing_requests": "many"})
+
+
+def test_the_serve_config_file_builds() -> None:
+    """deploy/ray/serve_config.yaml passes Ray's schema and builds the application."""
+    import yaml
+
+    module = ray_serve()
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "ray" / "serve_config.yaml"
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    built = module.app_builder(app["args"])
+    options = built._bound_deployment
+    assert options.ray_actor_options["num_gpus"] == app["args"]["num_gpus"]
+    assert options.max_ongoing_requests == app["args"]["max_ongoing_requests"]
