@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # Top to bottom. A module may import modules of its own group and of groups on lower
 # levels; groups that share a level do not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("cli",),
+    # entry points: the command line, and the Ray Serve application (ray_serve.py)
+    ("cli", "ray_serve"),
     # server.py, and settings.py which composes the settings of every component.
     ("server",),
     ("http",),

@@ -1,9 +1,11 @@
 """HTTP clients of a cace-server (sync and asyncio), with timeouts and retries.
 
 Retried, with exponential backoff: failures to connect, connections dropped
-mid-request, and 502/503 replies (503 is what the server answers while it starts
-or when its queue is full; its ``Retry-After`` is honoured). Calculations are
-idempotent, so a retried request is safe. Other errors raise
+mid-request, 502/503 replies (503 is what the server answers while it starts
+or when its queue is full; its ``Retry-After`` is honoured), and a 500 that is not
+the server's own error reply: a proxy in front answers so when the server behind it
+died mid-request (Ray Serve's proxy, for a replica that died), the same as a dropped
+connection. Calculations are idempotent, so a retried request is safe. Other errors raise
 :class:`CACEServerError` with the server's ``kind``, ``message`` and ``field``.
 """
 
@@ -34,6 +36,23 @@ RETRY_ERRORS = (
     httpx.WriteError,
 )
 MAX_DELAY = 10.0
+
+
+def retryable(response: httpx.Response) -> bool:
+    """Worth retrying: 502/503, or a 500 without the server's ``{error, message}`` body.
+
+    Every error the server itself answers names its kind; a bare 500 comes from a
+    proxy whose backend died mid-request (see the module docstring). Reads the body.
+    """
+    if response.status_code in RETRY_STATUS:
+        return True
+    if response.status_code != 500:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and "error" in body)
 
 
 class CACEServerError(Exception):
@@ -205,7 +224,7 @@ class CACEClient(_Common):
                     raise
                 time.sleep(self._delay(attempt, None))
                 continue
-            if response.status_code in RETRY_STATUS and not last:
+            if not last and retryable(response):
                 time.sleep(self._delay(attempt, response))
                 continue
             return self._decode(response)
@@ -512,7 +531,7 @@ class AsyncCACEClient(_Common):
                     raise
                 await asyncio.sleep(self._delay(attempt, None))
                 continue
-            if response.status_code in RETRY_STATUS and not last:
+            if not last and retryable(response):
                 await asyncio.sleep(self._delay(attempt, response))
                 continue
             return self._decode(response)

@@ -29,7 +29,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
 from cace_client import wire
-from cace_client.client import RETRY_ERRORS, RETRY_STATUS, CACEServerError, _raise_for
+from cace_client.client import RETRY_ERRORS, CACEServerError, _raise_for, retryable
 
 if TYPE_CHECKING:
     from cace_client.client import CACEClient
@@ -212,11 +212,12 @@ class JobHandle:
                     headers=headers,
                 ) as response:
                     opened = True
-                    if response.status_code in RETRY_STATUS and attempt < client.retries:
+                    if response.status_code >= 500 and attempt < client.retries:
                         response.read()
-                        time.sleep(client._delay(attempt, response))
-                        attempt += 1
-                        continue
+                        if retryable(response):
+                            time.sleep(client._delay(attempt, response))
+                            attempt += 1
+                            continue
                     if response.status_code >= 400:
                         response.read()
                         _raise_for(response)
