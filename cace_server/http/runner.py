@@ -21,6 +21,10 @@ class BackgroundServer:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+        # the event loop and HTTP parser ``cace-server serve`` uses, whatever else is
+        # installed (ray[serve] brings uvloop and httptools)
+        options.setdefault("loop", "asyncio")
+        options.setdefault("http", "h11")
         options.setdefault("log_level", "warning")
         options.setdefault("access_log", False)
         options.setdefault("lifespan", "on")
