@@ -311,8 +311,8 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, str], int, str, str | None]] = [
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_a_clear_4xx(client: httpx.Client, case: tuple) -> None:
     _name, body, headers, status, kind, field = case
+    headers = {"content-type": "application/json", **headers}
     if isinstance(body, bytes):
-        headers = {"content-type": "application/json", **headers}
         r = client.post("/v1/calculate", content=body, headers=headers)
     else:
         r = client.post("/v1/calculate", content=json.dumps(body), headers=headers)
@@ -542,6 +542,9 @@ def test_a_small_request_overtakes_queued_bulk_requests(model: Any) -> None:
     assert pairs.index(min(pairs)) == 1 and pairs.count(min(pairs)) == 1, pairs
 
 
+JSON_TYPE = {"content-type": "application/json"}
+
+
 def test_admission_by_body_bytes(engine: Engine) -> None:
     """A client holding a large body counts against every other client's budget."""
     import socket
@@ -551,21 +554,23 @@ def test_admission_by_body_bytes(engine: Engine) -> None:
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         held = socket.create_connection(("127.0.0.1", srv.port))
         held.sendall(
-            b"POST /v1/calculate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"POST /v1/calculate HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"Content-Length: 1500\r\n\r\n{"
         )
         deadline = time.monotonic() + 10
         while True:  # until the server has read the head and reserved the 1500 bytes
-            r = c.post("/v1/calculate", content=body + b" " * 600)
+            r = c.post("/v1/calculate", content=body + b" " * 600, headers=JSON_TYPE)
             if r.status_code == 503 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         assert r.status_code == 503 and r.json()["error"] == "busy", r.text
         assert r.headers["retry-after"] == "1"
-        assert c.post("/v1/calculate", content=body).status_code == 200  # fits beside it
+        assert c.post("/v1/calculate", content=body, headers=JSON_TYPE).status_code == 200
         held.close()
         deadline = time.monotonic() + 10
-        while c.post("/v1/calculate", content=body + b" " * 600).status_code != 200:
+        while (
+            c.post("/v1/calculate", content=body + b" " * 600, headers=JSON_TYPE).status_code != 200
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
 

@@ -168,7 +168,11 @@ def test_bad_inputs_are_a_clear_422(
         del request["arrays"]
     else:
         request["arrays"] = arrays
-    r = client.post("/v1/calculate", content=json.dumps(request))
+    r = client.post(
+        "/v1/calculate",
+        content=json.dumps(request),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 422, r.text
     reply = r.json()
     assert (reply["error"], reply["field"]) == (kind, field), reply

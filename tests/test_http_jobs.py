@@ -120,7 +120,9 @@ def test_a_job_survives_its_client_leaving_and_is_read_later(server: BackgroundS
     job = start(server, {"kind": "relax", "structures": SMALL, "relax": {"steps": 200}})
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:  # a reader that vanishes
-        sock.sendall(f"GET /v1/jobs/{job['id']}/results HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /v1/jobs/{job['id']}/results HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
     assert wait_state(server, job["id"], "done")["finished_structures"] == 3
     assert len(ndjson(server, job["id"])) == 4

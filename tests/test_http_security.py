@@ -238,7 +238,7 @@ def test_retry_after_when_overloaded_busy_or_out_of_groups(
         held = socket.create_connection(("127.0.0.1", srv.port))
         try:
             held.sendall(
-                b"POST /v1/calculate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json"
+                b"POST /v1/calculate HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json"
                 b"\r\nContent-Length: 1500\r\n\r\n{"
             )
             deadline = time.monotonic() + 10
@@ -246,7 +246,9 @@ def test_retry_after_when_overloaded_busy_or_out_of_groups(
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             padded = json.dumps(WATER).encode() + b" " * 1000
-            r = c.post("/v1/calculate", content=padded)
+            r = c.post(
+                "/v1/calculate", content=padded, headers={"content-type": "application/json"}
+            )
             assert_retry_after(r, 503, "busy")
         finally:
             held.close()

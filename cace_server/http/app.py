@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from cace_server import __version__
 from cace_server.engine import Engine
 from cace_server.http.errors import install_handlers
+from cace_server.http.guards import BrowserGuard, Framing
 from cace_server.http.ipi import IpiGroups
 from cace_server.http.middleware import BearerAuth, BodyLimit, InFlight, Observe, SingleHeaders
 from cace_server.http.openapi import install_openapi
@@ -65,6 +66,8 @@ def create_app(
     )
     if settings.token is not None:
         app.add_middleware(BearerAuth, token=settings.token)
+    app.add_middleware(BrowserGuard, hosts=settings.host_names)
     app.add_middleware(SingleHeaders)  # before the token is judged
+    app.add_middleware(Framing)
     app.add_middleware(Observe, metrics=state.metrics, access_log=settings.access_log)
     return app

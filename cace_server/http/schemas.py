@@ -247,7 +247,11 @@ class ModelOut(BaseModel):
         ..., description="per-atom inputs every structure must bring in 'arrays'"
     )
     description: dict[str, Any] = Field(..., description="the model's own description")
-    source: str | None
+    source: str | None = Field(
+        ...,
+        description="the model file (files of a committee); its full path only on a server "
+        "with a token, else the file name",
+    )
     sha256: str | None = Field(None, description="SHA-256 of the model file, when from a file")
     model_sha: str | None = Field(
         None,

@@ -11,6 +11,22 @@ if TYPE_CHECKING:
     from cace_server.validation import GeometryLimits
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: the bind addresses that name no one host (every interface)
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
+
+
+def host_name(host: str) -> str:
+    """A Host header's or allowed-hosts entry's name: lower case, no port, no brackets."""
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("["):  # [::1] or [::1]:8000
+        return host[1 : host.find("]")] if "]" in host else host[1:]
+    if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        return host.partition(":")[0]
+    return host
+
+
+def _allowed_hosts(items: list[str]) -> tuple[str, ...] | None:
+    return tuple(items) or None
 
 
 def parse_port_ranges(items: list[str]) -> tuple[tuple[int, int], ...]:
@@ -111,6 +127,17 @@ class HttpSettings:
     max_model_bytes: int = option(
         512 * 1024 * 1024, help="largest model file PUT /v1/models/NAME accepts"
     )
+    #: names a request's ``Host`` (and a state-changing request's ``Origin``) may
+    #: carry, against DNS rebinding and cross-site requests from a browser; None:
+    #: the loopback names plus ``host`` when it binds one non-loopback address;
+    #: ``*`` allows any.
+    allowed_hosts: tuple[str, ...] | None = option(
+        None,
+        raw=list[str],
+        parse=_allowed_hosts,
+        show="localhost,127.0.0.1,[::1] and --host",
+        help="names the Host and Origin headers of HTTP requests may carry ('*': any)",
+    )
     #: accept and return ``application/msgpack`` next to JSON.
     allow_binary: bool = True
     #: let clients attach the server to i-PI runs (``POST /v1/ipi/connections``). Off
@@ -160,6 +187,18 @@ class HttpSettings:
     access_log: bool = True
 
     @property
+    def host_names(self) -> frozenset[str] | None:
+        """The host names requests may name (see ``allowed_hosts``); None: any."""
+        if self.allowed_hosts is None:
+            names = {host_name(h) for h in LOOPBACK_HOSTS}
+            if self.host not in WILDCARD_ADDRESSES:
+                names.add(host_name(self.host))
+            return frozenset(names)
+        if "*" in self.allowed_hosts:
+            return None
+        return frozenset(host_name(h) for h in self.allowed_hosts)
+
+    @property
     def geometry(self) -> GeometryLimits:
         """The geometry checks shared with the other frontends."""
         # validation needs vesin and torch: not imported with the settings
@@ -196,6 +235,9 @@ class HttpSettings:
             raise ValueError(f"min_distance must not be negative, got {self.min_distance}")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be empty (use None for no authentication)")
+        for name in self.allowed_hosts or ():
+            if not host_name(name):
+                raise ValueError(f"allowed_hosts: empty host name in {self.allowed_hosts}")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

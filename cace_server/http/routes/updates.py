@@ -25,11 +25,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from cace_server.engine import EngineError, SwapRefused
-from cace_server.engine.info import info_dict
 from cace_server.engine.models import SHA_DIGITS
 from cace_server.http import codec
 from cace_server.http.errors import ApiError, from_engine_error
 from cace_server.http.openapi import error_responses
+from cace_server.http.routes.models import model_out
 from cace_server.http.schemas import ModelOut
 from cace_server.http.state import HttpState, State
 
@@ -111,8 +111,7 @@ async def _swap(state: HttpState, name: str, source: str) -> dict[str, Any]:
         raise ApiError(status, exc.reason, str(exc)) from None
     except EngineError as exc:
         raise from_engine_error(exc, batch=False) from None
-    out = ModelOut.model_validate(info_dict(info, sha256=await state.digest(info)))
-    return out.model_dump()
+    return (await model_out(info, state)).model_dump()
 
 
 @router.put(
