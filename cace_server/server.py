@@ -304,7 +304,7 @@ def build_http_server(settings: ServerSettings, engine: Engine, pool: Any) -> tu
         access_log=False,
         # "on": the app's shutdown hook stops the i-PI groups created over HTTP.
         lifespan="on",
-        http=timed_protocol(http.header_timeout_s, http.body_timeout_s),
+        http=timed_protocol(http.header_timeout_s, http.body_timeout_s, http.min_body_bytes_per_s),
         timeout_keep_alive=http.keep_alive_timeout_s,  # type: ignore[arg-type]  # any number: call_later
     )
     server = uvicorn.Server(config)

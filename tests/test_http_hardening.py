@@ -16,6 +16,7 @@ where a well-behaved client could not send the request; every server is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -199,3 +200,69 @@ def test_the_model_path_is_shown_only_behind_a_token(engine: Engine, model_file:
         auth = {"Authorization": "Bearer s3cret"}
         (model,) = httpx.get(srv.url + "/v1/models", headers=auth, timeout=30).json()["models"]
     assert model["source"] == str(model_file)
+
+
+# ------------------------------------------------------------------------ slow bodies
+
+
+def test_trickled_bodies_are_dropped_in_time_and_others_are_served(engine: Engine) -> None:
+    """Two clients declare 1000-byte bodies (the whole --max-pending-bytes) and send a
+    byte every 0.3 s, well within the idle limit: dropped after the body timeout."""
+    settings = HttpSettings(max_request_bytes=1000, max_pending_bytes=2000)
+    app = create_app(engine, settings=settings)
+    protocol = timed_protocol(10.0, 2.0, 500.0)
+    with BackgroundServer(app, http=protocol) as srv, httpx.Client(base_url=srv.url) as c:
+        tricklers = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall(post(b"Content-Length: 1000", body=b"{"))
+            tricklers.append(sock)
+        started = time.monotonic()
+        while app.state.in_flight.bytes < 2000:  # both heads read, 2000 bytes reserved
+            assert time.monotonic() - started < 5
+            time.sleep(0.01)
+        r = c.post("/v1/calculate", json=WATER, timeout=30)
+        assert r.status_code == 503 and r.json()["error"] == "busy", r.text
+        served_after = None
+        while time.monotonic() - started < 8:
+            for sock in tricklers:
+                with contextlib.suppress(OSError):  # dropped
+                    sock.sendall(b" ")
+            r = c.post("/v1/calculate", json=WATER, timeout=30)
+            if r.status_code == 200:
+                served_after = time.monotonic() - started
+                break
+            assert r.status_code == 503, r.text
+            time.sleep(0.3)
+        assert served_after is not None, "the trickling clients kept the server busy"
+        assert served_after < 2.0 + 2.0, served_after
+        for sock in tricklers:
+            sock.settimeout(5)
+            try:
+                answer = sock.recv(65536)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer
+            sock.close()
+
+
+def test_a_body_that_keeps_its_rate_may_take_longer_than_the_body_timeout(
+    engine: Engine,
+) -> None:
+    """3000 bytes at 1000 bytes/s over a 1 s body timeout and a 500 bytes/s minimum."""
+    app = create_app(engine)
+    body = json.dumps(WATER).encode().ljust(3000)
+    with (
+        BackgroundServer(app, http=timed_protocol(10.0, 1.0, 500.0)) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock,
+    ):
+        sock.sendall(post(b"Content-Length: 3000", b"Connection: close", body=b""))
+        t0 = time.monotonic()
+        for k in range(0, len(body), 100):
+            sock.sendall(body[k : k + 100])
+            time.sleep(0.1)
+        assert time.monotonic() - t0 > 2.5
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 "), received

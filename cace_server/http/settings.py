@@ -100,7 +100,15 @@ class HttpSettings:
     # bounded by request_timeout_s), then the rest get shutdown_timeout_s.
     header_timeout_s: float = option(10.0, help="seconds an HTTP request head may take to arrive")
     body_timeout_s: float = option(
-        30.0, help="seconds an HTTP request body may pause before the client is dropped"
+        30.0,
+        help="seconds an HTTP request body may pause, and its grace before "
+        "--min-body-bytes-per-s applies, before the client is dropped",
+    )
+    #: after ``body_timeout_s``, a body must keep this average rate: it has to be
+    #: complete ``body_timeout_s + received / min_body_bytes_per_s`` after its head,
+    #: so a client that declares a large body and trickles it is dropped in time.
+    min_body_bytes_per_s: int = option(
+        1024 * 1024, help="slowest average rate of an HTTP request body after its grace"
     )
     keep_alive_timeout_s: float = option(
         5.0, help="seconds an idle HTTP keep-alive connection stays open"
@@ -218,6 +226,7 @@ class HttpSettings:
             "max_neighbors_per_atom",
             "max_ipi_groups",
             "max_ipi_clients",
+            "min_body_bytes_per_s",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -9,8 +9,12 @@ protocol adds two deadlines per request:
   ``header_timeout_s`` of its first byte, or of the connection opening (a
   deadline, not an idle timer: dripping one header byte at a time does not reset it);
 - while a body is being received, at most ``body_timeout_s`` may pass without a
-  byte of it (an idle timer: a large body over a slow link is fine as long as it
-  keeps coming). Time during which the server itself stopped reading (flow
+  byte of it, and the whole body must be in within ``body_timeout_s`` of the head
+  plus one second per ``min_body_bytes_per_s`` bytes received: a large body over a
+  slow link is fine as long as it keeps coming at that average rate, and a client
+  that declares a large body and sends a byte now and then (holding its share of
+  ``--max-pending-bytes`` from every other client) is dropped after
+  ``body_timeout_s``. Time during which the server itself stopped reading (flow
   control, the application not consuming) does not count.
 
 A client that misses a deadline gets ``408 Request Timeout`` when nothing was
@@ -43,10 +47,12 @@ class TimedH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    min_body_bytes_per_s: float = 1024.0 * 1024.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_timer: asyncio.TimerHandle | None = None
+        self._body_deadline = 0.0  # loop time by which the body being received must be in
         self._timer_kind: str | None = None  # "head" or "body"
         self._answered = False  # a response was completed on this connection
 
@@ -57,7 +63,7 @@ class TimedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        self._update_timer(got_data=True)
+        self._update_timer(got_data=True, size=len(data))
 
     def on_response_complete(self) -> None:
         self._answered = True
@@ -69,14 +75,20 @@ class TimedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     # -- the deadlines ----------------------------------------------------------------------
-    def _update_timer(self, got_data: bool) -> None:
+    def _update_timer(self, got_data: bool, size: int = 0) -> None:
         if self.transport.is_closing():
             self._disarm()
             return
         state = self.conn.their_state
         if state is h11.SEND_BODY:  # the client is sending a body (answered or not)
+            now = self.loop.time()
+            if self._timer_kind != "body":  # the body starts
+                self._body_deadline = now + self.body_timeout_s
+            elif got_data:
+                self._body_deadline += size / self.min_body_bytes_per_s
             if got_data or self._timer_kind != "body":
-                self._arm("body", self.body_timeout_s)
+                idle = now + self.body_timeout_s
+                self._arm("body", min(idle, self._body_deadline) - now)
         elif state is h11.IDLE and self.conn.trailing_data[0]:
             # Part of a next request head is buffered: it has a deadline (not reset).
             if self._timer_kind != "head":
@@ -107,6 +119,7 @@ class TimedH11Protocol(H11Protocol):
             return
         if kind == "body" and self.flow.read_paused:
             # We stopped reading, not the client: look again later.
+            self._body_deadline = self.loop.time() + self.body_timeout_s
             self._arm("body", self.body_timeout_s)
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
@@ -114,7 +127,13 @@ class TimedH11Protocol(H11Protocol):
             what = f"request head not complete after {self.header_timeout_s:g} s"
             answer = bool(self.conn.trailing_data[0]) and self.conn.our_state is h11.IDLE
         else:
-            what = f"no request body data for {self.body_timeout_s:g} s"
+            if self.loop.time() + 1e-3 < self._body_deadline:
+                what = f"no request body data for {self.body_timeout_s:g} s"
+            else:
+                what = (
+                    f"request body slower than {self.min_body_bytes_per_s:g} bytes/s "
+                    f"after {self.body_timeout_s:g} s"
+                )
             answer = self.cycle is not None and not self.cycle.response_started
         logger.info("closing the connection of %s: %s", client, what)
         if answer:
@@ -126,13 +145,18 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type[TimedH11Protocol]:
+def timed_protocol(
+    header_timeout_s: float,
+    body_timeout_s: float,
+    min_body_bytes_per_s: float = TimedH11Protocol.min_body_bytes_per_s,
+) -> type[TimedH11Protocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` with these read timeouts."""
-    for name, value in (("header_timeout_s", header_timeout_s), ("body_timeout_s", body_timeout_s)):
+    limits = {
+        "header_timeout_s": float(header_timeout_s),
+        "body_timeout_s": float(body_timeout_s),
+        "min_body_bytes_per_s": float(min_body_bytes_per_s),
+    }
+    for name, value in limits.items():
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    return type(
-        "TimedH11Protocol",
-        (TimedH11Protocol,),
-        {"header_timeout_s": float(header_timeout_s), "body_timeout_s": float(body_timeout_s)},
-    )
+    return type("TimedH11Protocol", (TimedH11Protocol,), limits)
