@@ -110,6 +110,8 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(
 ) -> None:
     received = exchange(server.port, FRAMINGS[framing])
     assert received.startswith(b"HTTP/1.1 400 "), received
+    if framing in ("CL.TE", "TE.CL", "te.cl case"):  # ours; h11 refuses the others itself
+        assert b'"bad_framing"' in received, received
     # the smuggled request got no answer: one response, then the server closed
     assert received.count(b"HTTP/1.1 ") == 1, received
     assert b'"models"' not in received
@@ -210,7 +212,7 @@ def test_trickled_bodies_are_dropped_in_time_and_others_are_served(engine: Engin
     byte every 0.3 s, well within the idle limit: dropped after the body timeout."""
     settings = HttpSettings(max_request_bytes=1000, max_pending_bytes=2000)
     app = create_app(engine, settings=settings)
-    protocol = timed_protocol(10.0, 2.0, 500.0)
+    protocol = timed_protocol(10.0, 2.0)
     with BackgroundServer(app, http=protocol) as srv, httpx.Client(base_url=srv.url) as c:
         tricklers = []
         for _ in range(2):

@@ -95,6 +95,7 @@ SPECIAL: dict[str, Any] = {
     "long_range_method": ["mesh"],
     "host": "0.0.0.0",
     "token": "s3cret",
+    "allowed_hosts": ["cace-server", "[fd00::7]"],
     "ipi": ["unix:one", "localhost:31415"],
     "ipi_template": ["one.xyz", "two.xyz"],
     "ipi_model": "b",
