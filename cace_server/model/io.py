@@ -41,7 +41,7 @@ logger = logging.getLogger("cace_server.model")
 
 #: the metadata key of the checksum over all the other metadata (format version 2).
 CONTENT_KEY = "content_sha256"
-#: the metadata key of the signature (not covered by the content checksum).
+#: the metadata key of the signature (of the other metadata but the checksum).
 SIGNATURE_KEY = "signature"
 #: how a signature value starts: the algorithm, then the hex digest.
 SIGNATURE_SCHEME = "hmac-sha256:"
@@ -91,8 +91,11 @@ def read_signing_key(path: str | Path) -> bytes:
 
 
 def signature(metadata: dict[str, str], key: bytes) -> str:
-    """The signature of a file's metadata (weights' digest included) under ``key``."""
-    mac = hmac.new(key, metadata_digest(metadata).encode(), hashlib.sha256)
+    """The signature under ``key`` of a file's metadata but the checksum and the
+    signature itself (the weights' digest in). The content checksum is taken after
+    it, over the signature too: servers that know no signatures load signed files."""
+    unsigned = {k: v for k, v in metadata.items() if k != SIGNATURE_KEY}
+    mac = hmac.new(key, metadata_digest(unsigned).encode(), hashlib.sha256)
     return SIGNATURE_SCHEME + mac.hexdigest()
 
 
@@ -127,10 +130,10 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def metadata_digest(metadata: dict[str, str]) -> str:
-    """SHA-256 over every metadata entry but the checksum and the signature (the
-    weights' digest in)."""
+    """SHA-256 over every metadata entry but the checksum itself (the weights' digest
+    and the signature in)."""
     h = hashlib.sha256()
-    for key in sorted(k for k in metadata if k not in (CONTENT_KEY, SIGNATURE_KEY)):
+    for key in sorted(k for k in metadata if k != CONTENT_KEY):
         for part in (key, metadata[key]):
             data = part.encode()
             h.update(len(data).to_bytes(8, "little"))
@@ -166,9 +169,9 @@ def save_model(
         "weights_sha256": weights_digest(tensors),
         "extra": json.dumps(extra_metadata or {}, sort_keys=True),
     }
-    metadata[CONTENT_KEY] = metadata_digest(metadata)
     if signing_key is not None:
         metadata[SIGNATURE_KEY] = signature(metadata, signing_key)
+    metadata[CONTENT_KEY] = metadata_digest(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     # safetensors creates the file owner-only (0600); a model file is meant to be
@@ -301,9 +304,9 @@ def reseal(
     meta = _raw_metadata(path)
     meta.pop(SIGNATURE_KEY, None)
     meta["format_version"] = str(FORMAT_VERSION)
-    meta[CONTENT_KEY] = metadata_digest(meta)
     if signing_key is not None:
         meta[SIGNATURE_KEY] = signature(meta, signing_key)
+    meta[CONTENT_KEY] = metadata_digest(meta)
     mode = path.stat().st_mode & 0o777
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
