@@ -48,7 +48,7 @@ def water_box() -> tuple[npt.NDArray[np.float64], list[str]]:
         centre = (np.array(corner) + 0.25) * L_BOHR / 2
         rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
         positions.append(centre + molecule @ rotation.T)
-    pos = np.round(np.concatenate(positions) % L_BOHR / GRID) * GRID
+    pos = (np.round(np.concatenate(positions) / GRID) * GRID) % L_BOHR
     return pos, ["O", "H", "H"] * 8
 
 
