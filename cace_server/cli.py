@@ -33,6 +33,9 @@ def convert(
         help="for a training checkpoint (checkpoint.pt, weights only): the model file "
         "(e.g. best_model.pth) whose architecture the weights belong to",
     ),
+    signing_key_file: Path = typer.Option(
+        None, help="sign the written file with the HMAC-SHA256 key in this file"
+    ),
 ) -> None:
     """Convert an original CACE checkpoint to the native safetensors format.
 
@@ -43,8 +46,10 @@ def convert(
     """
     from cace_server.model import convert_original, save_model
     from cace_server.model.checkpoint import UnsafeCheckpointError, UnsupportedCheckpointError
+    from cace_server.model.io import read_signing_key
 
     try:
+        key = None if signing_key_file is None else read_signing_key(signing_key_file)
         model = convert_original(source, dtype=dtype, architecture=architecture)
     except (UnsafeCheckpointError, UnsupportedCheckpointError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -52,11 +57,35 @@ def convert(
     extra = {"converted_from": source.name}
     if architecture is not None:
         extra["architecture_from"] = architecture.name
-    save_model(model, target, extra)
+    save_model(model, target, extra, signing_key=key)
     typer.echo(
         f"wrote {target} ({model.n_parameters:,} parameters, elements {list(model.elements)}, "
         f"outputs {', '.join(model.outputs)})"
     )
+
+
+@app.command()
+def resave(
+    model: Path = typer.Argument(..., help="native model file (format version 1 or 2)"),
+    output: Path = typer.Option(None, "--output", "-o", help="write here [in place]"),
+    signing_key_file: Path = typer.Option(
+        None, help="sign the file with the HMAC-SHA256 key in this file (model_signing_key_file)"
+    ),
+) -> None:
+    """Re-save a model file in the current format (version 2: the config covered by
+    the checksum), optionally signed; the weights and the config are kept as they are.
+
+    A file whose checksums fail is refused (for version 1: the weights' checksum).
+    """
+    from cace_server.model.io import ModelFileError, read_signing_key, reseal
+
+    try:
+        key = None if signing_key_file is None else read_signing_key(signing_key_file)
+        written = reseal(model, output, signing_key=key)
+    except (ModelFileError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"wrote {written} (format version 2{', signed' if key else ''})")
 
 
 # Config entries shown by ``info`` (as the key) when the model's config has them (value).
@@ -87,21 +116,36 @@ def info(
         None, help="native model file, or a committee (A,B,... or .toml) [the bundled model]"
     ),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    signing_key_file: Path = typer.Option(
+        None, help="also check the file's signature with the HMAC-SHA256 key in this file"
+    ),
 ) -> None:
-    """Show what a model file contains (without a file: the bundled default model)."""
+    """Show what a model file contains (without a file: the bundled default model).
+
+    Format-version-1 files are described (the server refuses them by default).
+    """
     from cace_server.engine.info import info_dict
     from cace_server.engine.models import describe as describe_model
     from cace_server.model import ModelFileError, load_model
     from cace_server.model.committee import committee_spec, load_committee
-    from cace_server.model.io import check_integrity, file_digest, read_metadata
+    from cace_server.model.io import (
+        SIGNATURE_KEY,
+        ModelFilePolicy,
+        check_integrity,
+        file_digest,
+        read_metadata,
+    )
     from cace_server.server import default_model_path
 
     if model is None:
         model = default_model_path()
     try:
+        policy = ModelFilePolicy.from_settings(
+            True, None if signing_key_file is None else str(signing_key_file)
+        )
         spec = committee_spec(str(model))
-        committee = load_committee(spec) if spec is not None else None
-    except ModelFileError as exc:
+        committee = load_committee(spec, policy=policy) if spec is not None else None
+    except (ModelFileError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if committee is not None:
@@ -127,8 +171,8 @@ def info(
     failure: str | None = None
     loaded = None
     try:
-        integrity = check_integrity(model)
-        loaded = load_model(model)
+        integrity = check_integrity(model, policy=policy)
+        loaded = load_model(model, policy=policy)
         verifies = f"{integrity.status}: {integrity.detail}"
     except ModelFileError as exc:
         failure = str(exc)
@@ -139,6 +183,7 @@ def info(
         "sha256": file_digest(model),
         "format_version": int(meta["format_version"]),
         "verifies": verifies,
+        "signed": SIGNATURE_KEY in meta,
     }
     described: dict[str, Any] | None = None
     if loaded is not None:

@@ -23,6 +23,47 @@ class StructureError(ValueError):
     """A structure that cannot be evaluated; the message names the problem."""
 
 
+#: Largest coordinate (Å) evaluated as given. Beyond it float64 keeps less than about
+#: 1e-10 Å of an edge vector: periodic directions are wrapped into the cell first (in
+#: float64, before any float32 work), and what is still beyond it (a non-periodic
+#: direction, or a cell that large) is refused.
+MAX_COORDINATE = 1e6
+
+
+def wrap_far_positions(
+    positions: npt.NDArray[np.float64],
+    cell: npt.NDArray[np.float64],
+    pbc: npt.NDArray[np.bool_],
+    bound: float = MAX_COORDINATE,
+) -> npt.NDArray[np.float64]:
+    """``positions`` with every atom moved into the cell along the periodic directions
+    (whole cell vectors, in float64) if any coordinate exceeds ``bound``; as given
+    otherwise. Units are the caller's (i-PI wraps in Bohr, before converting)."""
+    if not pbc.any() or not np.abs(positions).max(initial=0.0) > bound:
+        return positions
+    periodic = [k for k in range(3) if pbc[k]]
+    # Non-periodic rows (possibly zero) are replaced by unit vectors normal to the
+    # periodic ones, so the fractional coordinates of the periodic directions are defined.
+    basis = cell.astype(np.float64).copy()
+    if len(periodic) == 1:
+        a = basis[periodic[0]] / np.linalg.norm(basis[periodic[0]])
+        b = np.array([0.0, 1.0, 0.0]) if abs(a[1]) <= 0.9 else np.array([0.0, 0.0, 1.0])
+        c = np.cross(a, b)
+        c /= np.linalg.norm(c)
+        basis[(periodic[0] + 1) % 3] = np.cross(c, a)
+        basis[(periodic[0] + 2) % 3] = c
+    elif len(periodic) == 2:
+        c = np.cross(basis[periodic[0]], basis[periodic[1]])
+        basis[3 - periodic[0] - periodic[1]] = c / np.linalg.norm(c)
+    if not abs(np.linalg.det(basis)) > 1e-8:
+        return positions  # a degenerate cell: validation says so, or the bound refuses
+    fractional = positions @ np.linalg.inv(basis)
+    images = np.where(pbc, np.floor(fractional), 0.0)
+    # Whole cell vectors subtracted from the given positions: for a cell and positions
+    # whose sums are exact in float64, the result is exactly the wrapped structure.
+    return np.asarray(positions - images @ cell, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Structure:
     """One atomic configuration.
@@ -69,6 +110,17 @@ class Structure:
             cell_arr = np.diag(cell_arr)
         structure = cls(numbers_arr, positions_arr, cell_arr, pbc_arr, MappingProxyType(extra))
         structure.validate()
+        wrapped = wrap_far_positions(positions_arr, cell_arr, pbc_arr)
+        if wrapped is not positions_arr:
+            structure = cls(numbers_arr, wrapped, cell_arr, pbc_arr, MappingProxyType(extra))
+        far = np.abs(wrapped).max(initial=0.0)
+        if far > MAX_COORDINATE:
+            after = " after wrapping the periodic directions into the cell" if pbc_arr.any() else ""
+            raise StructureError(
+                f"a coordinate is {far:.3g} Å from the origin{after}; "
+                f"at most {MAX_COORDINATE:g} Å is evaluated (float64 would lose the "
+                "interatomic distances): move the structure near the origin"
+            )
         return structure
 
     @classmethod

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from cace_server.cli import app
 
-COMMANDS = ["serve", "convert", "train", "evaluate", "info", "label"]
+COMMANDS = ["serve", "convert", "resave", "train", "evaluate", "info", "label"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=["app", *COMMANDS])

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cace_server.model import ModelFileError, load_model, random_model, read_metadata, save_model
-from cace_server.model.io import CONTENT_KEY, check_integrity
+from cace_server.model.io import CONTENT_KEY, ModelFilePolicy, check_integrity
 from cace_server.structures import Structure
 
 CLI = [sys.executable, "-m", "cace_server.cli"]
@@ -141,14 +141,16 @@ def test_version_2_without_its_checksum_is_refused(tmp_path):
 
 
 def test_legacy_files_load_with_their_weights_verified(tmp_path, structure, caplog):
+    """When allowed (refused by default: tests/test_model_signing.py)."""
+    allowed = ModelFilePolicy(allow_legacy=True)
     model = random_model(seed=3)
     path = save_model(model, tmp_path / "m.safetensors")
     rewrite_metadata(path, make_legacy)
-    integrity = check_integrity(path)
+    integrity = check_integrity(path, policy=allowed)
     assert (integrity.status, integrity.format_version) == ("legacy", 1)
     assert "config not covered" in integrity.detail
     with caplog.at_level("WARNING", logger="cace_server.model"):
-        loaded = load_model(path)
+        loaded = load_model(path, policy=allowed)
     assert "config not covered" in caplog.text
     assert loaded.predict([structure])[0].energy == model.predict([structure])[0].energy
     # ... but their weights are still checked
@@ -158,7 +160,7 @@ def test_legacy_files_load_with_their_weights_verified(tmp_path, structure, capl
         meta = dict(f.metadata())
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ModelFileError, match="weights checksum"):
-        load_model(path)
+        load_model(path, policy=allowed)
 
 
 def test_bundled_model_verifies():

@@ -107,6 +107,7 @@ SPECIAL: dict[str, Any] = {
     "capture_threshold": 0.002,
     "capture_force_threshold": 0.5,
     "model_update_dir": "/srv/models",
+    "model_signing_key_file": "/etc/cace/model.key",  # read by the engine, not here
     "job_batch_atoms": 2048,
 }
 

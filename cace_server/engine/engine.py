@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 from cace_server.capture import Capture, CaptureSettings, Origin
 from cace_server.engine.batching import Lane, LaneTiming, PendingQueue, WorkItem, reject
@@ -65,6 +65,9 @@ from cace_server.engine.trajectories import TrajectoryLists
 from cace_server.engine.worker import Worker
 from cace_server.outputs import CATALOGUE, Outputs, UnknownOutput
 from cace_server.structures import Prediction, Structure, StructureError
+
+if TYPE_CHECKING:
+    from cace_server.model.io import ModelFilePolicy
 
 logger = logging.getLogger("cace_server.engine")
 
@@ -144,6 +147,8 @@ class Engine:
             if settings is not None
             else EngineSettings(device=None, dtype=None, torch_threads=None)
         )
+        # read once, here: a missing or short signing key file fails the construction
+        self._model_files = self.settings.model_file_policy()
         self.stats = EngineStats()
         if isinstance(capture, CaptureSettings):
             capture = Capture(capture) if capture.enabled else None
@@ -163,6 +168,7 @@ class Engine:
                 label=label,
                 on_fatal=self._device_failed,
                 capture=capture,
+                model_files=self._model_files,
                 name="cace-engine-worker" + (f"-{label}" if len(devices) > 1 else ""),
             )
             for k, (device, label) in enumerate(zip(devices, _labels(devices), strict=True))
@@ -646,7 +652,7 @@ class Engine:
         with self._swap_lock:
             self._check_accepting(key)
             current = self.model_info(key)
-            sha = _checked_sha(source)
+            sha = _checked_sha(source, self._model_files)
             if sha is not None and sha == current.sha:
                 return current
             with self._lock:
@@ -902,8 +908,9 @@ class _StepPin:
     members: set[str] = dataclasses.field(default_factory=set)
 
 
-def _checked_sha(source: ModelSource) -> str | None:
-    """The SHA of a model source whose files' checksums hold; SwapRefused otherwise."""
+def _checked_sha(source: ModelSource, policy: ModelFilePolicy) -> str | None:
+    """The SHA of a model source whose files' checksums hold and ``policy`` accepts;
+    SwapRefused otherwise."""
     if not isinstance(source, (str, os.PathLike)):
         return None
     from cace_server.model.committee import CommitteeError, committee_spec
@@ -915,7 +922,7 @@ def _checked_sha(source: ModelSource) -> str | None:
         for path in files:
             if not os.path.isfile(path):
                 raise ModelFileError(f"model file {path} does not exist")
-            check_integrity(path)
+            check_integrity(path, policy=policy)
         return model_sha(source)
     except (ModelFileError, CommitteeError, OSError, ValueError) as exc:
         raise SwapRefused(f"{exc}") from exc

@@ -9,12 +9,15 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from cace_server.outputs import SERVED, Outputs
 from cace_server.structures import BatchCost, Prediction, Structure, StructureError
+
+if TYPE_CHECKING:
+    from cace_server.model.io import ModelFilePolicy
 
 
 class NeighborListCache(Protocol):
@@ -211,16 +214,24 @@ def default_name(source: ModelSource) -> str:
     return "default"
 
 
-def materialize(source: ModelSource, device: str | None, dtype: str | None) -> ServedModel:
-    """Load a model file or a committee (``load_served``), or move a built model to
-    ``device``/``dtype`` (in place).
+def materialize(
+    source: ModelSource,
+    device: str | None,
+    dtype: str | None,
+    policy: ModelFilePolicy | None = None,
+) -> ServedModel:
+    """Load a model file or a committee (``load_served``; files as ``policy`` allows,
+    default: ``DEFAULT_POLICY``), or move a built model to ``device``/``dtype`` (in place).
 
     Runs on the engine's worker thread: it is the only thread that touches the device.
     """
     if isinstance(source, (str, os.PathLike)):
         from cace_server.model import load_served  # torch-heavy; import where used
+        from cace_server.model.io import DEFAULT_POLICY
 
-        loaded: ServedModel = load_served(str(source), device=device or "cpu", dtype=dtype)
+        loaded: ServedModel = load_served(
+            str(source), device=device or "cpu", dtype=dtype, policy=policy or DEFAULT_POLICY
+        )
         return loaded
     if device is not None or dtype is not None:
         import torch

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cace_server.options import option
+
+if TYPE_CHECKING:
+    from cace_server.model.io import ModelFilePolicy
 
 DTYPES = ("float32", "float64")
 _DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
@@ -126,10 +130,31 @@ class EngineSettings:
         show="half the cores",
         help="torch intra-op threads",
     )
+    # Model files: format version 1 (config not covered by a checksum) is refused
+    # unless allowed; with a key file, every file must carry a signature made with it.
+    allow_legacy_model_files: bool = option(
+        False,
+        help="load model files of format version 1, whose config no checksum covers "
+        "(re-save them instead: cace-server resave FILE)",
+    )
+    model_signing_key_file: str | None = option(
+        None,
+        show="none",
+        help="file holding the HMAC-SHA256 key every model file must be signed with "
+        "(cace-server resave FILE --signing-key-file KEY)",
+    )
     # Threads computing neighbour lists (outside the worker thread).
     prepare_threads: int = 2
     # Evaluate one small structure per model at start-up.
     warmup: bool = True
+
+    def model_file_policy(self) -> ModelFilePolicy:
+        """What model files must show to be loaded (reads the signing key file)."""
+        from cace_server.model.io import ModelFilePolicy  # torch-heavy; import where used
+
+        return ModelFilePolicy.from_settings(
+            self.allow_legacy_model_files, self.model_signing_key_file
+        )
 
     def long_range_for(self, name: str) -> dict[str, str]:
         """The long-range options of model ``name``: its own over those for every model."""

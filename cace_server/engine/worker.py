@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats
 from cace_server.outputs import Outputs
 from cace_server.structures import Prediction
+
+if TYPE_CHECKING:
+    from cace_server.model.io import ModelFilePolicy
 
 logger = logging.getLogger("cace_server.engine")
 
@@ -107,9 +110,11 @@ class Worker:
         label: str | None = None,
         on_fatal: Callable[[Worker, str], None] | None = None,
         capture: Capture | None = None,
+        model_files: ModelFilePolicy | None = None,
         name: str = "cace-engine-worker",
     ) -> None:
         self._sources = dict(sources)
+        self._model_files = model_files
         self._default = default
         self._settings = settings
         self._queue = queue
@@ -196,7 +201,7 @@ class Worker:
     def _load(self, name: str, source: ModelSource) -> tuple[ServedModel, ModelInfo]:
         settings = self._settings
         # loading first: it names a missing or bad file (a committee member) clearly
-        model = materialize(source, self.device, settings.dtype)
+        model = materialize(source, self.device, settings.dtype, self._model_files)
         sha = model_sha(source)
         long_range = settings.long_range_for(name)
         if long_range:

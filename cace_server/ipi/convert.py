@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cace_server.structures import Prediction, Structure
+from cace_server.structures import MAX_COORDINATE, Prediction, Structure, wrap_far_positions
 from cace_server.units import (
     ANGSTROM_PER_BOHR,
     BOHR_PER_ANGSTROM,
@@ -55,6 +55,7 @@ from cace_server.units import (
 
 # A cell with |det h| below this (Bohr^3) is treated as "no cell": non-periodic.
 _MIN_VOLUME_AU = 1e-9
+MAX_COORDINATE_AU = MAX_COORDINATE * BOHR_PER_ANGSTROM
 
 
 def structures_from_wire(
@@ -73,6 +74,9 @@ def structures_from_wire(
     out = []
     for h, pos in zip(cells_h, positions, strict=True):
         periodic = abs(float(np.linalg.det(h))) > _MIN_VOLUME_AU if pbc is None else pbc
+        # Far positions are wrapped in Bohr, as sent: converting them first would round
+        # them to the float64 spacing of their size (1e-4 Å at 1e12 Bohr).
+        pos = wrap_far_positions(pos, h.T, np.full(3, bool(periodic)), MAX_COORDINATE_AU)
         out.append(
             Structure.create(
                 numbers,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cace_server.model.committee_pass import MemberNeeds, MemberResults, SharedEdgePass
-from cace_server.model.io import ModelFileError, load_model
+from cace_server.model.io import DEFAULT_POLICY, ModelFileError, ModelFilePolicy, load_model
 from cace_server.model.neighbors import PreparedStructure, VerletList
 from cace_server.model.potential import CACEPotential
 from cace_server.outputs import COMMITTEE_OUTPUTS, Outputs
@@ -158,13 +158,14 @@ def load_committee(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    policy: ModelFilePolicy = DEFAULT_POLICY,
 ) -> Committee:
     """Load every member (in ``dtype``, else the first member's) and check they agree."""
     members = []
     for path in spec.members:
         if not path.is_file():
             raise CommitteeError(f"committee member {path} does not exist")
-        members.append(load_model(path, device=device, dtype=dtype))
+        members.append(load_model(path, device=device, dtype=dtype, policy=policy))
     if dtype is None:
         members = [m.to(dtype=members[0].dtype) for m in members]
     names = [p.stem for p in spec.members]
@@ -403,9 +404,10 @@ def load_served(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    policy: ModelFilePolicy = DEFAULT_POLICY,
 ) -> CACEPotential | Committee:
     """A model file, a committee file, or a comma-separated list of member files."""
     spec = committee_spec(str(source))
     if spec is None:
-        return load_model(source, device=device, dtype=dtype)
-    return load_committee(spec, device=device, dtype=dtype)
+        return load_model(source, device=device, dtype=dtype, policy=policy)
+    return load_committee(spec, device=device, dtype=dtype, policy=policy)
