@@ -29,7 +29,11 @@ Velocities = Annotated[
 Masses = Annotated[
     Any,
     WithJsonSchema(
-        {"type": "array", "items": {"type": "number"}, "description": "masses (amu), per atom"}
+        {
+            "type": "array",
+            "items": {"type": "number", "exclusiveMinimum": 0},
+            "description": "masses (amu, positive), per atom",
+        }
     ),
 ]
 
@@ -38,7 +42,9 @@ class JobStructureIn(StructureIn):
     """A structure of a job: a calculate structure, and what ASE keeps beside it."""
 
     fixed: list[int] | None = Field(
-        None, description="indices of atoms held in place (ASE's FixAtoms)"
+        None,
+        description="indices of atoms held in place (ASE's FixAtoms)",
+        json_schema_extra={"items": {"type": "integer", "minimum": 0}},
     )
     masses: Masses | None = None
     velocities: Velocities | None = None

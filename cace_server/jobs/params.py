@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
 _strict = ConfigDict(extra="forbid")
 
@@ -29,6 +29,14 @@ OPTIMIZER_ARGS: dict[str, frozenset[str]] = {
     "MDMin": frozenset({"dt"}),
 }
 _CANONICAL = {name.lower(): name for name in OPTIMIZER_ARGS}
+_ALL_ARGS: list[JsonValue] = [*sorted(set().union(*OPTIMIZER_ARGS.values()))]
+
+
+def _any_case(words: list[str]) -> str:
+    """A JSON-schema pattern (ECMA regex, no inline flags) of ``words`` in any case."""
+    spelled = ("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w) for w in words)
+    return "^(" + "|".join(spelled) + ")$"
+
 
 Integrator = Literal[
     "velocity_verlet", "langevin", "berendsen_nvt", "berendsen_npt", "nose_hoover_chain"
@@ -44,7 +52,9 @@ class RelaxParams(BaseModel):
     model_config = _strict
 
     optimizer: str = Field(
-        "FIRE", description=f"ASE optimiser: one of {', '.join(OPTIMIZER_ARGS)} (any case)."
+        "FIRE",
+        description=f"ASE optimiser: one of {', '.join(OPTIMIZER_ARGS)} (any case).",
+        json_schema_extra={"pattern": _any_case(list(OPTIMIZER_ARGS))},
     )
     fmax: float = Field(0.05, gt=0, description="converged when every force is below (eV/Å)")
     steps: int = Field(1000, ge=0, le=1_000_000, description="most optimiser steps")
@@ -55,6 +65,7 @@ class RelaxParams(BaseModel):
         default_factory=dict,
         description="further keyword arguments of the optimiser, by ASE's names "
         "(e.g. FIRE: dt, dtmax, Nmin, finc, fdec, astart, fa, a; LBFGS: memory, damping, alpha)",
+        json_schema_extra={"propertyNames": {"enum": _ALL_ARGS}},
     )
     cell: bool = Field(
         False, description="relax the cell too (ASE's FrechetCellFilter); 3-D periodic only"
