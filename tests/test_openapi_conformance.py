@@ -232,6 +232,8 @@ def test_an_ipi_attach_without_atoms_is_outside_the_schema(engine: Engine) -> No
             ({"address": "unix:oa-none", "symbols": []}, "symbols"),
             ({"address": "unix:oa-none", "numbers": []}, "numbers"),
             ({"address": "unix:oa-none", "symbols": ["O"], "clients": 65}, "clients"),
+            ({"address": "localhost", "symbols": ["O"]}, "address"),
+            ({"address": "localhost:99999", "symbols": ["O"]}, "address"),
             (
                 {"address": "unix:oa-none", "symbols": ["O"], "sockets_prefix": "ipi_"},
                 "sockets_prefix",

@@ -290,6 +290,13 @@ class ModelsResponse(BaseModel):
     models: list[ModelOut]
 
 
+_PORT = "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: what cace_server.ipi.address.parse_address reads (its socket path length aside)
+_IPI_ADDRESS = (
+    r"^(?:(?:unix|shm):[^\x00]+|(?:tcp:)?(?:\[[^\]]*\]|(?:[^\[\x00][^\x00]*)?):" + _PORT + ")$"
+)
+
+
 class IpiConnectRequest(BaseModel):
     """``POST /v1/ipi/connections``: connect to a running i-PI."""
 
@@ -299,6 +306,7 @@ class IpiConnectRequest(BaseModel):
         ...,
         max_length=300,
         description="unix:NAME (i-PI's sockets_prefix + NAME), unix:/abs/path, shm:NAME, HOST:PORT",
+        json_schema_extra={"pattern": _IPI_ADDRESS},
     )
     clients: int = Field(1, ge=1, description="connections (one per bead, or 1 when batched)")
     model: str | None = Field(None, max_length=200)
