@@ -37,15 +37,22 @@ Masses = Annotated[
     ),
 ]
 
+Fixed = Annotated[
+    list[int],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0},
+            "description": "indices of atoms held in place (ASE's FixAtoms)",
+        }
+    ),
+]
+
 
 class JobStructureIn(StructureIn):
     """A structure of a job: a calculate structure, and what ASE keeps beside it."""
 
-    fixed: list[int] | None = Field(
-        None,
-        description="indices of atoms held in place (ASE's FixAtoms)",
-        json_schema_extra={"items": {"type": "integer", "minimum": 0}},
-    )
+    fixed: Fixed | None = None
     masses: Masses | None = None
     velocities: Velocities | None = None
 
