@@ -65,6 +65,9 @@ def create_app(
     install_openapi(app, state, OPEN_PATHS)
     for router in ROUTERS:
         app.include_router(router)
+    # every route by itself, for the Allow header (errors.allowed_methods): FastAPI
+    # keeps an included router as one entry of app.router.routes
+    app.state.method_routes = (*app.router.routes, *(r for rt in ROUTERS for r in rt.routes))
 
     app.state.in_flight = InFlight(settings.max_pending_bytes)
     app.add_middleware(

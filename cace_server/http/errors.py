@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import Match, Route
 
 from cace_server.engine import errors as engine_errors
 
@@ -131,10 +131,11 @@ def allowed_methods(request: Request) -> list[str]:
     method), OPTIONS included: what ``Allow`` lists (RFC 9110 10.2.1)."""
     methods = {"OPTIONS"}
     scope = {**request.scope, "method": "OPTIONS"}
-    for route in request.app.router.routes:
-        match, _ = route.matches(scope)
-        if match != Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
+    for route in getattr(request.app.state, "method_routes", request.app.router.routes):
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                methods.update(route.methods)
     return sorted(methods)
 
 
