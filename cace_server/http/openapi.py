@@ -156,6 +156,29 @@ def _document_auth(schema: dict[str, Any], token: bool, open_paths: frozenset[st
                 responses.pop("401", None)
 
 
+def _reply(description: str, retry: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ERROR_REF}},
+    }
+    if retry:
+        out.update(_RETRY)
+    return out
+
+
+def _middleware_replies(schema: dict[str, Any]) -> None:
+    """What the middleware answers before any route runs (middleware.py): a repeated
+    single header (400) on every route; on those that take a body, a body over the
+    limit (413) and a full budget of bodies in flight (503)."""
+    for operations in schema["paths"].values():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            responses.setdefault("400", _reply("bad request, e.g. a repeated header"))
+            if method not in ("get", "head", "options"):
+                responses.setdefault("413", _reply("request body over the server's limit"))
+                responses.setdefault("503", _reply("busy or not ready", retry=True))
+
+
 def _errors_in_one_shape(schema: dict[str, Any]) -> None:
     """FastAPI documents its own 422 body for parameter errors; this server answers
     every error with :class:`ErrorResponse` (errors.install_handlers)."""
@@ -196,6 +219,7 @@ def install_openapi(app: FastAPI, state: HttpState, open_paths: frozenset[str]) 
                 components[name] = body
             served_limits(schema, state)
             _document_auth(schema, state.settings.token is not None, open_paths)
+            _middleware_replies(schema)
             _errors_in_one_shape(schema)
             app.openapi_schema = schema
             built["key"] = key
