@@ -353,3 +353,50 @@ def test_schemathesis_default_checks_pass(server: tuple[str, str | None], mode: 
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
     assert httpx.get(f"{url}/readyz", headers=_headers(token)).status_code == 200
+
+
+@pytest.mark.slow
+def test_schemathesis_cli_coverage_phase_passes(
+    server: tuple[str, str | None], tmp_path: Path
+) -> None:
+    """The CLI's coverage phase adds what the strategies above do not send: boundary
+    values of every constraint, methods the path lacks (405 with Allow) and OPTIONS."""
+    import shutil
+    import subprocess
+    import sys
+
+    url, token = server
+    positive = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(
+        "[checks.positive_data_acceptance]\n"
+        f"expected-statuses = {json.dumps(positive)}\n"
+        "[checks.negative_data_rejection]\n"
+        f"expected-statuses = {json.dumps(REJECTED)}\n"
+    )
+    cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    assert cli is not None
+    command = [
+        cli,
+        "--no-color",
+        "--config-file",
+        str(config),
+        "run",
+        f"{url}/openapi.json",
+        "--phases",
+        "examples,coverage",
+        "--checks",
+        "all",
+        "--seed",
+        "29",
+        "--max-examples",
+        str(EXAMPLES),
+        "--workers",
+        "1",
+    ]
+    if token:
+        command += ["--header", f"Authorization: Bearer {token}"]
+    proc = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=420, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
