@@ -161,6 +161,8 @@ REFUSED = [
         "numbers.2",
     ),
     ("/v1/calculate", "CalculateRequest", _water(symbols=[]), 422, "symbols"),
+    ("/v1/calculate", "CalculateRequest", _water(numbers=[8, 1, 1]), 422, "numbers"),
+    ("/v1/calculate", "CalculateRequest", {"positions": WATER["positions"]}, 422, "numbers"),
     ("/v1/calculate", "CalculateRequest", _water(cell=[9.0, 9.0], pbc=True), 422, "cell"),
     ("/v1/calculate", "CalculateRequest", _water(cell=[9.0] * 3, pbc=[True, True]), 422, "pbc"),
     (

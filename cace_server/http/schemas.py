@@ -118,12 +118,23 @@ PerAtomArrays = Annotated[
 ]
 
 _strict = ConfigDict(extra="forbid", allow_inf_nan=False)
+#: exactly one of numbers and symbols (validate.read_species), as a schema can say it
+_ONE_SPECIES_LIST: dict[str, Any] = {
+    "anyOf": [
+        {
+            "required": [given],
+            "properties": {given: {"type": "array"}, other: {"type": "null"}},
+        }
+        for given, other in (("numbers", "symbols"), ("symbols", "numbers"))
+    ]
+}
+_structure = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_ONE_SPECIES_LIST)
 
 
 class StructureIn(BaseModel):
     """One structure: species (``numbers`` or ``symbols``), positions, optional cell/pbc."""
 
-    model_config = _strict
+    model_config = _structure
 
     numbers: Numbers | None = None
     symbols: Symbols | None = None
@@ -300,7 +311,7 @@ _IPI_ADDRESS = (
 class IpiConnectRequest(BaseModel):
     """``POST /v1/ipi/connections``: connect to a running i-PI."""
 
-    model_config = _strict
+    model_config = _structure
 
     address: str = Field(
         ...,
