@@ -15,7 +15,6 @@ overlap, an optimiser's own arguments) is left to a 422 naming the field.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, get_args
 
 from ase.data import chemical_symbols
@@ -180,13 +179,14 @@ def _middleware_replies(schema: dict[str, Any]) -> None:
 
 
 def _errors_in_one_shape(schema: dict[str, Any]) -> None:
-    """FastAPI documents its own 422 body for parameter errors; this server answers
-    every error with :class:`ErrorResponse` (errors.install_handlers)."""
+    """Every error is an :class:`ErrorResponse` in JSON (errors.install_handlers), on
+    routes that stream another media type too; FastAPI documents its own 422 body for
+    parameter errors and the route's media type for each error."""
     for operations in schema["paths"].values():
         for operation in operations.values():
-            reply = operation["responses"].get("422")
-            if reply is not None and "HTTPValidationError" in json.dumps(reply):
-                reply["content"] = {"application/json": {"schema": _ERROR_REF}}
+            for code, reply in operation["responses"].items():
+                if code[0] in "45" and "content" in reply:
+                    reply["content"] = {"application/json": {"schema": _ERROR_REF}}
     components = schema["components"]["schemas"]
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
