@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchem
 from cace_server.http.schemas import StructureIn
 from cace_server.jobs.params import MDParams, RelaxParams
 
-_strict = ConfigDict(extra="forbid")
+_strict = ConfigDict(extra="forbid", strict=True)
 
 Velocities = Annotated[
     Any,

@@ -117,7 +117,8 @@ PerAtomArrays = Annotated[
     ),
 ]
 
-_strict = ConfigDict(extra="forbid", allow_inf_nan=False)
+# strict: a schema integer or boolean is not read from false, 1 or "5" (lax pydantic would)
+_strict = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 #: exactly one of numbers and symbols (validate.read_species), as a schema can say it
 _ONE_SPECIES_LIST: dict[str, Any] = {
     "anyOf": [
@@ -128,7 +129,7 @@ _ONE_SPECIES_LIST: dict[str, Any] = {
         for given, other in (("numbers", "symbols"), ("symbols", "numbers"))
     ]
 }
-_structure = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_ONE_SPECIES_LIST)
+_structure = ConfigDict(**_strict, json_schema_extra=_ONE_SPECIES_LIST)
 
 
 class StructureIn(BaseModel):

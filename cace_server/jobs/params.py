@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
-_strict = ConfigDict(extra="forbid")
+# strict: an integer or boolean is not read from false, 1 or "5" (the schema says so)
+_strict = ConfigDict(extra="forbid", strict=True)
 
 #: ASE optimisers a relaxation may use -> the keyword arguments each accepts beyond
 #: ``maxstep`` (ASE's names and meanings).
