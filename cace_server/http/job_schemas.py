@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
 from cace_server.http.schemas import StructureIn
-from cace_server.jobs.params import MDParams, RelaxParams
+from cace_server.jobs.params import Integer, MDParams, RelaxParams
 
 _strict = ConfigDict(extra="forbid", strict=True)
 
@@ -38,7 +38,7 @@ Masses = Annotated[
 ]
 
 Fixed = Annotated[
-    list[int],
+    list[Integer],
     WithJsonSchema(
         {
             "type": "array",

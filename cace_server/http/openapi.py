@@ -107,6 +107,10 @@ def served_limits(schema: dict[str, Any], state: HttpState) -> None:
     atoms = settings.max_atoms
     for field in ("numbers", "symbols", "positions"):
         _constrain(components, _SPECIES, field, "array", maxItems=atoms)
+    fixed = components.get("JobStructureIn", {}).get("properties", {}).get("fixed")
+    branch = None if fixed is None else _branch(fixed, "array")
+    if branch is not None:  # atom indices
+        branch["items"] = {**branch["items"], "maximum": atoms - 1}
     batch, jobs = settings.max_structures, state.jobs.settings
     _constrain(components, ("BatchRequest",), "structures", "array", maxItems=batch)
     _constrain(components, ("JobIn",), "structures", "array", maxItems=jobs.max_job_structures)

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from cace_server.jobs.params import Integer
+
 Property = Literal[
     "energy",
     "forces",
@@ -320,7 +322,7 @@ class IpiConnectRequest(BaseModel):
         description="unix:NAME (i-PI's sockets_prefix + NAME), unix:/abs/path, shm:NAME, HOST:PORT",
         json_schema_extra={"pattern": _IPI_ADDRESS},
     )
-    clients: int = Field(1, ge=1, description="connections (one per bead, or 1 when batched)")
+    clients: Integer = Field(1, ge=1, description="connections (one per bead, or 1 when batched)")
     model: str | None = Field(None, max_length=200)
     numbers: Numbers | None = None
     symbols: Symbols | None = Field(
