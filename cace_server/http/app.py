@@ -18,7 +18,14 @@ from cace_server.engine import Engine
 from cace_server.http.errors import install_handlers
 from cace_server.http.guards import BrowserGuard, Framing
 from cace_server.http.ipi import IpiGroups
-from cace_server.http.middleware import BearerAuth, BodyLimit, InFlight, Observe, SingleHeaders
+from cace_server.http.middleware import (
+    OPEN_PATHS,
+    BearerAuth,
+    BodyLimit,
+    InFlight,
+    Observe,
+    SingleHeaders,
+)
 from cace_server.http.openapi import install_openapi
 from cace_server.http.routes import ROUTERS
 from cace_server.http.settings import HttpSettings
@@ -56,9 +63,12 @@ def create_app(
     # For servers that run uvicorn with lifespan="off": await this when shutting down.
     app.state.shutdown = state.close
     install_handlers(app)
-    install_openapi(app)
+    install_openapi(app, state, OPEN_PATHS)
     for router in ROUTERS:
         app.include_router(router)
+    # every route by itself, for the Allow header (errors.allowed_methods): FastAPI
+    # keeps an included router as one entry of app.router.routes
+    app.state.method_routes = (*app.router.routes, *(r for rt in ROUTERS for r in rt.routes))
 
     app.state.in_flight = InFlight(settings.max_pending_bytes)
     app.add_middleware(

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from cace_server.engine import errors as engine_errors
 
@@ -125,6 +126,19 @@ def from_engine_error(exc: engine_errors.EngineError, *, batch: bool) -> ApiErro
     return ApiError(status, exc.kind, str(exc), field=field, headers=headers)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods the request's path answers, over all its routes (one route per
+    method), OPTIONS included: what ``Allow`` lists (RFC 9110 10.2.1)."""
+    methods = {"OPTIONS"}
+    scope = {**request.scope, "method": "OPTIONS"}
+    for route in getattr(request.app.state, "method_routes", request.app.router.routes):
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                methods.update(route.methods)
+    return sorted(methods)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Every failure as an :class:`ApiError` reply (its kind recorded for the access log)."""
 
@@ -150,12 +164,19 @@ def install_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # The router's Allow names only the first route of the path (one per method).
+            allow = ", ".join(allowed_methods(request))
+            if request.method == "OPTIONS":  # what the path supports: 204, no body
+                return Response(status_code=204, headers={"Allow": allow})
+            headers["Allow"] = allow
         kinds = {404: "not_found", 405: "method_not_allowed"}
         error = ApiError(
             exc.status_code,
             kinds.get(exc.status_code, "http_error"),
             str(exc.detail),
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
         return await api_error(request, error)
 

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
 from cace_server.http.schemas import StructureIn
-from cace_server.jobs.params import MDParams, RelaxParams
+from cace_server.jobs.params import Integer, MDParams, RelaxParams
 
-_strict = ConfigDict(extra="forbid")
+_strict = ConfigDict(extra="forbid", strict=True)
 
 Velocities = Annotated[
     Any,
@@ -29,7 +29,22 @@ Velocities = Annotated[
 Masses = Annotated[
     Any,
     WithJsonSchema(
-        {"type": "array", "items": {"type": "number"}, "description": "masses (amu), per atom"}
+        {
+            "type": "array",
+            "items": {"type": "number", "exclusiveMinimum": 0},
+            "description": "masses (amu, positive), per atom",
+        }
+    ),
+]
+
+Fixed = Annotated[
+    list[Integer],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0},
+            "description": "indices of atoms held in place (ASE's FixAtoms)",
+        }
     ),
 ]
 
@@ -37,9 +52,7 @@ Masses = Annotated[
 class JobStructureIn(StructureIn):
     """A structure of a job: a calculate structure, and what ASE keeps beside it."""
 
-    fixed: list[int] | None = Field(
-        None, description="indices of atoms held in place (ASE's FixAtoms)"
-    )
+    fixed: Fixed | None = None
     masses: Masses | None = None
     velocities: Velocities | None = None
 

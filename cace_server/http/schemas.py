@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from cace_server.jobs.params import Integer
+
 Property = Literal[
     "energy",
     "forces",
@@ -27,10 +29,15 @@ Property = Literal[
 ]
 DEFAULT_PROPERTIES: tuple[Property, ...] = ("energy", "forces", "stress")
 
+#: Coordinates and cell lengths beyond this (Å, one micrometre) are a unit mistake, not
+#: a structure; far larger spans also make neighbour lists slow (vesin).
+MAX_COORDINATE = 1.0e4
+
 _NUMBER = {"type": "number"}
+_COORDINATE = {"type": "number", "minimum": -MAX_COORDINATE, "maximum": MAX_COORDINATE}
 _ROWS3 = {
     "type": "array",
-    "items": {"type": "array", "items": _NUMBER, "minItems": 3, "maxItems": 3},
+    "items": {"type": "array", "items": _COORDINATE, "minItems": 3, "maxItems": 3},
 }
 _PACKED_NOTE = (
     " With application/msgpack, also a packed array "
@@ -49,20 +56,46 @@ Cell = Annotated[
         {
             "anyOf": [
                 {**_ROWS3, "minItems": 3, "maxItems": 3},
-                {"type": "array", "items": _NUMBER},
+                {"type": "array", "items": _COORDINATE, "minItems": 3, "maxItems": 3},
             ],
             "description": "Lattice vectors as rows (Å), or three lengths of an orthorhombic "
             "cell. Required when any direction is periodic.",
         }
     ),
 ]
+# The server checks species itself (validate.read_species: an empty list is
+# "empty_structure"); the schemas say what it accepts.
 Numbers = Annotated[
     Any,
     WithJsonSchema(
         {
             "type": "array",
             "items": {"type": "integer", "minimum": 1, "maximum": 118},
+            "minItems": 1,
             "description": "Atomic numbers (give these or symbols).",
+        }
+    ),
+]
+Symbols = Annotated[
+    list[str],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "string"},
+            "minItems": 1,
+            "description": "Chemical symbols, e.g. ['O', 'H', 'H'] (give these or numbers).",
+        }
+    ),
+]
+Pbc = Annotated[
+    bool | list[bool],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "boolean"},
+                {"type": "array", "items": {"type": "boolean"}, "minItems": 3, "maxItems": 3},
+            ],
+            "description": "Periodicity: one flag or three. Default: not periodic (as in ASE).",
         }
     ),
 ]
@@ -86,24 +119,31 @@ PerAtomArrays = Annotated[
     ),
 ]
 
-_strict = ConfigDict(extra="forbid", allow_inf_nan=False)
+# strict: a schema integer or boolean is not read from false, 1 or "5" (lax pydantic would)
+_strict = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+#: exactly one of numbers and symbols (validate.read_species), as a schema can say it
+_ONE_SPECIES_LIST: dict[str, Any] = {
+    "anyOf": [
+        {
+            "required": [given],
+            "properties": {given: {"type": "array"}, other: {"type": "null"}},
+        }
+        for given, other in (("numbers", "symbols"), ("symbols", "numbers"))
+    ]
+}
+_structure = ConfigDict(**_strict, json_schema_extra=_ONE_SPECIES_LIST)
 
 
 class StructureIn(BaseModel):
     """One structure: species (``numbers`` or ``symbols``), positions, optional cell/pbc."""
 
-    model_config = _strict
+    model_config = _structure
 
     numbers: Numbers | None = None
-    symbols: list[str] | None = Field(
-        None, description="Chemical symbols, e.g. ['O', 'H', 'H'] (give these or numbers)."
-    )
+    symbols: Symbols | None = None
     positions: Positions
     cell: Cell | None = None
-    pbc: bool | list[bool] | None = Field(
-        None,
-        description="Periodicity: one flag or three. Default: not periodic (as in ASE).",
-    )
+    pbc: Pbc | None = None
     arrays: PerAtomArrays | None = None
 
 
@@ -268,20 +308,28 @@ class ModelsResponse(BaseModel):
     models: list[ModelOut]
 
 
+_PORT = "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: what cace_server.ipi.address.parse_address reads (its socket path length aside)
+_IPI_ADDRESS = (
+    r"^(?:(?:unix|shm):[^\x00]+|(?:tcp:)?(?:\[[^\]]*\]|(?:[^\[\x00][^\x00]*)?):" + _PORT + ")$"
+)
+
+
 class IpiConnectRequest(BaseModel):
     """``POST /v1/ipi/connections``: connect to a running i-PI."""
 
-    model_config = _strict
+    model_config = _structure
 
     address: str = Field(
         ...,
         max_length=300,
         description="unix:NAME (i-PI's sockets_prefix + NAME), unix:/abs/path, shm:NAME, HOST:PORT",
+        json_schema_extra={"pattern": _IPI_ADDRESS},
     )
-    clients: int = Field(1, ge=1, description="connections (one per bead, or 1 when batched)")
+    clients: Integer = Field(1, ge=1, description="connections (one per bead, or 1 when batched)")
     model: str | None = Field(None, max_length=200)
     numbers: Numbers | None = None
-    symbols: list[str] | None = Field(
+    symbols: Symbols | None = Field(
         None, description="species of i-PI's atoms, in order (i-PI does not send them)"
     )
     pbc: bool | None = Field(None, description="default: periodic unless i-PI's cell is zero")
@@ -292,7 +340,12 @@ class IpiConnectRequest(BaseModel):
     )
     reconnect: bool = Field(False, description="wait for the next i-PI at the same address")
     connect_timeout: float = Field(60.0, gt=0, le=86400, description="seconds to wait for i-PI")
-    sockets_prefix: str = Field("/tmp/ipi_", max_length=200)
+    sockets_prefix: str = Field(
+        "/tmp/ipi_",
+        max_length=200,
+        json_schema_extra={"pattern": "^/"},
+        description="absolute path prefix of unix:NAME addresses",
+    )
 
 
 class IpiConnection(BaseModel):

@@ -17,15 +17,11 @@ from ase.data import atomic_numbers, chemical_symbols
 from cace_server.engine import ModelInfo
 from cace_server.http.arrays import read_floats, read_ints
 from cace_server.http.errors import ApiError, invalid, join_path
-from cace_server.http.schemas import DEFAULT_PROPERTIES, Property, StructureIn
+from cace_server.http.schemas import DEFAULT_PROPERTIES, MAX_COORDINATE, Property, StructureIn
 from cace_server.http.settings import HttpSettings
 from cace_server.outputs import COMMITTEE_OUTPUTS, Outputs
 from cace_server.structures import Structure, StructureError
 from cace_server.validation import GeometryError, check_geometry
-
-# Coordinates and cell lengths beyond this (Å, one micrometre) are a unit mistake, not
-# a structure; far larger spans also make neighbour lists slow (vesin).
-MAX_COORDINATE = 1.0e4
 
 
 def read_species(

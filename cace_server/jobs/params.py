@@ -10,11 +10,28 @@ and the Python API, so a bad value is refused with the name of its field.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationInfo,
+    field_validator,
+)
 
-_strict = ConfigDict(extra="forbid")
+# strict: an integer or boolean is not read from false, 1 or "5" (the schema says so)
+_strict = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: an integer, also written 100.0 (JSON Schema's integer), but not false or "100"
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 #: ASE optimisers a relaxation may use -> the keyword arguments each accepts beyond
 #: ``maxstep`` (ASE's names and meanings).
@@ -29,6 +46,14 @@ OPTIMIZER_ARGS: dict[str, frozenset[str]] = {
     "MDMin": frozenset({"dt"}),
 }
 _CANONICAL = {name.lower(): name for name in OPTIMIZER_ARGS}
+_ALL_ARGS: list[JsonValue] = [*sorted(set().union(*OPTIMIZER_ARGS.values()))]
+
+
+def _any_case(words: list[str]) -> str:
+    """A JSON-schema pattern (ECMA regex, no inline flags) of ``words`` in any case."""
+    spelled = ("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w) for w in words)
+    return "^(" + "|".join(spelled) + ")$"
+
 
 Integrator = Literal[
     "velocity_verlet", "langevin", "berendsen_nvt", "berendsen_npt", "nose_hoover_chain"
@@ -44,10 +69,12 @@ class RelaxParams(BaseModel):
     model_config = _strict
 
     optimizer: str = Field(
-        "FIRE", description=f"ASE optimiser: one of {', '.join(OPTIMIZER_ARGS)} (any case)."
+        "FIRE",
+        description=f"ASE optimiser: one of {', '.join(OPTIMIZER_ARGS)} (any case).",
+        json_schema_extra={"pattern": _any_case(list(OPTIMIZER_ARGS))},
     )
     fmax: float = Field(0.05, gt=0, description="converged when every force is below (eV/Å)")
-    steps: int = Field(1000, ge=0, le=1_000_000, description="most optimiser steps")
+    steps: Integer = Field(1000, ge=0, le=1_000_000, description="most optimiser steps")
     maxstep: float | None = Field(
         None, gt=0, description="largest move of an atom in one step (Å); ASE's default if null"
     )
@@ -55,6 +82,7 @@ class RelaxParams(BaseModel):
         default_factory=dict,
         description="further keyword arguments of the optimiser, by ASE's names "
         "(e.g. FIRE: dt, dtmax, Nmin, finc, fdec, astart, fa, a; LBFGS: memory, damping, alpha)",
+        json_schema_extra={"propertyNames": {"enum": _ALL_ARGS}},
     )
     cell: bool = Field(
         False, description="relax the cell too (ASE's FrechetCellFilter); 3-D periodic only"
@@ -101,7 +129,7 @@ class MDParams(BaseModel):
         "berendsen_npt (NPT)",
     )
     timestep_fs: float = Field(0.5, gt=0, le=100, description="time step (fs)")
-    steps: int = Field(100, ge=0, le=10_000_000, description="MD steps")
+    steps: Integer = Field(100, ge=0, le=10_000_000, description="MD steps")
     temperature_K: float | None = Field(
         None,
         ge=0,
@@ -122,7 +150,7 @@ class MDParams(BaseModel):
         description="langevin: keep the centre of mass in place (ASE's FixCom constraint, "
         "what ASE recommends over the deprecated fixcm)",
     )
-    seed: int = Field(0, ge=0, description="seed of the velocities and the Langevin noise")
+    seed: Integer = Field(0, ge=0, description="seed of the velocities and the Langevin noise")
     friction_per_fs: float = Field(0.01, gt=0, description="Langevin friction (1/fs)")
     taut_fs: float = Field(100.0, gt=0, description="Berendsen thermostat time (fs)")
     taup_fs: float = Field(1000.0, gt=0, description="Berendsen barostat time (fs)")
@@ -131,8 +159,8 @@ class MDParams(BaseModel):
         0.0003, gt=0, description="berendsen_npt compressibility (Å^3/eV; water ~ 4.6e-5/bar)"
     )
     tdamp_fs: float = Field(100.0, gt=0, description="Nose-Hoover chain damping time (fs)")
-    tchain: int = Field(3, ge=1, le=20, description="Nose-Hoover chain length")
-    stride: int = Field(
+    tchain: Integer = Field(3, ge=1, le=20, description="Nose-Hoover chain length")
+    stride: Integer = Field(
         10, ge=0, description="keep a frame every this many steps (0: only the last state)"
     )
     frame_fields: list[FrameField] = Field(

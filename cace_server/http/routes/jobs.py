@@ -39,6 +39,12 @@ NDJSON = "application/x-ndjson"
 _WAIT_S = 30.0
 
 
+class _NdjsonStream(StreamingResponse):
+    """What the results route is documented to answer (its media type)."""
+
+    media_type = NDJSON
+
+
 def _owner(request: Request) -> str:
     """Whom a job counts against for ``max_jobs_per_client``: the client's address.
 
@@ -219,7 +225,7 @@ async def cancel_job(
     "msgpack map after another (arrays packed). One object per finished structure, in the "
     "order they finished, each with its index; the last object is {end: true, state, error}. "
     "Reconnect with start=K to skip the K already read; wait=false returns what is ready now.",
-    response_class=StreamingResponse,
+    response_class=_NdjsonStream,
     responses={200: {"model": JobResult}, **error_responses(401, 404)},
 )
 async def job_results(
