@@ -170,15 +170,24 @@ def _reply(description: str, retry: bool = False) -> dict[str, Any]:
 
 
 def _middleware_replies(schema: dict[str, Any]) -> None:
-    """What the middleware answers before any route runs (middleware.py): a repeated
-    single header (400) on every route; on those that take a body, a body over the
-    limit (413) and a full budget of bodies in flight (503)."""
+    """What the middleware and the protocol answer before any route runs
+    (middleware.py, guards.py, timeouts.py): a repeated single header, ambiguous
+    framing or a Host not allowed (400) on every route; on those that change state, an
+    Origin not allowed (403), and, where they take a body, a body over the limit (413),
+    one too slow (408), no or a browser's "simple" Content-Type (415) and a full budget
+    of bodies in flight (503)."""
     for operations in schema["paths"].values():
         for method, operation in operations.items():
             responses = operation["responses"]
-            responses.setdefault("400", _reply("bad request, e.g. a repeated header"))
+            responses.setdefault(
+                "400",
+                _reply("bad request: a repeated header, ambiguous framing, a Host not allowed"),
+            )
             if method not in ("get", "head", "options"):
+                responses.setdefault("403", _reply("an Origin not allowed (--allowed-hosts)"))
+                responses.setdefault("408", _reply("the body came too slowly"))
                 responses.setdefault("413", _reply("request body over the server's limit"))
+                responses.setdefault("415", _reply("no Content-Type, or one a browser sends"))
                 responses.setdefault("503", _reply("busy or not ready", retry=True))
 
 
