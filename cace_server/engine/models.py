@@ -20,6 +20,11 @@ from cace_server.structures import BatchCost, Prediction, Structure, StructureEr
 class NeighborListCache(Protocol):
     """A reusable neighbour list of one evolving structure (Verlet list with a skin)."""
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds (the engine budgets kept lists by them)."""
+        ...
+
     def covers(self, structure: Structure) -> bool: ...
 
     def prepare(self, structure: Structure) -> tuple[Any, bool]: ...
