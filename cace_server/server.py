@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cace_server import log_rate
 from cace_server.engine import DeviceFailed, Engine, EngineError
 from cace_server.http.settings import HttpSettings
 from cace_server.ipi import DriverOptions, DriverPool
@@ -70,6 +71,8 @@ def setup_logging(level: str, as_json: bool) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # uvicorn's loggers have handlers of their own: the filter sits on them too
+    log_rate.install(handler, ("uvicorn", "uvicorn.error"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -181,6 +181,30 @@ class PendingQueue:
                     item.step_group.arrived(item.trajectory, now)
             self._cond.notify_all()
 
+    def purge_cancelled(self) -> int:
+        """Remove the items whose caller cancelled; returns how many (not yet counted)."""
+        with self._cond:
+            return self._purge()
+
+    def _purge(self) -> int:
+        removed = 0
+        for lane in Lane:
+            items = self._lanes[lane]
+            if not any(item.future.cancelled() for item in items):
+                continue
+            keep: deque[WorkItem] = deque()
+            for item in items:
+                if item.future.cancelled():
+                    removed += 1
+                    if item.step_group is not None and item.trajectory is not None:
+                        item.step_group.forget(item.trajectory)
+                else:
+                    keep.append(item)
+            self._lanes[lane] = keep
+        if removed:
+            self._cond.notify_all()
+        return removed
+
     def wake(self) -> None:
         """Wake the workers waiting for work (one has a task to run, see ``take_batch``)."""
         with self._cond:
@@ -209,6 +233,10 @@ class PendingQueue:
             if previous is not None:
                 self._finished(*previous)
             while True:
+                purged = self._purge()
+                if purged and self._stats is not None:
+                    self._stats.leave_queue(purged)
+                    self._stats.error("cancelled", purged)
                 lane = self._next_lane()
                 while lane is None:
                     if self._closed:

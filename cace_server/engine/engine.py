@@ -61,7 +61,7 @@ from cace_server.engine.models import (
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats, StatsSnapshot
 from cace_server.engine.steps import StepGroup
-from cace_server.engine.trajectories import TrajectoryLists
+from cace_server.engine.trajectories import SLOTS_PER_KEY, TrajectoryLists
 from cace_server.engine.worker import Worker
 from cace_server.outputs import CATALOGUE, Outputs, UnknownOutput
 from cace_server.structures import Prediction, Structure, StructureError
@@ -184,7 +184,10 @@ class Engine:
         self._group_pins: dict[tuple[str, str], _StepPin] = {}
         self._swap_lock = threading.Lock()
         self._trajectories = TrajectoryLists(
-            self.settings.neighbor_skin, self.settings.max_neighbor_lists, self.stats
+            self.settings.neighbor_skin,
+            self.settings.max_neighbor_lists,
+            self.stats,
+            self.settings.neighbor_list_bytes,
         )
         self._step_groups: dict[str, StepGroup] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -502,6 +505,7 @@ class Engine:
         step_group: StepGroup | None = ...,
         origin: Origin | None = ...,
         slots: Sequence[int] | None = ...,
+        dropped_reason: str = ...,
     ) -> list[Prediction]: ...
 
     @overload
@@ -517,6 +521,7 @@ class Engine:
         step_group: StepGroup | None = ...,
         origin: Origin | None = ...,
         slots: Sequence[int] | None = ...,
+        dropped_reason: str = ...,
     ) -> list[Outcome]: ...
 
     async def evaluate(
@@ -531,13 +536,16 @@ class Engine:
         step_group: StepGroup | None = None,
         origin: Origin | None = None,
         slots: Sequence[int] | None = None,
+        dropped_reason: str = "cancelled",
     ) -> list[Prediction] | list[Outcome]:
         """Evaluate structures with ``model`` (default: the default model).
 
         Returns one Prediction per structure, in order. A failing structure raises
         its EngineError (after all structures of the call are done), or with
         ``return_exceptions`` takes its place in the list. ``lane``, ``trajectory``,
-        ``step_group``, ``origin`` and ``slots``: see :meth:`submit`.
+        ``step_group``, ``origin`` and ``slots``: see :meth:`submit`. Cancelling the
+        call drops its structures not yet computing (:meth:`abandon`, counted as
+        ``dropped_reason``).
         """
         futures = self.submit(
             structures,
@@ -551,9 +559,13 @@ class Engine:
         )
         if not futures:
             return []
-        outcomes = await asyncio.gather(
-            *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
-        )
+        try:
+            outcomes = await asyncio.gather(
+                *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
+            )
+        except asyncio.CancelledError:  # the caller left (a timeout, a closed connection)
+            self.abandon(futures, dropped_reason)
+            raise
         return _collect(outcomes, return_exceptions)
 
     @overload
@@ -608,6 +620,19 @@ class Engine:
             except (Exception, concurrent.futures.CancelledError) as exc:
                 outcomes.append(exc)
         return _collect(outcomes, return_exceptions)
+
+    def abandon(self, futures: Iterable[Future[Prediction]], reason: str) -> int:
+        """Drop structures whose caller left (``reason``: ``disconnected``, ``ipi_closed``,
+        ``timeout``...): those not yet computing are cancelled and taken out of the queue
+        unevaluated, counted in ``dropped``. Returns how many were dropped."""
+        n = sum(1 for f in futures if f.cancel())
+        if n:
+            self.stats.dropped(reason, n)
+            purged = self._queue.purge_cancelled()
+            if purged:
+                self.stats.leave_queue(purged)
+                self.stats.error("cancelled", purged)
+        return n
 
     def step_group(self, key: str, size: int) -> StepGroup:
         """The step group named ``key`` (an i-PI address, or the name HTTP clients of one
@@ -872,6 +897,7 @@ class Engine:
                             item.list_slot,
                             item.structure,
                             item.version,
+                            most_slots=SLOTS_PER_KEY if item.lane is Lane.IPI else 1,
                         )
                     item.cost = model.batch_cost(item.prepared)
                 except StructureError as exc:

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 class NeighborListCache(Protocol):
     """A reusable neighbour list of one evolving structure (Verlet list with a skin)."""
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds (the engine budgets kept lists by them)."""
+        ...
+
     def covers(self, structure: Structure) -> bool: ...
 
     def prepare(self, structure: Structure) -> tuple[Any, bool]: ...

@@ -122,6 +122,11 @@ class EngineSettings:
     max_neighbor_lists: int = option(
         1024, help="most Verlet neighbour lists kept; the least recently used go first"
     )
+    # Bytes of the kept lists (pairs and reference structures), over all trajectories.
+    neighbor_list_bytes: int = option(
+        512 * 1024 * 1024,
+        help="most bytes the kept Verlet neighbour lists hold; the least recently used go first",
+    )
     # torch intra-op threads (process-wide); None leaves torch's default.
     torch_threads: int | None = option(
         default_factory=default_torch_threads,
@@ -199,6 +204,7 @@ class EngineSettings:
             "small_request_atoms",
             "prepare_threads",
             "max_neighbor_lists",
+            "neighbor_list_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

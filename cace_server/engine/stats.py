@@ -88,6 +88,10 @@ class StatsSnapshot:
     number of other lanes' batches each waited behind (on the device when its first
     structure arrived, or taken while it waited: the lane rule allows at most one per
     worker), ``ipi_waited_behind_lane``: those batches by their lane.
+    ``neighbor_list_bytes``: bytes the kept Verlet lists hold now;
+    ``dropped``: structures dropped unevaluated because their caller left, by reason
+    (``cancelled``: the caller cancelled, ``disconnected``: its HTTP client hung up,
+    ``ipi_closed``: its i-PI connection closed).
     ``queue_wait``: per structure, submission to start of its batch (includes the
     neighbour list); ``pending_atoms``: atoms accepted and not yet answered;
     ``compute``: per batch; ``latency``: per request, submission
@@ -105,6 +109,8 @@ class StatsSnapshot:
     device_failures: dict[str, str]
     neighbor_lists_built: int
     neighbor_lists_reused: int
+    neighbor_list_bytes: int
+    dropped: dict[str, int]
     step_batches: int
     step_timeouts: int
     batches_by_lane: dict[str, int]
@@ -144,6 +150,8 @@ class EngineStats:
         self._device_failures: dict[str, str] = {}
         self._lists_built = 0
         self._lists_reused = 0
+        self._list_bytes = 0
+        self._dropped: Counter[str] = Counter()
         self._step_batches = 0
         self._step_timeouts = 0
         self._by_lane: Counter[str] = Counter()
@@ -239,6 +247,15 @@ class EngineStats:
             else:
                 self._lists_built += 1
 
+    def neighbor_list_bytes(self, n: int) -> None:
+        with self._lock:
+            self._list_bytes = n
+
+    def dropped(self, reason: str, n: int = 1) -> None:
+        """Structures removed unevaluated because their caller left."""
+        with self._lock:
+            self._dropped[reason] += n
+
     def step_closed(self, complete: bool) -> None:
         with self._lock:
             if complete:
@@ -276,6 +293,8 @@ class EngineStats:
                 device_failures=dict(self._device_failures),
                 neighbor_lists_built=self._lists_built,
                 neighbor_lists_reused=self._lists_reused,
+                neighbor_list_bytes=self._list_bytes,
+                dropped=dict(self._dropped),
                 step_batches=self._step_batches,
                 step_timeouts=self._step_timeouts,
                 batches_by_lane=dict(self._by_lane),

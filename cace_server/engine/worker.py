@@ -50,6 +50,7 @@ from cace_server.engine.models import (
 )
 from cace_server.engine.settings import EngineSettings
 from cace_server.engine.stats import EngineStats
+from cace_server.host_memory import GrowthTrim
 from cace_server.outputs import Outputs
 from cace_server.structures import Prediction
 
@@ -338,6 +339,7 @@ class Worker:
     def _serve(self) -> None:
         settings = self._settings
         wait_s = settings.batch_wait_ms / 1000.0
+        trim = GrowthTrim()
         while True:
             batch = self._queue.take_batch(
                 settings.max_batch_atoms, settings.max_batch_pairs, wait_s, self._has_tasks
@@ -347,28 +349,39 @@ class Worker:
             self._run_tasks()
             if not batch:
                 continue
-            self._stats.leave_queue(len(batch))
-            # Callers that cancelled while waiting cost no compute.
-            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if len(live) < len(batch):
-                self._stats.error("cancelled", len(batch) - len(live))
-            if not live:
-                continue
-            start = time.monotonic()
-            self._stats.batch_started(
-                len(live), sum(i.n_atoms for i in live), [start - i.submitted for i in live]
-            )
-            try:
-                self._run_batch(live)
-            except _DeviceDead as dead:
-                self._die(str(dead), live)
+            trim.start()
+            alive = self._serve_batch(batch)
+            # the batch's items (neighbour lists, scratch) are gone once it returned
+            del batch
+            trim.end()
+            if not alive:
                 return
-            except Exception as exc:  # a bug here must cost one batch, not the worker
-                logger.exception("engine worker failed on a batch")
-                for item in live:
-                    reject(item, EvaluationError(f"internal error: {exc}"), self._stats)
-            finally:
-                self._stats.batch_finished(time.monotonic() - start)
+
+    def _serve_batch(self, batch: list[WorkItem]) -> bool:
+        """Compute one batch; False when the device died."""
+        self._stats.leave_queue(len(batch))
+        # Callers that cancelled while waiting cost no compute.
+        live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        if len(live) < len(batch):
+            self._stats.error("cancelled", len(batch) - len(live))
+        if not live:
+            return True
+        start = time.monotonic()
+        self._stats.batch_started(
+            len(live), sum(i.n_atoms for i in live), [start - i.submitted for i in live]
+        )
+        try:
+            self._run_batch(live)
+        except _DeviceDead as dead:
+            self._die(str(dead), live)
+            return False
+        except Exception as exc:  # a bug here must cost one batch, not the worker
+            logger.exception("engine worker failed on a batch")
+            for item in live:
+                reject(item, EvaluationError(f"internal error: {exc}"), self._stats)
+        finally:
+            self._stats.batch_finished(time.monotonic() - start)
+        return True
 
     def _die(self, reason: str, batch: list[WorkItem]) -> None:
         """The device is gone: fail this batch, tell the engine, end the thread."""

@@ -97,6 +97,19 @@ class EngineCollector(Collector):
         }
         for key, (doc, value) in counters.items():
             yield CounterMetricFamily(f"cace_engine_{key}", doc, value=value)
+        yield GaugeMetricFamily(
+            "cace_engine_neighbor_list_bytes",
+            "bytes the kept Verlet neighbour lists hold (budget: --neighbor-list-bytes)",
+            value=s.neighbor_list_bytes,
+        )
+        dropped = CounterMetricFamily(
+            "cace_engine_dropped",
+            "structures dropped unevaluated because their caller left, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(s.dropped.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
         by_device = CounterMetricFamily(
             "cace_engine_device_model_calls", "model forward passes per device", labels=["device"]
         )

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -206,6 +206,13 @@ class _Link:
     shm: ShmSegments | None = None
     shm_results: tuple[npt.NDArray[np.float64], ...] | None = None
     extras: list[str] = field(default_factory=list)
+    reader: asyncio.StreamReader | None = None
+    # bytes read while a step was computed (i-PI's STATUS polls), handled after it
+    early: bytearray = field(default_factory=bytearray)
+
+
+#: bytes read ahead while a step is computed; beyond this, reading waits for the step
+_EARLY_MAX = 1 << 20
 
 
 class DriverConnection:
@@ -385,7 +392,8 @@ class DriverConnection:
         self.bead_index = None
         self.batch_size = 1
         link = self._link = _Link(
-            p.DriverDecoder(shm=self.address.shm, max_atoms=self.options.max_atoms)
+            p.DriverDecoder(shm=self.address.shm, max_atoms=self.options.max_atoms),
+            reader=reader,
         )
         ended_by_ipi = False
         try:
@@ -467,7 +475,9 @@ class DriverConnection:
     ) -> None:
         decoder = link.decoder
         while True:
-            if decoder.pending:
+            if link.early:  # read while the last step was computed
+                data, link.early = bytes(link.early), bytearray()
+            elif decoder.pending:
                 try:
                     data = await asyncio.wait_for(
                         reader.read(_READ_CHUNK), self.options.message_timeout
@@ -516,7 +526,7 @@ class DriverConnection:
             self._check_idle(link)
             numbers = self._numbers_for(message.natoms)
             structures = await self._structures(message.cells, message.positions, numbers)
-            predictions = await self._evaluate(structures)
+            predictions = await self._evaluate_watched(link, structures)
             energies, forces, virials = results_to_wire(predictions, structures)
             extras = self._extras(predictions)
             link.reply = p.encode_forceready(
@@ -533,7 +543,7 @@ class DriverConnection:
                 raise p.ProtocolError("shm POSDATA before the segments were named")
             cells, positions = link.shm.read()
             structures = await self._structures(cells, positions, self._numbers_for(message.natoms))
-            predictions = await self._evaluate(structures)
+            predictions = await self._evaluate_watched(link, structures)
             link.shm_results = results_to_wire(predictions, structures)
             link.reply = p.encode_shm_forceready(self._extras(predictions))
             return None
@@ -605,6 +615,40 @@ class DriverConnection:
         if not self.options.extras:
             return [""] * len(predictions)
         return [extras_json(pred, self.options.model_name) for pred in predictions]
+
+    async def _evaluate_watched(self, link: _Link, structures: list[Structure]) -> list[Prediction]:
+        """:meth:`_evaluate`, reading the socket meanwhile: if i-PI closes the connection
+        before the step is answered, the step is cancelled (the engine drops what it has
+        not started computing) and the link ends. Bytes read meanwhile (i-PI's STATUS
+        polls) wait in ``link.early`` for the step to end."""
+        evaluation = asyncio.ensure_future(self._evaluate(structures))
+        if link.reader is None:
+            return await evaluation
+        reader = link.reader
+        reading: asyncio.Future[bytes] | None = None
+        try:
+            while len(link.early) < _EARLY_MAX:
+                reading = asyncio.ensure_future(reader.read(_READ_CHUNK))
+                waiting: set[asyncio.Future[Any]] = {evaluation, reading}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    break
+                data = reading.result()  # a reset raises here: the link ends
+                if not data:
+                    if evaluation.done():
+                        break  # answered already; the loop then meets the end of file
+                    raise LinkEnded("i-PI closed the connection while its step was computed")
+                link.early += data
+                if evaluation.done():
+                    break
+            return await evaluation
+        finally:
+            for task in (reading, evaluation):
+                if task is not None and not task.done():
+                    # a read cancelled before data came leaves it in the reader's buffer
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     async def _evaluate(self, structures: list[Structure]) -> list[Prediction]:
         """Evaluate, sending consecutive duplicates (i-PI's batch padding) once."""

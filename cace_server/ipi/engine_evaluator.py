@@ -82,6 +82,7 @@ def ipi_evaluator(engine: Engine, model: str | None, bec: bool = True) -> Evalua
             trajectory=f"ipi:{source.connection}",
             step_group=group,
             origin=origin,
+            dropped_reason="ipi_closed",  # cancelled: the connection closed
         )
 
     return evaluate

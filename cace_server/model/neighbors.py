@@ -13,6 +13,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,12 @@ from cace_server.structures import Structure, StructureError
 # Pair arrays: numpy on the CPU, torch tensors on the model's (CUDA) device.
 Pairs = npt.NDArray[np.int64] | torch.Tensor
 Shifts = npt.NDArray[np.float64] | torch.Tensor
+
+
+def _nbytes(array: npt.NDArray[Any] | torch.Tensor) -> int:
+    if isinstance(array, torch.Tensor):
+        return array.element_size() * array.nelement()
+    return int(array.nbytes)
 
 
 @dataclass
@@ -228,6 +235,16 @@ class VerletList:
         self._lock = threading.Lock()  # one session may be prepared from two threads
         self._reference: Structure | None = None
         self._pairs: tuple[Pairs, Pairs, Shifts] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept list holds (its pairs and the structure it was built for)."""
+        with self._lock:
+            held = [] if self._pairs is None else list(self._pairs)
+            ref = self._reference
+        if ref is not None:
+            held += [ref.positions, ref.numbers, ref.cell]
+        return sum(_nbytes(a) for a in held)
 
     def covers(self, structure: Structure) -> bool:
         """Whether the kept list is valid for ``structure`` (see the class)."""

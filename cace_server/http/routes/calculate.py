@@ -10,7 +10,6 @@ each result out.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from starlette.responses import Response
 from cace_server.capture import Origin
 from cace_server.engine import EngineError, ModelInfo, StepGroup
 from cace_server.http import codec
+from cace_server.http.disconnect import ClientGone, results_or_hang_up
 from cace_server.http.errors import ApiError, from_engine_error
 from cace_server.http.openapi import error_responses, request_body
 from cace_server.http.schemas import (
@@ -193,34 +193,41 @@ def _origin(request: Request) -> Origin:
 
 
 async def _evaluate(
+    request: Request,
     state: HttpState,
     req: _Checked,
     batch: bool,
     trajectory: str | None,
-    origin: Origin,
     step_group: StepGroup | None = None,
 ) -> list[Prediction]:
+    """The predictions; a client that hangs up meanwhile has its structures dropped."""
     timeout = state.settings.request_timeout_s
     try:
-        return await asyncio.wait_for(
-            state.engine.evaluate(
-                req.structures,
-                req.info.name,
-                outputs=req.outputs,
-                trajectory=trajectory,
-                step_group=step_group,
-                origin=origin,
-            ),
-            timeout,
+        futures = state.engine.submit(
+            req.structures,
+            req.info.name,
+            outputs=req.outputs,
+            trajectory=trajectory,
+            step_group=step_group,
+            origin=_origin(request),
         )
+        outcomes = await results_or_hang_up(request, state.engine, futures, timeout)
     except EngineError as exc:
         raise from_engine_error(exc, batch=batch) from None
-    except asyncio.TimeoutError:
+    except ClientGone as exc:
+        raise ApiError(499, "client_disconnected", str(exc)) from None
+    except TimeoutError:
         raise ApiError(
             504,
             "timeout",
             f"not computed within {timeout:g} s; the server is busy or the request too large",
         ) from None
+    for outcome in outcomes:
+        if isinstance(outcome, EngineError):
+            raise from_engine_error(outcome, batch=batch)
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return [o for o in outcomes if isinstance(o, Prediction)]
 
 
 async def _calculate(request: Request, state: HttpState, batch: bool) -> Response:
@@ -242,7 +249,7 @@ async def _calculate(request: Request, state: HttpState, batch: bool) -> Respons
     n_atoms = sum(len(s) for s in req.structures)
     request.state.structures = len(req.structures)
     request.state.atoms = n_atoms
-    preds = await _evaluate(state, req, batch, trajectory, _origin(request), group)
+    preds = await _evaluate(request, state, req, batch, trajectory, group)
     results = [
         result_dict(p, len(s), req.outputs, binary)
         for p, s in zip(preds, req.structures, strict=True)
