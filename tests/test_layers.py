@@ -46,6 +46,7 @@ GROUP_OF_MODULE: dict[str, str] = {
     f"{PACKAGE}.units": "base",
     f"{PACKAGE}.host_memory": "base",
     f"{PACKAGE}.transcode": "base",
+    f"{PACKAGE}.log_rate": "base",  # the rate limit on repeated log records
 }
 
 
