@@ -30,20 +30,13 @@ class StructureError(ValueError):
 MAX_COORDINATE = 1e6
 
 
-def wrap_far_positions(
-    positions: npt.NDArray[np.float64],
-    cell: npt.NDArray[np.float64],
-    pbc: npt.NDArray[np.bool_],
-    bound: float = MAX_COORDINATE,
+def completed_cell(
+    cell: npt.NDArray[np.float64], pbc: npt.NDArray[np.bool_]
 ) -> npt.NDArray[np.float64]:
-    """``positions`` with every atom moved into the cell along the periodic directions
-    (whole cell vectors, in float64) if any coordinate exceeds ``bound``; as given
-    otherwise. Units are the caller's (i-PI wraps in Bohr, before converting)."""
-    if not pbc.any() or not np.abs(positions).max(initial=0.0) > bound:
-        return positions
+    """``cell`` (float64, rows) with each non-periodic row (possibly zero) replaced by a
+    unit vector normal to the periodic ones, so that fractional coordinates along the
+    periodic directions are defined; with no periodic direction, the cell as given."""
     periodic = [k for k in range(3) if pbc[k]]
-    # Non-periodic rows (possibly zero) are replaced by unit vectors normal to the
-    # periodic ones, so the fractional coordinates of the periodic directions are defined.
     basis = cell.astype(np.float64).copy()
     if len(periodic) == 1:
         a = basis[periodic[0]] / np.linalg.norm(basis[periodic[0]])
@@ -55,6 +48,21 @@ def wrap_far_positions(
     elif len(periodic) == 2:
         c = np.cross(basis[periodic[0]], basis[periodic[1]])
         basis[3 - periodic[0] - periodic[1]] = c / np.linalg.norm(c)
+    return basis
+
+
+def wrap_far_positions(
+    positions: npt.NDArray[np.float64],
+    cell: npt.NDArray[np.float64],
+    pbc: npt.NDArray[np.bool_],
+    bound: float = MAX_COORDINATE,
+) -> npt.NDArray[np.float64]:
+    """``positions`` with every atom moved into the cell along the periodic directions
+    (whole cell vectors, in float64) if any coordinate exceeds ``bound``; as given
+    otherwise. Units are the caller's (i-PI wraps in Bohr, before converting)."""
+    if not pbc.any() or not np.abs(positions).max(initial=0.0) > bound:
+        return positions
+    basis = completed_cell(cell, pbc)
     if not abs(np.linalg.det(basis)) > 1e-8:
         return positions  # a degenerate cell: validation says so, or the bound refuses
     fractional = positions @ np.linalg.inv(basis)

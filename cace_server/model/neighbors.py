@@ -21,7 +21,7 @@ import torch
 import vesin
 from ase.data import chemical_symbols
 
-from cace_server.structures import Structure, StructureError
+from cace_server.structures import Structure, StructureError, completed_cell
 
 # Pair arrays: numpy on the CPU, torch tensors on the model's (CUDA) device.
 Pairs = npt.NDArray[np.int64] | torch.Tensor
@@ -95,17 +95,7 @@ def _vesin_spacings(structure: Structure) -> npt.NDArray[np.float64]:
     the Cartesian extent of the positions along that axis (+1 %, at least 1 Å)."""
     pbc = structure.pbc
     periodic = [k for k in range(3) if pbc[k]]
-    matrix = np.eye(3) if not periodic else structure.cell.astype(np.float64).copy()
-    if len(periodic) == 1:
-        a = matrix[periodic[0]] / np.linalg.norm(matrix[periodic[0]])
-        b = np.array([0.0, 1.0, 0.0]) if abs(a[1]) <= 0.9 else np.array([0.0, 0.0, 1.0])
-        c = np.cross(a, b)
-        c /= np.linalg.norm(c)
-        matrix[(periodic[0] + 1) % 3] = np.cross(c, a)
-        matrix[(periodic[0] + 2) % 3] = c
-    elif len(periodic) == 2:
-        c = np.cross(matrix[periodic[0]], matrix[periodic[1]])
-        matrix[3 - periodic[0] - periodic[1]] = c / np.linalg.norm(c)
+    matrix = np.eye(3) if not periodic else completed_cell(structure.cell, pbc)
     spacings = plane_spacings(matrix)
     extent = np.ptp(structure.positions, axis=0)
     extent[extent < 1e-6] = 1.0
