@@ -63,7 +63,7 @@ class ReceiverBlocks:
     def __init__(
         self,
         vectors: torch.Tensor,
-        receivers: torch.Tensor,
+        receivers: torch.Tensor | None,
         senders: torch.Tensor,
         receiver_emb: torch.Tensor,
         *,
@@ -76,16 +76,24 @@ class ReceiverBlocks:
         edge_chunk: int,
     ) -> None:
         n = receiver_emb.shape[0]
-        if max_neighbors is None:
-            counts = torch.bincount(receivers, minlength=n)
-            # reads back from the device
-            max_neighbors = int(counts.max()) if vectors.shape[0] else 0
-        k = max(max_neighbors, 1)
-        flat = _slots(receivers, n, k)
-        pad = torch.tensor([2.0 * cutoff, 0.0, 0.0], dtype=vectors.dtype)
-        self.n, self.k, self.block = n, k, block
-        self.vectors = pad.to(vectors.device).expand(n * k, 3).index_copy(0, flat, vectors)
-        self.senders = senders.new_zeros(n * k).index_copy(0, flat, senders)
+        if receivers is None:
+            # Already in the layout, k = max_neighbors slots per receiver (a compiled
+            # call's padded batch: its shapes must not depend on the edge count).
+            assert max_neighbors is not None and vectors.shape[0] == n * max_neighbors
+            self.n, self.k, self.block = n, max_neighbors, block
+            self.vectors, self.senders = vectors, senders
+        else:
+            if max_neighbors is None:
+                counts = torch.bincount(receivers, minlength=n)
+                # reads back from the device
+                max_neighbors = int(counts.max()) if vectors.shape[0] else 0
+            k = max(max_neighbors, 1)
+            flat = _slots(receivers, n, k)
+            pad = torch.tensor([2.0 * cutoff, 0.0, 0.0], dtype=vectors.dtype)
+            self.n, self.k, self.block = n, k, block
+            self.vectors = pad.to(vectors.device).expand(n * k, 3).index_copy(0, flat, vectors)
+            self.senders = senders.new_zeros(n * k).index_copy(0, flat, senders)
+        k = self.k
         self.spans = (
             [(0, n)] if block is None else [(s, min(s + block, n)) for s in range(0, n, block)]
         )

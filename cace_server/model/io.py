@@ -322,9 +322,12 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     policy: ModelFilePolicy = DEFAULT_POLICY,
+    compile: bool | str = False,
 ) -> CACEPotential:
     """Load a native model file onto ``device`` in ``dtype`` (default: as saved), if its
-    checksums hold and ``policy`` accepts it."""
+    checksums hold and ``policy`` accepts it. ``compile`` (True, or a mode of
+    :data:`~cace_server.model.compiled.MODES`) gives it a compiled call
+    (:mod:`cace_server.model.compiled`); shapes compile on their first call."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
@@ -347,4 +350,9 @@ def load_model(
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: weights do not match the config ({exc})") from exc
-    return finalize(model, dtype=dtype, device=device)
+    model = finalize(model, dtype=dtype, device=device)
+    if compile:
+        from cace_server.model.compiled import compile_model
+
+        compile_model(model, "default" if compile is True else compile)
+    return model

@@ -313,6 +313,13 @@ class GraphBatch:
     # Per-atom inputs the model reads (``Structure.arrays``): name -> [N, width], in
     # the model's dtype; empty for models that read none.
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The [receiver, slot] layout of a compiled call (see model/compiled.py): when set,
+    # ``receivers``, ``senders``, ``unit_shifts`` and ``edge_system`` have ``slots``
+    # entries per atom and ``slot_mask`` tells the real edges from the padding;
+    # ``atom_mask`` is False for the padding atoms, which carry no energy or charge.
+    slots: int | None = None
+    slot_mask: torch.Tensor | None = None
+    atom_mask: torch.Tensor | None = None
 
     @property
     def n_systems(self) -> int:

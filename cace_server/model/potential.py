@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cace_server.model.compiled import CompiledCall
 from cace_server.model.config import ModelConfig
 from cace_server.model.dipole import DipoleOutput, PolarizationHead
 from cace_server.model.longrange import EwaldSum, LongRangeOptions
@@ -73,7 +74,11 @@ class Geometry:
     vectors: torch.Tensor
 
     @classmethod
-    def of(cls, batch: GraphBatch, *, forces: bool, virial: bool) -> Geometry:
+    def of(
+        cls, batch: GraphBatch, *, forces: bool, virial: bool, pad_length: float = 0.0
+    ) -> Geometry:
+        """``pad_length``: the length of the padding slots' vectors (beyond the cutoff)
+        of a batch in the [receiver, slot] layout."""
         positions = batch.positions
         cell = batch.cell
         if forces:
@@ -91,6 +96,12 @@ class Geometry:
             - deformed.index_select(0, batch.senders)
             - _images(batch, cell)
         )
+        if batch.slot_mask is not None:
+            # A padding slot gets a constant vector beyond the cutoff: zero radial
+            # weight, and no gradient back to the (arbitrary) atoms it names.
+            pad = torch.zeros(3, dtype=vectors.dtype, device=vectors.device)
+            pad[0] = pad_length
+            vectors = torch.where(batch.slot_mask[:, None], vectors, pad)
         return cls(positions, strain, deformed, cell, vectors)
 
     @property
@@ -147,6 +158,8 @@ class CACEPotential(torch.nn.Module):
             PolarizationHead(config.polarization) if config.polarization is not None else None
         )
         self._group_atoms: int | None = None
+        # The compiled call (model/compiled.py), when the model was compiled.
+        self.compiled: CompiledCall | None = None
         reference = torch.tensor(
             [config.atomic_energies.get(z, 0.0) for z in config.elements],
             dtype=torch.get_default_dtype(),
@@ -297,23 +310,32 @@ class CACEPotential(torch.nn.Module):
         more backward passes).
         """
         bec = bec and self.has_bec
-        geometry = Geometry.of(batch, forces=forces or bec, virial=virial)
+        geometry = Geometry.of(
+            batch, forces=forces or bec, virial=virial, pad_length=2.0 * self.cutoff
+        )
         positions, strain, deformed, cell = (
             geometry.positions,
             geometry.strain,
             geometry.deformed,
             geometry.cell,
         )
+        slotted = batch.slots is not None
         features = self.representation(
             geometry.vectors.to(self.dtype),
             batch.species,
-            batch.receivers,
+            None if slotted else batch.receivers,
             batch.senders,
-            max_neighbors=batch.max_neighbors,
+            max_neighbors=batch.slots if slotted else batch.max_neighbors,
         )
         energy, atom_energy = self.head_energies(features, batch)
         charge_key = self.charge_readout
         charges = self.readouts[charge_key](features) if charge_key is not None else None
+        if charges is not None and batch.atom_mask is not None:
+            # The padding atoms of a compiled call carry no charge (the Ewald plan
+            # names only real atoms; the polarization sums every atom of a system).
+            charges = charges * batch.atom_mask[:, None].to(charges.dtype).view(
+                -1, *([1] * (charges.dim() - 1))
+            )
         if self.ewald is not None and charges is not None:
             energy = energy + self._long_range(deformed, charges, cell, batch).to(torch.float64)
         dipole = None
@@ -374,9 +396,16 @@ class CACEPotential(torch.nn.Module):
             atom_energy = atom_energy + (contribution if weight == 1.0 else weight * contribution)
         # Totals in float64 whatever the model dtype: a float32 sum of thousands of
         # per-atom energies with large reference energies loses whole eV.
+        summed = atom_energy.to(torch.float64)
+        if batch.atom_mask is not None:
+            # The padding atoms of a compiled call add to no structure's energy.
+            summed = summed * batch.atom_mask
+        if batch.n_systems == 1:
+            # (Inductor's CPU code generator fails on a scatter into one element.)
+            return summed.sum().reshape(1), atom_energy
         energy = torch.zeros(
             batch.n_systems, dtype=torch.float64, device=atom_energy.device
-        ).index_add(0, batch.system, atom_energy.to(torch.float64))
+        ).index_add(0, batch.system, summed)
         return energy, atom_energy
 
     def _long_range(
@@ -455,14 +484,17 @@ class CACEPotential(torch.nn.Module):
         results: list[Prediction] = []
         for group in self._groups(prepared):
             batch = collate(group, self.device, self.input_widths, self.dtype)
-            with torch.enable_grad():
-                out = self.compute(
-                    batch,
-                    forces="forces" in chosen,
-                    virial="stress" in chosen,
-                    bec="bec" in chosen,
-                    descriptors="descriptors" in chosen,
-                )
+            flags = {
+                "forces": "forces" in chosen,
+                "virial": "stress" in chosen,
+                "bec": "bec" in chosen,
+                "descriptors": "descriptors" in chosen,
+            }
+            if self.compiled is not None:
+                out = self.compiled(batch, **flags)
+            else:
+                with torch.enable_grad():
+                    out = self.compute(batch, **flags)
             results.extend(p.keep_only(chosen) for p in self._to_predictions(group, out))
         return results
 
