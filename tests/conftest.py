@@ -70,6 +70,22 @@ def liquid_water():
     return atoms
 
 
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Inductor's on-disk cache for every compile of a test session (a graph compiled
+    twice is reloaded the second time). An already set TORCHINDUCTOR_CACHE_DIR is
+    kept, so a developer can reuse one cache across runs."""
+    key = "TORCHINDUCTOR_CACHE_DIR"
+    before = os.environ.get(key)
+    if before is None:
+        os.environ[key] = str(tmp_path_factory.mktemp("inductor"))
+    try:
+        yield os.environ[key]
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+
+
 @pytest.fixture
 def socket_dir() -> Iterator[str]:
     """A short private directory for UNIX sockets (sun_path holds only 108 bytes)."""

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from cace_server.engine.faults import FaultyModel
 from cace_server.engine.models import ModelWrapper, ServedModel
@@ -160,6 +161,22 @@ def _test_dipole_wrapper() -> tuple[ServedModel, list[Structure]]:
     return WithDipole(random_model((1, 8), seed=6)), _waters()
 
 
+def _compiled(
+    build: Callable[[], tuple[ServedModel, list[Structure]]],
+) -> Callable[[], tuple[ServedModel, list[Structure]]]:
+    """The family with the compiled model call (model/compiled.py); the checks below
+    call it in many shapes (outputs, batch sizes), each compiled on first use."""
+
+    def build_compiled() -> tuple[ServedModel, list[Structure]]:
+        from cace_server.model.compiled import compile_model
+
+        model, structures = build()
+        assert isinstance(model, torch.nn.Module) and compile_model(model)
+        return model, structures
+
+    return build_compiled
+
+
 FAMILIES: dict[str, Callable[[], tuple[ServedModel, list[Structure]]]] = {
     "reference lr (best_model.pth)": _reference("best_model.pth"),
     "reference mp1 (mp_nu3_mp1.pth)": _reference("mp_nu3_mp1.pth"),
@@ -176,11 +193,24 @@ FAMILIES: dict[str, Callable[[], tuple[ServedModel, list[Structure]]]] = {
         for family, name in _smallest_per_family().items()
     },
 }
+# Compiled variants: each compiles a dozen shapes of a real model, so they are slow.
+COMPILED = {
+    "compiled reference lr (best_model.pth)": _compiled(_reference("best_model.pth")),
+    "compiled reference mp1 (mp_nu3_mp1.pth)": _compiled(_reference("mp_nu3_mp1.pth")),
+}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request: pytest.FixtureRequest) -> tuple[ServedModel, list[Structure]]:
-    return FAMILIES[request.param]()
+@pytest.fixture(
+    scope="module",
+    params=[
+        *sorted(FAMILIES),
+        *(pytest.param(name, marks=pytest.mark.slow) for name in sorted(COMPILED)),
+    ],
+)
+def family(
+    request: pytest.FixtureRequest, inductor_cache: str
+) -> tuple[ServedModel, list[Structure]]:
+    return {**FAMILIES, **COMPILED}[request.param]()
 
 
 def test_every_importer_family_is_checked() -> None:

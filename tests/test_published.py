@@ -10,16 +10,38 @@ their reason.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from cace_server.model import convert_original
 from cace_server.model.checkpoint import UnsupportedCheckpointError
+from cace_server.model.compiled import compile_model, total_stats
 from tests.conftest import REFERENCE_DIR
-from tests.published_support import compare_checkpoint, manifest, model_names
+from tests.published_support import (
+    compare_checkpoint,
+    family_of,
+    manifest,
+    model_names,
+    prefixes,
+    structure,
+)
 
 PUBLISHED = REFERENCE_DIR / "published"
 NAMES = model_names(PUBLISHED) if (PUBLISHED / "manifest.json").exists() else []
+
+
+def _smallest_per_family() -> list[str]:
+    best: dict[str, tuple[int, str]] = {}
+    for name in NAMES:
+        family = family_of(manifest(PUBLISHED)[name])
+        size = (PUBLISHED / name).stat().st_size
+        if family not in best or size < best[family][0]:
+            best[family] = (size, name)
+    return [name for _, name in sorted(best.values(), key=lambda b: b[1])]
+
+
+FAMILY_MODELS = _smallest_per_family()
 
 
 def _skip_without_data() -> None:
@@ -50,6 +72,31 @@ def test_published_model_equals_original_float32(name: str) -> None:
     assert result.converted, result.error
     bad = {q: result.deviations[q] for q, s in result.scores.items() if s > 1.0}
     assert not bad, f"float32 deviations beyond 2e-3: {bad}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILY_MODELS or ["<absent>"])
+def test_published_family_compiled_equals_eager(name: str, inductor_cache: str) -> None:
+    """The compiled call of one model of each family equals the eager one in float64:
+    1e-12 eV/Å in forces (and in every other output), 1e-12 relative to max(1 eV, |E|)
+    in energies. Its structures go as one batch: one shape, one compile."""
+    _skip_without_data()
+    eager = convert_original(PUBLISHED / name, dtype="float64")
+    model = convert_original(PUBLISHED / name, dtype="float64")
+    calls = compile_model(model)
+    model.group_atoms = 1 << 20  # every structure in one pass: one shape
+    npz = np.load(PUBLISHED / name.replace(".pth", ".npz"))
+    structures = [structure(npz, p) for p in prefixes(npz)]
+    got, want = model.predict(structures), eager.predict(structures)
+    stats = total_stats(calls)
+    assert stats.compiles == 1 and stats.fallbacks == 0, stats
+    for b, (p, q) in enumerate(zip(got, want, strict=True)):
+        if np.isfinite(q.energy):
+            assert abs(p.energy - q.energy) <= 1e-12 * max(1.0, abs(q.energy)), (b, p.energy)
+        a, e = p.array_outputs(), q.array_outputs()
+        assert set(a) == set(e)
+        for key in e:
+            np.testing.assert_allclose(a[key], e[key], rtol=0, atol=1e-12, err_msg=f"{b}: {key}")
 
 
 @pytest.mark.parametrize(
