@@ -208,6 +208,7 @@ def test_float64_parity_periodic_and_open(local) -> None:
     assert call.stats.compiles == 1 and call.stats.calls >= 3 and call.stats.eager_calls == 0
 
 
+@pytest.mark.slow  # a minute of compiling each on 2 cores
 def test_float32_parity() -> None:
     eager = local_model(dtype="float32")
     model, call = compiled_twin(lambda: local_model(dtype="float32"))
@@ -222,6 +223,7 @@ def test_float32_parity() -> None:
                 np.testing.assert_allclose(getattr(p, name), e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a minute of compiling each on 2 cores
 def test_long_range_parity() -> None:
     """Ewald, periodic and open in one batch, and one by one."""
     eager = ewald_model()
@@ -234,6 +236,7 @@ def test_long_range_parity() -> None:
     assert_same(got, [eager.predict([s])[0] for s in structures])
 
 
+@pytest.mark.slow  # a minute of compiling each on 2 cores
 def test_message_passing_and_per_atom_inputs_parity() -> None:
     eager = mp_model()
     model, call = compiled_twin(mp_model)
@@ -289,15 +292,16 @@ def test_no_recompile_when_neighbour_counts_drift(local) -> None:
 # -- compile failure -------------------------------------------------------------------------
 
 
-def _failing_backend(attempts: list[int]) -> Callable[[torch.device, str], Any]:
-    def make(device: torch.device, mode: str) -> Callable[..., Any]:
-        def backend(graph: torch.fx.GraphModule, example: list[torch.Tensor]) -> Any:
-            attempts.append(1)
-            raise RuntimeError("injected compiler failure")
+def _failing_backend(attempts: list[int]) -> Callable[..., Any]:
+    """A stand-in for ``compiled._inductor`` (the compiler boundary) that fails."""
 
-        return backend
+    def compile_graph(
+        graph: torch.fx.GraphModule, example: list[torch.Tensor], device: torch.device, mode: str
+    ) -> Any:
+        attempts.append(1)
+        raise RuntimeError("injected compiler failure")
 
-    return make
+    return compile_graph
 
 
 def test_compile_failure_is_served_eagerly_once(
@@ -306,7 +310,7 @@ def test_compile_failure_is_served_eagerly_once(
     import cace_server.model.compiled as compiled
 
     attempts: list[int] = []
-    monkeypatch.setattr(compiled, "_inductor_backend", _failing_backend(attempts))
+    monkeypatch.setattr(compiled, "_inductor", _failing_backend(attempts))
     eager = local_model()
     model, call = compiled_twin(local_model)
     s = water(1)
@@ -328,7 +332,7 @@ def test_compile_failure_warning_names_the_cause(
     """The one warning says why the compile failed, not only that it did."""
     import cace_server.model.compiled as compiled
 
-    monkeypatch.setattr(compiled, "_inductor_backend", _failing_backend([]))
+    monkeypatch.setattr(compiled, "_inductor", _failing_backend([]))
     model, _ = compiled_twin(local_model)
     with caplog.at_level(logging.WARNING, logger=compiled.__name__):
         model.predict([water(1)])

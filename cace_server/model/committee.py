@@ -313,8 +313,11 @@ class Committee(torch.nn.Module):
             per_member=member_forces or "committee_virials" in chosen,
         )
         predictions: list[Prediction] = []
+        # Compiled members run their own compiled calls (one graph each), not the
+        # eager pass that shares the edge work between them.
+        compiled = any(m.compiled is not None and m.compiled.enabled for m in self._members())
         for group in self._members()[0]._groups(prepared):
-            if self.shared is not None and self.shared.applies_to(group):
+            if self.shared is not None and not compiled and self.shared.applies_to(group):
                 results = self.shared.run(group, need)
             else:
                 results = self._member_loop(group, need)

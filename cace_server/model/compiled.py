@@ -402,11 +402,13 @@ class CompiledCall:
                 graph = self._build(shape, batch)
             except Exception as exc:
                 self._count(fallbacks=1)
+                # Inductor wraps the compiler's own error; name that one.
+                cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
                 _log.warning(
                     "compiling the model call for %s failed, served eagerly: %s: %s",
                     shape.describe(),
-                    type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
+                    type(cause).__name__,
+                    str(cause).strip().splitlines()[0] if str(cause).strip() else "",
                 )
                 self._graphs[shape] = None
                 return None
