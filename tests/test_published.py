@@ -78,8 +78,10 @@ def test_published_model_equals_original_float32(name: str) -> None:
 @pytest.mark.parametrize("name", FAMILY_MODELS or ["<absent>"])
 def test_published_family_compiled_equals_eager(name: str, inductor_cache: str) -> None:
     """The compiled call of one model of each family equals the eager one in float64:
-    1e-12 eV/Å in forces (and in every other output), 1e-12 relative to max(1 eV, |E|)
-    in energies. Its structures go as one batch: one shape, one compile."""
+    to 1e-12 of each output's scale, max(1, largest |value|) (1e-12 eV/Å for forces of
+    order 1 eV/Å; the random-charge models' forces reach 1,000 eV/Å, where a different
+    summation order alone moves the 13th digit), and energies to 1e-12 relative to
+    max(1 eV, |E|). Its structures go as one batch: one shape, one compile."""
     _skip_without_data()
     eager = convert_original(PUBLISHED / name, dtype="float64")
     model = convert_original(PUBLISHED / name, dtype="float64")
@@ -96,7 +98,10 @@ def test_published_family_compiled_equals_eager(name: str, inductor_cache: str) 
         a, e = p.array_outputs(), q.array_outputs()
         assert set(a) == set(e)
         for key in e:
-            np.testing.assert_allclose(a[key], e[key], rtol=0, atol=1e-12, err_msg=f"{b}: {key}")
+            scale = max(1.0, float(np.abs(e[key]).max(initial=0.0)))
+            np.testing.assert_allclose(
+                a[key], e[key], rtol=0, atol=1e-12 * scale, err_msg=f"{b}: {key}"
+            )
 
 
 @pytest.mark.parametrize(
