@@ -16,7 +16,9 @@ before a block says how to run it:
 ``<!-- doctest: ci -->``
     the command ``.ci/run`` itself runs (checked here: it must appear there);
 ``<!-- doctest: skip=REASON -->``
-    only for what needs a GPU or Docker (checked here).
+    only for what needs a GPU or Docker (checked here);
+``<!-- doctest: slow -->``
+    its whole section runs in the slow suite (compiling a model takes a minute).
 """
 
 from __future__ import annotations
@@ -148,7 +150,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-@pytest.mark.parametrize("title", list(SECTIONS))
+@pytest.mark.parametrize(
+    "title",
+    [
+        pytest.param(title, marks=pytest.mark.slow)
+        if any("slow" in b.options for b in blocks)
+        else title
+        for title, blocks in SECTIONS.items()
+    ],
+)
 def test_readme_section(title: str, tmp_path: Path) -> None:
     ci_script = (REPO / ".ci" / "run").read_text()
     work = scratch_copy(tmp_path)

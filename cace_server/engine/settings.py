@@ -16,6 +16,7 @@ DTYPES = ("float32", "float64")
 _DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
 # The choices of cace_server.model.longrange (not imported here: it needs torch).
 LONG_RANGE_MODES = ("parity", "smooth")
+COMPILE_MODES = ("off", "on", "reduce-overhead")
 LONG_RANGE_METHODS = ("auto", "direct", "mesh")
 
 
@@ -79,6 +80,26 @@ class EngineSettings:
     )
     long_range_method: tuple[str, ...] = option(
         (), show="auto", help="Ewald back end: auto, direct or mesh; METHOD or NAME=METHOD"
+    )
+    # Compiled model calls (model/compiled.py): "MODE" for every model or "NAME=MODE".
+    compile: tuple[str, ...] = option(
+        (),
+        show="off",
+        help="compile the model call (energy, forces and stress as one Inductor graph): "
+        "off, on, or reduce-overhead (with CUDA graphs on a GPU); MODE or NAME=MODE",
+    )
+    compile_warmup: tuple[str, ...] = option(
+        (),
+        show="none",
+        help="structure file (any format ASE reads) whose shape is compiled during warm-up, "
+        "before /readyz turns ready; PATH:COUNT compiles COUNT copies as one batch (the "
+        "beads of an i-PI step); repeatable",
+    )
+    compile_cache_dir: str | None = option(
+        None,
+        show="Inductor's (/tmp/torchinductor_USER)",
+        help="directory of Inductor's on-disk cache of compiled graphs (keep it on a volume: "
+        "a restart then loads instead of compiling)",
     )
     # Upper bounds of one batch. A single structure larger than a bound still runs
     # alone (and fails with OutOfMemory if it really does not fit).
@@ -161,6 +182,22 @@ class EngineSettings:
             self.allow_legacy_model_files, self.model_signing_key_file
         )
 
+    def compile_for(self, name: str) -> str | None:
+        """The compile mode of model ``name`` (``default`` or ``reduce-overhead``), or None."""
+        values = per_model(self.compile, "compile")
+        value = values.get(name, values.get("", "off"))
+        return {"off": None, "on": "default"}.get(value, value)
+
+    def compile_warmup_batches(self) -> list[tuple[str, int]]:
+        """(path, copies) of each ``compile_warmup`` entry."""
+        out = []
+        for item in self.compile_warmup:
+            path, _, count = item.rpartition(":")
+            if not path or not count.isdigit():
+                path, count = item, "1"
+            out.append((path, int(count)))
+        return out
+
     def long_range_for(self, name: str) -> dict[str, str]:
         """The long-range options of model ``name``: its own over those for every model."""
         out = {}
@@ -190,6 +227,7 @@ class EngineSettings:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}")
         for setting, allowed in (
+            ("compile", COMPILE_MODES),
             ("long_range_mode", LONG_RANGE_MODES),
             ("long_range_method", LONG_RANGE_METHODS),
         ):
@@ -215,5 +253,8 @@ class EngineSettings:
         # each time): the grouping it exists for would never happen.
         if not self.step_wait_ms > 0:
             raise ValueError(f"step_wait_ms must be positive, got {self.step_wait_ms}")
+        for path, count in self.compile_warmup_batches():
+            if count < 1:
+                raise ValueError(f"compile_warmup {path!r}: the copy count must be at least 1")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")

@@ -30,6 +30,7 @@ import numpy as np
 
 from cace_server.capture import Capture
 from cace_server.engine.batching import PendingQueue, WorkItem, reject, resolve
+from cace_server.engine.compiling import compile_warmup, eager, enable_compiled
 from cace_server.engine.errors import (
     DeviceFailed,
     EvaluationError,
@@ -208,6 +209,10 @@ class Worker:
         if long_range:
             model.configure_long_range(**long_range)
             logger.info("model %r long range: %s", name, long_range)
+        compile_mode = settings.compile_for(name)
+        if compile_mode is not None:
+            n = enable_compiled(name, model, compile_mode, settings.compile_cache_dir)
+            logger.info("model %r: %d compiled call(s), mode %s", name, n, compile_mode)
         path = str(source) if isinstance(source, (str, os.PathLike)) else None
         info = describe(name, model, default=name == self._default, source=path, sha=sha)
         if self._capture is not None:
@@ -305,7 +310,8 @@ class Worker:
         everything = Outputs(info.outputs)
         for k, (label, structures) in enumerate(batches):
             try:
-                predictions = model.predict(structures, everything)
+                with eager(model):
+                    predictions = model.predict(structures, everything)
                 synchronize(self.device)
             except Exception as exc:
                 if not is_out_of_memory(exc) or k == 0:
@@ -327,6 +333,7 @@ class Worker:
                 logger.warning(
                     "warm-up of model %r (%s) gave NaN/inf in %s", name, label, ", ".join(bad)
                 )
+        compile_warmup(name, model, info, self._settings.compile_warmup_batches())
         logger.info(
             "model %r warmed up in %.3f s (%d atoms in all) on %s",
             name,

@@ -102,6 +102,7 @@ class EngineCollector(Collector):
             "bytes the kept Verlet neighbour lists hold (budget: --neighbor-list-bytes)",
             value=s.neighbor_list_bytes,
         )
+        yield from _compile_metrics()
         dropped = CounterMetricFamily(
             "cace_engine_dropped",
             "structures dropped unevaluated because their caller left, by reason",
@@ -274,3 +275,27 @@ class HttpMetrics:
         self.atoms = Counter(
             "cace_http_atoms", "atoms evaluated through HTTP", ["format"], registry=self.registry
         )
+
+
+def _compile_metrics() -> Iterator[CounterMetricFamily]:
+    """What the compiled model calls of this process did (all zero when none is on)."""
+    import sys
+
+    module = sys.modules.get("cace_server.model.compiled")
+    stats = module.process_stats() if module is not None else None
+    counters = {
+        "compiles": ("model call shapes compiled", "compiles"),
+        "compile_seconds": ("seconds spent compiling model call shapes", "compile_seconds"),
+        "compile_fallbacks": (
+            "model call shapes whose compile failed (served eagerly from then on)",
+            "fallbacks",
+        ),
+        "compiled_calls": ("model calls run compiled", "calls"),
+        "eager_calls": (
+            "calls of a compiled model run eagerly (their shape compiling or failed)",
+            "eager_calls",
+        ),
+    }
+    for key, (doc, field) in counters.items():
+        value = float(getattr(stats, field)) if stats is not None else 0.0
+        yield CounterMetricFamily(f"cace_model_{key}", doc, value=value)

@@ -24,11 +24,16 @@ warm-up. What a graph bakes in from the host (structures per call; for long-rang
 models the k-grid plan and the atoms of each structure) is part of its shape.
 
 A shape that fails to trace or compile is logged once, counted, and served eagerly
-from then on: a compile failure never fails a request.
+from then on: a compile failure never fails a request. In a server
+(``background=True``) a shape met for the first time is served eagerly while it
+compiles on a thread of its own, so no request waits the tens of seconds a compile
+takes; the shapes an MD run will use are compiled during warm-up instead (see the
+engine's ``compile_warmup``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -53,6 +58,11 @@ ATOM_QUANTUM = 32
 # use a compiled shape with up to SLOT_SPARE more slots than it needs.
 COMPILE_SPARE = SLOT_QUANTUM
 SLOT_SPARE = COMPILE_SPARE + 2 * SLOT_QUANTUM
+# In the background mode, a shape compiles once this many calls have met it: shapes
+# met a few times stay eager (the first forces of an i-PI run reach the server over a
+# few partial batches as i-PI accepts its connections: 4 odd calls measured for 8
+# beads; an odd request).
+COMPILE_AFTER = 16
 # Compile modes: Inductor's default, or reduce-overhead (CUDA graphs on CUDA).
 MODES = ("default", "reduce-overhead")
 
@@ -101,6 +111,27 @@ class CompileStats:
     fallbacks: int = 0
     shapes: list[str] = field(default_factory=list)
 
+    def add(self, other: CompileStats) -> None:
+        self.compiles += other.compiles
+        self.compile_seconds += other.compile_seconds
+        self.calls += other.calls
+        self.eager_calls += other.eager_calls
+        self.fallbacks += other.fallbacks
+        self.shapes.extend(other.shapes)
+
+
+# Every compiled call of the process adds here too (the server's metrics read it).
+PROCESS_STATS = CompileStats()
+_STATS_LOCK = threading.Lock()
+
+
+def process_stats() -> CompileStats:
+    """A copy of what every compiled call of this process has done."""
+    with _STATS_LOCK:
+        out = CompileStats()
+        out.add(PROCESS_STATS)
+        return out
+
 
 def plan_signature(model: CACEPotential, batch: GraphBatch) -> tuple[Any, ...] | None:
     """The host-side long-range plan of a batch as a hashable (None without Ewald)."""
@@ -121,10 +152,13 @@ def plan_signature(model: CACEPotential, batch: GraphBatch) -> tuple[Any, ...] |
     )
 
 
-def slot_layout(batch: GraphBatch, atoms: int, slots: int) -> GraphBatch:
+def slot_layout(
+    batch: GraphBatch, atoms: int, slots: int, systems: int | None = None
+) -> GraphBatch:
     """``batch`` in the [receiver, slot] layout with ``slots`` per atom, padded to
-    ``atoms`` atoms. Device-side ops only, nothing read back (the caller knows from
-    the host that no atom has more than ``slots`` neighbours)."""
+    ``atoms`` atoms and ``systems`` structures (empty ones, open, with a unit cell,
+    that the padding atoms belong to). Device-side ops only, nothing read back (the
+    caller knows from the host that no atom has more than ``slots`` neighbours)."""
     n, device = batch.positions.shape[0], batch.positions.device
     pad = atoms - n
     total = atoms * slots
@@ -139,7 +173,9 @@ def slot_layout(batch: GraphBatch, atoms: int, slots: int) -> GraphBatch:
         0, flat, batch.unit_shifts
     )
     slot_mask = torch.zeros(total, dtype=torch.bool, device=device).index_fill(0, flat, True)
-    last = batch.n_systems - 1
+    systems = batch.n_systems if systems is None else systems
+    extra = systems - batch.n_systems
+    last = systems - 1
 
     def padded(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
         if not pad:
@@ -148,6 +184,15 @@ def slot_layout(batch: GraphBatch, atoms: int, slots: int) -> GraphBatch:
 
     system = padded(batch.system, last)
     atom_mask = padded(torch.ones(n, dtype=torch.bool, device=device), False)
+    if extra:
+        eye = torch.eye(3, dtype=batch.cell.dtype, device=device).expand(extra, 3, 3)
+        batch = replace(
+            batch,
+            cell=torch.cat([batch.cell, eye]),
+            pbc=torch.cat([batch.pbc, batch.pbc.new_zeros(extra, 3)]),
+            n_atoms=[*batch.n_atoms, *([0] * extra)],
+            n_pairs=[*batch.n_pairs, *([0] * extra)] if batch.n_pairs else [],
+        )
     return replace(
         batch,
         positions=padded(batch.positions),
@@ -183,17 +228,31 @@ _TENSOR_FIELDS = (
 class CompiledCall:
     """The compiled evaluation of one :class:`CACEPotential`, one graph per shape."""
 
-    def __init__(self, model: CACEPotential, mode: str = "default") -> None:
+    def __init__(
+        self, model: CACEPotential, mode: str = "default", *, background: bool = False
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self.mode = mode
+        # True: a new shape compiles on a thread while its calls run eagerly.
+        self.background = background
+        # False: every call runs eagerly (the engine's generic warm-up).
+        self.enabled = True
         self.stats = CompileStats()
         self._graphs: dict[CallShape, Callable[..., Any] | None] = {}
         self._names: dict[CallShape, tuple[str, ...]] = {}
         self._lock = threading.Lock()
+        self._pending: set[CallShape] = set()
+        self._seen: dict[CallShape, int] = {}
         # Dummy atoms would change a dipole model's mean-charge correction.
         self.pads_atoms = model.polarization is None
+
+    def _count(self, **changes: float) -> None:
+        with _STATS_LOCK:
+            for stats in (self.stats, PROCESS_STATS):
+                for name, value in changes.items():
+                    setattr(stats, name, getattr(stats, name) + value)
 
     # -- shapes ----------------------------------------------------------------------------
     def shape_of(self, batch: GraphBatch, outputs: tuple[bool, bool, bool, bool]) -> CallShape:
@@ -212,13 +271,31 @@ class CompiledCall:
         )
         best: CallShape | None = None
         for shape in self._graphs:
-            if (
-                replace(shape, slots=new.slots) == new
-                and needed <= shape.slots <= needed + SLOT_SPARE
-                and (best is None or shape.slots < best.slots)
+            if self._holds(shape, new, needed) and (
+                best is None or (shape.atoms, shape.slots) < (best.atoms, best.slots)
             ):
                 best = shape
         return new if best is None else best
+
+    def _holds(self, shape: CallShape, new: CallShape, needed_slots: int) -> bool:
+        """Whether a call of shape ``new`` (its most neighbours ``needed_slots``) can run
+        in compiled ``shape``: the same outputs and inputs, enough slots (at most
+        SLOT_SPARE more) and, for a model without a long-range plan, enough atoms and
+        structures (at most twice the atoms: the padding is computed too). A batch
+        with fewer structures than a compiled one (a PIMD step whose beads arrived
+        over two batches) is padded with empty structures."""
+        if not needed_slots <= shape.slots <= needed_slots + SLOT_SPARE:
+            return False
+        if (shape.outputs, shape.inputs, shape.plan) != (new.outputs, new.inputs, new.plan):
+            return False
+        if (shape.atoms, shape.systems) == (new.atoms, new.systems):
+            return True
+        return (
+            self.pads_atoms
+            and shape.plan is None
+            and new.atoms <= shape.atoms <= 2 * new.atoms
+            and new.systems <= shape.systems
+        )
 
     @property
     def shapes(self) -> list[CallShape]:
@@ -235,18 +312,33 @@ class CompiledCall:
         descriptors: bool = False,
     ) -> BatchOutput:
         flags = (forces, virial, descriptors, bec)
+        if not self.enabled:
+            return self._eager(batch, flags)
         shape = self.shape_of(batch, flags)
         graph = self._graphs.get(shape, ...)
         if graph is ...:
-            graph = self._compile(shape, batch)
+            if self.background:
+                self._compile_later(shape, batch)
+                graph = None
+            else:
+                graph = self._compile(shape, batch)
         if graph is None:
-            self.stats.eager_calls += 1
+            self._count(eager_calls=1)
             return self._eager(batch, flags)
-        self.stats.calls += 1
-        laid_out = slot_layout(batch, shape.atoms, shape.slots)
+        self._count(calls=1)
+        laid_out = slot_layout(batch, shape.atoms, shape.slots, shape.systems)
+        if self.mode == "reduce-overhead":
+            # Each call is a new CUDA-graph replay; the previous call's outputs were
+            # copied to the host before this one (predict does, group by group).
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             values = graph(*self._tensors(laid_out))
-        return self._output(dict(zip(self._names[shape], values, strict=True)))
+        out = dict(zip(self._names[shape], values, strict=True))
+        # per-structure outputs without the padding structures
+        for name in ("energy", "virial", "dipole"):
+            if name in out:
+                out[name] = out[name][: batch.n_systems]
+        return self._output(out)
 
     def _eager(self, batch: GraphBatch, flags: tuple[bool, bool, bool, bool]) -> BatchOutput:
         forces, virial, descriptors, bec = flags
@@ -257,8 +349,10 @@ class CompiledCall:
 
     @staticmethod
     def _tensors(batch: GraphBatch) -> list[torch.Tensor]:
+        """The graph's inputs, contiguous: compiled code assumes the strides it saw."""
         values = [getattr(batch, name) for name in _TENSOR_FIELDS]
-        return values + [batch.inputs[k] for k in sorted(batch.inputs)]
+        values += [batch.inputs[k] for k in sorted(batch.inputs)]
+        return [v.contiguous() for v in values]
 
     @staticmethod
     def _output(values: dict[str, torch.Tensor]) -> BatchOutput:
@@ -267,6 +361,38 @@ class CompiledCall:
         return BatchOutput(**{name: values.get(name) for name in _OUTPUT_NAMES})  # type: ignore[arg-type]
 
     # -- compiling -------------------------------------------------------------------------
+    def _compile_later(self, shape: CallShape, batch: GraphBatch) -> None:
+        """Compile ``shape`` on a thread of its own once COMPILE_AFTER calls met it."""
+        with self._lock:
+            if shape in self._pending or shape in self._graphs:
+                return
+            if len(self._seen) > 4096:  # odd shapes of a long-lived server
+                self._seen.clear()
+            self._seen[shape] = self._seen.get(shape, 0) + 1
+            if self._seen[shape] < COMPILE_AFTER:
+                return
+            self._pending.add(shape)
+
+        def run() -> None:
+            try:
+                self._compile(shape, batch)
+            finally:
+                with self._lock:
+                    self._pending.discard(shape)
+
+        threading.Thread(target=run, name="cace-compile", daemon=True).start()
+
+    def wait_for_compiles(self, timeout: float | None = None) -> bool:
+        """Wait until no background compile is running; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
     def _compile(self, shape: CallShape, batch: GraphBatch) -> Callable[..., Any] | None:
         with self._lock:
             if shape in self._graphs:
@@ -275,7 +401,7 @@ class CompiledCall:
             try:
                 graph = self._build(shape, batch)
             except Exception as exc:
-                self.stats.fallbacks += 1
+                self._count(fallbacks=1)
                 _log.warning(
                     "compiling the model call for %s failed, served eagerly: %s: %s",
                     shape.describe(),
@@ -285,9 +411,10 @@ class CompiledCall:
                 self._graphs[shape] = None
                 return None
             seconds = time.perf_counter() - t0
-            self.stats.compiles += 1
-            self.stats.compile_seconds += seconds
-            self.stats.shapes.append(shape.describe())
+            self._count(compiles=1, compile_seconds=seconds)
+            with _STATS_LOCK:
+                self.stats.shapes.append(shape.describe())
+                PROCESS_STATS.shapes.append(shape.describe())
             _log.info("compiled the model call for %s in %.1f s", shape.describe(), seconds)
             self._graphs[shape] = graph
             return graph
@@ -295,7 +422,7 @@ class CompiledCall:
     def _build(self, shape: CallShape, batch: GraphBatch) -> Callable[..., Any]:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        laid_out = slot_layout(batch, shape.atoms, shape.slots)
+        laid_out = slot_layout(batch, shape.atoms, shape.slots, shape.systems)
         example = self._tensors(laid_out)
         forces, virial, descriptors, bec = shape.outputs
         names: list[str] = []
@@ -315,16 +442,30 @@ class CompiledCall:
 
         graph = make_fx(call, tracing_mode="real")(*example)
         self._names[shape] = tuple(names)
-        compiled = torch.compile(
-            graph, backend=_inductor_backend(laid_out.positions.device, self.mode), dynamic=False
-        )
-        # The first call compiles; it also checks the graph against the eager call.
+        # Inductor on the traced graph directly: no dynamo frame, so no guards that
+        # could recompile a shape while serving.
         with torch.no_grad():
+            compiled = _inductor(graph, example, laid_out.positions.device, self.mode)
             compiled(*example)
         return compiled
 
 
-def compile_model(model: torch.nn.Module, mode: str = "default") -> list[CompiledCall]:
+def compiled_calls(model: Any) -> list[CompiledCall]:
+    """The compiled calls of every CACEPotential in ``model`` (none when not compiled)."""
+    from cace_server.model.potential import CACEPotential
+
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [
+        m.compiled
+        for m in model.modules()
+        if isinstance(m, CACEPotential) and m.compiled is not None
+    ]
+
+
+def compile_model(
+    model: torch.nn.Module, mode: str = "default", *, background: bool = False
+) -> list[CompiledCall]:
     """Give every CACEPotential in ``model`` (itself, or a committee's members) a
     compiled call; returns them."""
     from cace_server.model.potential import CACEPotential
@@ -332,7 +473,7 @@ def compile_model(model: torch.nn.Module, mode: str = "default") -> list[Compile
     calls = []
     for module in model.modules():
         if isinstance(module, CACEPotential):
-            module.compiled = CompiledCall(module, mode)
+            module.compiled = CompiledCall(module, mode, background=background)
             calls.append(module.compiled)
     return calls
 
@@ -340,17 +481,35 @@ def compile_model(model: torch.nn.Module, mode: str = "default") -> list[Compile
 def total_stats(calls: Sequence[CompiledCall]) -> CompileStats:
     out = CompileStats()
     for c in calls:
-        s = c.stats
-        out.compiles += s.compiles
-        out.compile_seconds += s.compile_seconds
-        out.calls += s.calls
-        out.eager_calls += s.eager_calls
-        out.fallbacks += s.fallbacks
-        out.shapes.extend(s.shapes)
+        out.add(c.stats)
     return out
 
 
-def _inductor_backend(device: torch.device, mode: str) -> Callable[..., Any]:
+class _DecompositionTable(dict[Any, Callable[..., Any]]):
+    """Inductor's decompositions less some operators, pickled (into Inductor's cache
+    key) as the names left out: the table itself does not pickle, and a key that
+    cannot be made bypasses the on-disk cache."""
+
+    left_out: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, tuple[tuple[str, ...]]]:
+        return (_decompositions, (self.left_out,))
+
+
+@functools.cache
+def _decompositions(left_out: tuple[str, ...]) -> _DecompositionTable:
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = _DecompositionTable(
+        {k: v for k, v in select_decomp_table().items() if k.name() not in left_out}
+    )
+    table.left_out = left_out
+    return table
+
+
+def _inductor(
+    graph: torch.fx.GraphModule, example: list[torch.Tensor], device: torch.device, mode: str
+) -> Callable[..., Any]:
     """Inductor, with two choices of ours.
 
     On a CPU, ``index_add`` (the backward of every gather: each edge's sender and
@@ -361,14 +520,14 @@ def _inductor_backend(device: torch.device, mode: str) -> Callable[..., Any]:
     stands; ``reduce-overhead`` there also captures the call as a CUDA graph.
     """
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
-    table = select_decomp_table()
-    if device.type == "cpu":
-        table = {k: v for k, v in table.items() if k.name() != "aten::index_add"}
+    table = _decompositions(("aten::index_add",) if device.type == "cpu" else ())
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
     patches = {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
-
-    def backend(graph: torch.fx.GraphModule, example: list[torch.Tensor]) -> Any:
-        return compile_fx(graph, example, decompositions=table, config_patches=patches)
-
-    return backend
+    # A tracing context with a (static) shape environment, as dynamo would give:
+    # Inductor's on-disk FX graph cache is bypassed without one.
+    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        return compile_fx(graph, example, decompositions=table, config_patches=patches)  # type: ignore[return-value]

@@ -273,6 +273,7 @@ class CACEPotential(torch.nn.Module):
             "max_l": c.max_l,
             "max_nu": c.max_nu,
             "energy_heads": dict(self.energy_readouts),
+            "compiled": self.compiled.mode if self.compiled is not None else None,
         }
 
     @property
