@@ -7,6 +7,7 @@ process of the benchmark script that imports cace_server from the tree under tes
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,17 @@ def use_tree(tree: str) -> None:
         del sys.modules[name]
 
 
-def child(script: str, args: list[str]) -> tuple[dict | None, str]:
-    """Run ``script args`` in a fresh process: (its last stdout line as JSON, or the error)."""
+def child(
+    script: str, args: list[str], env: dict[str, str] | None = None
+) -> tuple[dict | None, str]:
+    """Run ``script args`` in a fresh process (with ``env`` added to this one's
+    environment): (its last stdout line as JSON, or the error)."""
     proc = subprocess.run(
-        [sys.executable, script, *args], capture_output=True, text=True, cwd="/tmp"
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+        env=None if env is None else {**os.environ, **env},
     )
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()

@@ -6,7 +6,15 @@ from 192 to 98,304 atoms; ms per i-PI PIMD step for 8 and 32 beads over one
 connection per bead, the batched transport and shm; the HTTP time of one request
 next to the model time of the same structure.
 
-    python benchmarks/gpu.py [--device cuda:0] [--steps 10]
+Beside the eager rows, compiled rows in reduce-overhead mode (Inductor's Triton
+kernels replayed as CUDA graphs, ``compile_model(model, "reduce-overhead")``): the
+model from 192 to 12,288 atoms and the 32-bead batch, each with its first call (the
+compile) and its largest force difference from the eager model; PIMD over the
+batched transport with a server started with ``--compile reduce-overhead`` and the
+run's structure compiled during warm-up. One Inductor cache (TORCHINDUCTOR_CACHE_DIR,
+a fresh folder) serves this process and the servers. ``--no-compile`` leaves them out.
+
+    python benchmarks/gpu.py [--device cuda:0] [--steps 10] [--no-compile]
 """
 
 from __future__ import annotations
@@ -87,25 +95,86 @@ def model_rows(model_path: str, device: str, atoms: Any) -> list[tuple[str, str,
     return rows
 
 
-def pimd_rows(
-    model_path: str, device: str, atoms: Any, steps: int
+COMPILED = "model, compiled (reduce-overhead)"
+
+
+def compiled_model_rows(
+    model_path: str, device: str, atoms: Any
 ) -> list[tuple[str, str, float, str]]:
+    """The model compiled in reduce-overhead mode: ms per call, the first call (which
+    compiles), and the largest |dF| from the eager model on the same structure."""
+    import numpy as np
+    import torch
+
+    from cace_server.model import load_model
+    from cace_server.model.compiled import compile_model, total_stats
+    from cace_server.structures import Structure
+
+    eager = load_model(model_path, device=device, dtype="float32")
+    model = load_model(model_path, device=device, dtype="float32")
+    calls = compile_model(model, "reduce-overhead")
+    # (case, structures, timed calls)
+    cases = [
+        (f"{192 * r**3:,} atoms", [Structure.from_ase(atoms.repeat((r, r, r)))], n)
+        for r, n in ((1, 10), (2, 10), (4, 3))
+    ]
+    cases.append(("32 x 192 atoms, one batch", [Structure.from_ase(atoms) for _ in range(32)], 10))
+    rows = []
+    for case, structures, n in cases:
+        compiles = total_stats(calls).compiles
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        got = model.predict(structures)
+        torch.cuda.synchronize(device)
+        first = time.perf_counter() - t0
+        want = eager.predict(structures)
+        df = max(float(np.max(np.abs(g.forces - w.forces))) for g, w in zip(got, want, strict=True))
+        seconds = timed(lambda s=structures: model.predict(s), device, n)
+        stats = total_stats(calls)
+        notes = (
+            f"first {first * 1e3:.0f} ms ({stats.compiles - compiles} compiles), "
+            f"max abs dF vs eager {df:.1e} eV/A"
+        )
+        if stats.fallbacks:
+            notes += f", {stats.fallbacks} shapes served eagerly"
+        rows.append((COMPILED, case, seconds * 1e3, notes))
+        print(f"done compiled model {case}", file=sys.stderr, flush=True)
+    return rows
+
+
+def pimd_rows(
+    model_path: str, device: str, atoms: Any, steps: int, compile_cache: Path | None
+) -> list[tuple[str, str, float, str]]:
+    """Eager: each transport; with ``compile_cache``, also the batched transport
+    served compiled (reduce-overhead, the run's beads compiled during warm-up)."""
     bench = _ipi_benchmark()
     work = Path(tempfile.mkdtemp(prefix="cace-gpu-bench-"))
     template = work / "template.extxyz"
     atoms.write(template, format="extxyz")
     rows = []
     for beads in (8, 32):
-        for mode, (ipi_mode, batch, clients, scheme) in {
+        modes = {
             "connections": ("unix", 1, beads, "unix"),
             "batched": ("unix", beads, 1, "unix"),
             "shm": ("shm", beads, 1, "shm"),
-        }.items():
+        }
+        if compile_cache is not None:
+            modes["batched, compiled (reduce-overhead)"] = ("unix", beads, 1, "unix")
+        for mode, (ipi_mode, batch, clients, scheme) in modes.items():
+            flags = []
+            if "compiled" in mode:
+                flags = bench.compile_flags(compile_cache, template, beads, "reduce-overhead")
             command = bench.server_command(
-                model_path, "float32", template, clients, 4, scheme, device=device
+                model_path, "float32", template, clients, 4, scheme, device=device, compile=flags
             )
             seconds = bench.run_case(
-                work / f"{beads}-{mode}", atoms, beads, steps, ipi_mode, batch, [command]
+                work / f"{beads}-{mode.split(',')[0]}{'-compiled' if flags else ''}",
+                atoms,
+                beads,
+                steps,
+                ipi_mode,
+                batch,
+                [command],
             )
             rows.append(("i-PI PIMD step", f"{beads} beads, {mode}", seconds * 1e3, ""))
             print(f"done PIMD {beads} {mode}", file=sys.stderr, flush=True)
@@ -164,7 +233,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--no-compile", action="store_true", help="eager rows only (no compiled model or server)"
+    )
     args = parser.parse_args()
+    compile_cache = None
+    if not args.no_compile:
+        compile_cache = Path(tempfile.mkdtemp(prefix="cace-gpu-inductor-"))
+        # this process's compiles; the servers are given it with --compile-cache-dir
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
 
     import ase.io
     import torch
@@ -180,7 +257,9 @@ def main() -> None:
         save_model(convert_original(REFERENCE / "best_model.pth"), work / "w.safetensors")
     )
     rows = model_rows(model_path, args.device, atoms)
-    rows += pimd_rows(model_path, args.device, atoms, args.steps)
+    if compile_cache is not None:
+        rows += compiled_model_rows(model_path, args.device, atoms)
+    rows += pimd_rows(model_path, args.device, atoms, args.steps, compile_cache)
     rows += http_rows(model_path, args.device, atoms)
 
     name = torch.cuda.get_device_name(args.device)

@@ -23,6 +23,17 @@ With ``--against REV`` the revision is checked out in a temporary git worktree u
 batched, shm) fresh server processes of REV and of this tree are run in turn
 (``--repeats`` times each, alternating), against the same i-PI input; the table gives
 each side's median ms per step and the ratio (below 1: this tree is faster).
+
+With ``--compile`` this tree's server runs its model compiled (``--compile on``),
+compiling the run's structure, as many copies as i-PI sends in one request (the
+bead count; one in serial mode), during warm-up (``--compile-warmup``), before it
+connects, so no step pays a compile; all servers share one Inductor cache
+(``--compile-cache-dir``), so only the first compiles a shape. The model floor is
+compiled too. The revision of ``--against`` is run eagerly (it may predate those
+flags).
+
+    python benchmarks/ipi.py --compile --beads 8,32 --dtypes float32 --modes batched
+    python benchmarks/ipi.py --against ed084ff --compile --modes batched
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +150,9 @@ def run_case(
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def model_floor(model_path: str, dtype: str, atoms, beads: int, threads: int) -> float:
+def model_floor(
+    model_path: str, dtype: str, atoms, beads: int, threads: int, compile: bool = False
+) -> float:
     import numpy as np
     import torch
 
@@ -146,7 +160,7 @@ def model_floor(model_path: str, dtype: str, atoms, beads: int, threads: int) ->
     from cace_server.structures import Structure
 
     torch.set_num_threads(threads)
-    model = load_model(model_path, dtype=dtype)
+    model = load_model(model_path, dtype=dtype, **({"compile": True} if compile else {}))
     rng = np.random.default_rng(0)
     structures = [
         Structure.create(
@@ -157,7 +171,7 @@ def model_floor(model_path: str, dtype: str, atoms, beads: int, threads: int) ->
         )
         for _ in range(beads)
     ]
-    model.predict(structures)
+    model.predict(structures)  # warm-up; compiled, this compiles
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -180,6 +194,11 @@ def main() -> None:
     parser.add_argument("--modes", default="serial,connections,batched,shm,py-driver")
     parser.add_argument("--against", metavar="REV", help="compare with a git revision")
     parser.add_argument("--repeats", type=int, default=2, help="runs per side with --against")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="this tree's servers compile the model (warm-up of the run's structure)",
+    )
     args = parser.parse_args()
     if args.against:
         against(args)
@@ -199,12 +218,13 @@ def main() -> None:
         )
     template = work / "template.extxyz"
     ase.io.write(template, atoms, format="extxyz")
+    compile_cache = _compile_cache(args, work)
     modes = args.modes.split(",")
     rows = []
     try:
         for beads in (int(b) for b in args.beads.split(",")):
             for dtype in args.dtypes.split(","):
-                floor = model_floor(model_path, dtype, atoms, beads, args.threads)
+                floor = model_floor(model_path, dtype, atoms, beads, args.threads, args.compile)
 
                 def ours(
                     clients: int,
@@ -212,6 +232,7 @@ def main() -> None:
                     scheme: str = "unix",
                     model_path: str = model_path,
                     dtype: str = dtype,
+                    structures: int = beads,
                 ) -> list[str]:
                     return [
                         str(BIN / "cace-server"),
@@ -233,6 +254,7 @@ def main() -> None:
                         str(wait_ms),
                         "--log-level",
                         "warning",
+                        *compile_flags(compile_cache, template, structures),
                     ]
 
                 def gas(extra: list[str]) -> list[str]:
@@ -250,7 +272,7 @@ def main() -> None:
 
                 cases = {
                     # (i-PI socket mode, batch size, our clients, null-driver clients)
-                    "serial": ("unix", 1, [ours(1, 0.0)], [gas([])]),
+                    "serial": ("unix", 1, [ours(1, 0.0, structures=1)], [gas([])]),
                     "connections": ("unix", 1, [ours(beads, 5.0)], [gas([]) for _ in range(beads)]),
                     "batched": ("unix", beads, [ours(1, 0.0)], [gas([])]),
                     "shm": ("shm", beads, [ours(1, 0.0, "shm")], [gas(["--shm"])]),
@@ -292,7 +314,7 @@ def main() -> None:
 
     print(
         f"\ni-PI NVT PIMD of liquid-64 water (192 atoms), {args.threads} threads, "
-        f"{args.steps} steps\n"
+        f"{args.steps} steps{', compiled' if args.compile else ''}\n"
     )
     print(
         "| beads | dtype | mode | ms/step | null driver ms/step | model floor ms | step / floor |"
@@ -313,8 +335,10 @@ def server_command(
     threads: int,
     scheme: str,
     device: str = "cpu",
+    compile: Sequence[str] = (),
 ) -> list[str]:
-    """cace-server as a module of whatever tree PYTHONPATH names (this one or REV's)."""
+    """cace-server as a module of whatever tree PYTHONPATH names (this one or REV's);
+    ``compile`` is added as is (:func:`compile_flags`)."""
     return [
         sys.executable, "-m", "cace_server.cli", "serve", "--no-http",
         "--model", model_path, "--dtype", dtype, "--device", device,
@@ -322,8 +346,32 @@ def server_command(
         "--ipi-template", str(template), "--torch-threads", str(threads),
         # the engine of 19a9087 needs its timer to batch beads over connections
         "--batch-wait-ms", "5.0" if clients > 1 else "0.0",
-        "--log-level", "warning",
+        "--log-level", "warning", *compile,
     ]  # fmt: skip
+
+
+def compile_flags(
+    cache: Path | None, template: Path, structures: int, mode: str = "on"
+) -> list[str]:
+    """The serve flags that compile the model for ``structures`` copies of the run's
+    structure before the server connects (none where ``cache`` is None: eager)."""
+    if cache is None:
+        return []
+    return [
+        "--compile", mode,
+        "--compile-warmup", f"{template}:{structures}",
+        "--compile-cache-dir", str(cache),
+    ]  # fmt: skip
+
+
+def _compile_cache(args: argparse.Namespace, work: Path) -> Path | None:
+    """One Inductor cache for every compiled server and this process (the floor)."""
+    if not args.compile:
+        return None
+    cache = work / "inductor-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    return cache
 
 
 def check_imports_from(tree: Path, cwd: Path) -> None:
@@ -380,6 +428,7 @@ def against(args: argparse.Namespace) -> None:
         }
         template = work / "template.extxyz"
         ase.io.write(template, atoms, format="extxyz")
+        compile_cache = _compile_cache(args, work)
         for beads in (int(b) for b in args.beads.split(",")):
             for mode in modes:
                 ipi_mode, batch, clients, scheme = {
@@ -393,8 +442,20 @@ def against(args: argparse.Namespace) -> None:
                     # alternate which side runs first, so drifts in load cancel
                     for side in ("rev", "ours") if r % 2 == 0 else ("ours", "rev"):
                         path = tree if side == "rev" else REPO
+                        # only this tree compiles: the revision may predate the flags
+                        compiled = compile_flags(
+                            compile_cache if side == "ours" else None,
+                            template,
+                            1 if mode == "serial" else beads,
+                        )
                         command = server_command(
-                            model_paths[side], dtype, template, clients, args.threads, scheme
+                            model_paths[side],
+                            dtype,
+                            template,
+                            clients,
+                            args.threads,
+                            scheme,
+                            compile=compiled,
                         )
                         tag = f"{beads}-{mode}-{side}-{r}"
                         seconds = run_case(
@@ -420,7 +481,8 @@ def against(args: argparse.Namespace) -> None:
         f"\ni-PI NVT PIMD of liquid-64 water (192 atoms), reference LR model, {dtype}, "
         f"{args.threads} threads, {args.steps} steps, median of {args.repeats} runs per side\n"
     )
-    print(f"| beads | mode | {args.against} ms/step | this tree ms/step | ratio |")
+    ours_label = "this tree (compiled)" if args.compile else "this tree"
+    print(f"| beads | mode | {args.against} ms/step | {ours_label} ms/step | ratio |")
     print("|---|---|---|---|---|")
     for beads, mode, rev, ours in rows:
         print(f"| {beads} | {mode} | {rev * 1e3:.0f} | {ours * 1e3:.0f} | {ours / rev:.2f} |")

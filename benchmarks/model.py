@@ -16,6 +16,21 @@ then with the working tree's, so both see the same machine load; the table gives
 both times and their ratio. Each tree converts the original checkpoint with its own
 importer; a case whose model one of them cannot convert is skipped with the reason.
 
+With ``--compile``, a tree that has ``cace_server.model.compiled`` loads its models
+with ``load_model(..., compile=True)``; a tree without it (a revision from before the
+compiled call) runs them eagerly, and the table's mode column says which. ms/call
+is still the median of the warm calls after the first. A compiled case runs in two
+fresh processes on one fresh Inductor cache (TORCHINDUCTOR_CACHE_DIR): the first
+process's first call compiles with a COLD cache; the second process's first call
+finds it WARM (what a restarted server pays), and its warm calls are the ones timed.
+Each of the two also evaluates its first structure with an eager model: |dE| (eV)
+and |dF| (eV/A, largest component) are the larger of the two differences. A
+compiled case is not timed without its long-range term (that is another shape to
+compile); its peak RSS is the larger of its two processes'.
+
+    python benchmarks/model.py --against ed084ff --compile --cases lr,cacefit,mp1 \
+        --sizes 1,2 --dtypes float32 --calls 5
+
 Cases (``--cases``): ``lr`` the reference CACE-LR water model (../shared/reference/
 best_model.pth), ``cacefit`` the published cacefit water model (1 message-passing
 layer), ``mp1`` the published cace-lr-fit water mp1 model (a CombinePotential of a
@@ -35,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # Benchmarks are named after what they measure (ipi.py, http.py); their folder must
@@ -76,21 +92,34 @@ def run_case(
     threads: int,
     calls: int,
     long_range: str | None = None,
+    compile: bool = False,
+    first_only: bool = False,
 ) -> dict:
     revisions.use_tree(tree)
+    import importlib.util
     import resource
 
     import ase
     import ase.io
+    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
     from cace_server.model import load_model
     from cace_server.structures import Structure
 
-    model = load_model(model_path, dtype=dtype)
-    if long_range and hasattr(model, "configure_long_range"):
-        model.configure_long_range(method=long_range)
+    # A tree from before the compiled call runs eagerly, and says so.
+    compiled = compile and importlib.util.find_spec("cace_server.model.compiled") is not None
+
+    def loaded(compiled: bool) -> Any:
+        model = load_model(model_path, dtype=dtype, **({"compile": True} if compiled else {}))
+        if long_range and hasattr(model, "configure_long_range"):
+            model.configure_long_range(method=long_range)
+        return model
+
+    model = loaded(compiled)
+    if compiled and first_only:
+        calls = 0
     atoms = ase.io.read(REFERENCE / "liquid-64.xyz")
     assert isinstance(atoms, ase.Atoms)
     atoms.pbc = True
@@ -99,6 +128,18 @@ def run_case(
     t0 = time.perf_counter()
     first = model.predict([structure])[0]
     first_s = time.perf_counter() - t0
+    extra: dict = {"compiled": compiled}
+    if compiled:
+        from cace_server.model.compiled import total_stats
+
+        stats = total_stats([m.compiled for m in model.modules() if getattr(m, "compiled", None)])
+        reference = loaded(False).predict([structure])[0]
+        extra.update(
+            dE=abs(first.energy - reference.energy),
+            dF=float(np.max(np.abs(np.asarray(first.forces) - np.asarray(reference.forces)))),
+            compiles=stats.compiles,
+            fallbacks=stats.fallbacks,
+        )
     times, cpu = [], []
     prepared = model.prepare(structure)
     for _ in range(calls):
@@ -110,7 +151,7 @@ def run_case(
     # The same call without the long-range term, to show what scales how: the
     # short-range part is linear in atoms, the reciprocal-space sum is not.
     sr_s = float("nan")
-    if getattr(model, "ewald", None) is not None:
+    if not compiled and getattr(model, "ewald", None) is not None:
         model.ewald = None
         sr_times = []
         for _ in range(max(calls, 1)):
@@ -128,6 +169,7 @@ def run_case(
         "calls": len(times),
         "energy": first.energy,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        **extra,
     }
 
 
@@ -148,7 +190,13 @@ def main() -> None:
         choices=("auto", "direct", "mesh"),
         help="Ewald back end of this tree's models (default: the model's, auto)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the models of every tree that can (cold and warm Inductor cache)",
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--first-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--convert", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -158,7 +206,17 @@ def main() -> None:
         return
     if args.worker:
         tree, path, repeat, dtype, threads, calls = args.worker
-        result = run_case(tree, path, int(repeat), dtype, int(threads), int(calls), args.long_range)
+        result = run_case(
+            tree,
+            path,
+            int(repeat),
+            dtype,
+            int(threads),
+            int(calls),
+            args.long_range,
+            args.compile,
+            args.first_only,
+        )
         print(json.dumps(result))
         return
 
@@ -202,23 +260,43 @@ def _measure(
         for dtype in args.dtypes.split(","):
             for repeat in (int(s) for s in args.sizes.split(",")):
                 row: dict = {"case": case, "dtype": dtype, "atoms": 192 * repeat**3}
+                calls = CALLS.get(repeat, 0) if args.calls is None else args.calls
                 for label, path in trees:
                     worker = [path, models[label], str(repeat), dtype, str(args.threads)]
-                    result, error = revisions.child(
-                        __file__,
-                        [
-                            *(["--long-range", args.long_range] if args.long_range else []),
-                            "--worker",
-                            *worker,
-                            str(CALLS.get(repeat, 0) if args.calls is None else args.calls),
-                        ],
-                    )
-                    row[label] = result if result is not None else {"error": error}
+                    row[label] = _run_worker(args, worker, calls, tmp)
                 rows.append(row)
                 print(
                     f"done {case} {dtype} {repeat}x{repeat}x{repeat}", file=sys.stderr, flush=True
                 )
     return rows
+
+
+def _run_worker(args: argparse.Namespace, worker: list[str], calls: int, tmp: str) -> dict:
+    """One case of one tree in fresh processes: one eager; compiled, a first one on a
+    fresh Inductor cache (the cold first call only) and a second on the same cache
+    (the warm first call, then the timed calls)."""
+    flags = ["--long-range", args.long_range] if args.long_range else []
+    flags += ["--compile"] if args.compile else []
+    cache = tempfile.mkdtemp(prefix="inductor-", dir=tmp)
+    env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+    # A compiled first process stops after its first call; an eager one is the case.
+    first, error = revisions.child(
+        __file__, [*flags, "--first-only", "--worker", *worker, str(calls)], env
+    )
+    if first is None or not first.get("compiled"):
+        return first if first is not None else {"error": error}
+    warm, error = revisions.child(__file__, [*flags, "--worker", *worker, str(calls)], env)
+    if warm is None:
+        return {"error": f"warm cache: {error}"}
+    return {
+        **warm,
+        "cold_first_s": first["first_s"],
+        "dE": max(first["dE"], warm["dE"]),
+        "dF": max(first["dF"], warm["dF"]),
+        "cold_compiles": first["compiles"],
+        "fallbacks": max(first["fallbacks"], warm["fallbacks"]),
+        "peak_rss_gb": max(first["peak_rss_gb"], warm["peak_rss_gb"]),
+    }
 
 
 def _ms(r: dict, key: str = "median_s") -> str:
@@ -230,11 +308,32 @@ def _ms(r: dict, key: str = "median_s") -> str:
     return f"{1e3 * v:,.0f}" + (" (first call)" if key == "median_s" and r["calls"] == 0 else "")
 
 
+def _compile_cells(r: dict) -> list[str]:
+    """Mode, cold and warm first call, |dE| and |dF| (an eager tree: its first call)."""
+    if "error" in r:
+        return ["-"] * 5
+    if not r.get("compiled"):
+        return ["eager", _ms(r, "first_s"), "-", "-", "-"]
+    shapes = r["cold_compiles"]
+    mode = f"compiled ({shapes} shape{'' if shapes == 1 else 's'})"
+    if r["fallbacks"]:
+        mode += f", {r['fallbacks']} served eagerly"
+    return [mode, _ms(r, "cold_first_s"), _ms(r, "first_s"), f"{r['dE']:.1e}", f"{r['dF']:.1e}"]
+
+
 def _print(args: argparse.Namespace, trees: list[tuple[str, str]], rows: list[dict]) -> None:
     print(f"\nCACE water models (liquid-64 supercells), E+F+S, {args.threads} threads, torch CPU\n")
     labels = [label for label, _ in trees]
     head = ["model", "atoms", "dtype"]
     for label in labels:
+        if args.compile:
+            head += [
+                f"{label} mode",
+                f"{label} first call, cold cache ms",
+                f"{label} first call, warm cache ms",
+                f"{label} max abs dE eV",
+                f"{label} max abs dF eV/A",
+            ]
         head += [f"{label} ms/call", f"{label} w/o long range ms", f"{label} peak RSS GB"]
     if len(labels) == 2:
         head += ["speed-up", "CPU-time speed-up"]
@@ -248,6 +347,8 @@ def _print(args: argparse.Namespace, trees: list[tuple[str, str]], rows: list[di
         cells = [row["case"], f"{row['atoms']:,}", row["dtype"]]
         for label in labels:
             r = row[label]
+            if args.compile:
+                cells += _compile_cells(r)
             rss = f"{r['peak_rss_gb']:.2f}" if "error" not in r else "-"
             cells += [_ms(r), _ms(r, "sr_s") if "error" not in r else "-", rss]
         if len(labels) == 2:

@@ -166,3 +166,59 @@ with Engine(model, settings=EngineSettings(device="cuda")) as engine:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert "FATAL" in proc.stdout and "HEALTHY False" in proc.stdout, proc.stdout + proc.stderr
+
+
+# -- the compiled call on CUDA (cace_server/model/compiled.py) ---------------------------
+
+
+def _compiled(model, mode: str):
+    from cace_server.model.compiled import compile_model
+
+    (call,) = compile_model(model, mode)
+    return call
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("long_range", [False, True], ids=["short", "long-range"])
+def test_compiled_equals_eager_on_cuda_float64(mode: str, long_range: bool):
+    """Triton kernels (CUDA graphs in reduce-overhead mode) give the eager numbers."""
+    rng = np.random.default_rng(5)
+    structures = [water_box(rng), water_box(rng, 30, 9.0)]
+    eager = random_model(seed=4, long_range=long_range, device="cuda")
+    model = random_model(seed=4, long_range=long_range, device="cuda")
+    call = _compiled(model, mode)
+    for a, b in zip(eager.predict(structures), model.predict(structures), strict=True):
+        assert abs(a.energy - b.energy) < 1e-10 * max(1.0, abs(a.energy))
+        np.testing.assert_allclose(b.forces, a.forces, atol=1e-10)
+        np.testing.assert_allclose(b.stress, a.stress, atol=1e-10)
+    assert call.stats.compiles == 1 and call.stats.fallbacks == 0 and call.stats.eager_calls == 0
+
+
+def test_compiled_reference_water_model_on_cuda_float32(water_model_file, liquid_water):
+    """The reference model compiled in reduce-overhead mode, float32: the eager float32
+    numbers within float32's tolerance; a second call of the same shape (the same
+    structure, then one whose atoms moved a little) compiles nothing."""
+    from cace_server.model import load_model
+
+    structure = Structure.from_ase(liquid_water)
+    eager = load_model(water_model_file, device="cuda", dtype="float32")
+    model = load_model(water_model_file, device="cuda", dtype="float32")
+    call = _compiled(model, "reduce-overhead")
+    want, got = eager.predict([structure])[0], model.predict([structure])[0]
+    assert abs(want.energy - got.energy) < 2e-3
+    np.testing.assert_allclose(got.forces, want.forces, atol=2e-3)
+    np.testing.assert_allclose(got.stress, want.stress, atol=1e-4)
+    assert call.stats.compiles == 1
+
+    rng = np.random.default_rng(6)
+    moved = Structure.create(
+        structure.numbers,
+        structure.positions + rng.normal(0, 0.01, structure.positions.shape),
+        structure.cell,
+        structure.pbc,
+    )
+    for s in (structure, moved):
+        want, got = eager.predict([s])[0], model.predict([s])[0]
+        np.testing.assert_allclose(got.forces, want.forces, atol=2e-3)
+    stats = call.stats
+    assert (stats.compiles, stats.calls, stats.eager_calls, stats.fallbacks) == (1, 3, 0, 0)
