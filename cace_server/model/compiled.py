@@ -243,6 +243,7 @@ class CompiledCall:
         self._graphs: dict[CallShape, Callable[..., Any] | None] = {}
         self._names: dict[CallShape, tuple[str, ...]] = {}
         self._lock = threading.Lock()
+        self._compiling = threading.Lock()
         self._pending: set[CallShape] = set()
         self._seen: dict[CallShape, int] = {}
         # Dummy atoms would change a dipole model's mean-charge correction.
@@ -269,8 +270,10 @@ class CompiledCall:
             outputs,
             tuple(sorted(batch.inputs)),
         )
+        with self._lock:  # a compile on another thread may publish meanwhile
+            compiled = list(self._graphs)
         best: CallShape | None = None
-        for shape in self._graphs:
+        for shape in compiled:
             if self._holds(shape, new, needed) and (
                 best is None or (shape.atoms, shape.slots) < (best.atoms, best.slots)
             ):
@@ -299,7 +302,8 @@ class CompiledCall:
 
     @property
     def shapes(self) -> list[CallShape]:
-        return [s for s, g in self._graphs.items() if g is not None]
+        with self._lock:
+            return [s for s, g in self._graphs.items() if g is not None]
 
     # -- calls -----------------------------------------------------------------------------
     def __call__(
@@ -394,10 +398,14 @@ class CompiledCall:
             time.sleep(0.05)
 
     def _compile(self, shape: CallShape, batch: GraphBatch) -> Callable[..., Any] | None:
-        with self._lock:
-            if shape in self._graphs:
-                return self._graphs[shape]
+        # One compile at a time; ``_lock`` is held only to read or publish, so calls
+        # (served eagerly meanwhile) never wait for a compile on another thread.
+        with self._compiling:
+            with self._lock:
+                if shape in self._graphs:
+                    return self._graphs[shape]
             t0 = time.perf_counter()
+            graph: Callable[..., Any] | None
             try:
                 graph = self._build(shape, batch)
             except Exception as exc:
@@ -410,15 +418,16 @@ class CompiledCall:
                     type(cause).__name__,
                     str(cause).strip().splitlines()[0] if str(cause).strip() else "",
                 )
-                self._graphs[shape] = None
-                return None
-            seconds = time.perf_counter() - t0
-            self._count(compiles=1, compile_seconds=seconds)
-            with _STATS_LOCK:
-                self.stats.shapes.append(shape.describe())
-                PROCESS_STATS.shapes.append(shape.describe())
-            _log.info("compiled the model call for %s in %.1f s", shape.describe(), seconds)
-            self._graphs[shape] = graph
+                graph = None
+            else:
+                seconds = time.perf_counter() - t0
+                self._count(compiles=1, compile_seconds=seconds)
+                with _STATS_LOCK:
+                    self.stats.shapes.append(shape.describe())
+                    PROCESS_STATS.shapes.append(shape.describe())
+                _log.info("compiled the model call for %s in %.1f s", shape.describe(), seconds)
+            with self._lock:
+                self._graphs[shape] = graph
             return graph
 
     def _build(self, shape: CallShape, batch: GraphBatch) -> Callable[..., Any]:
