@@ -52,10 +52,12 @@ def test_no_compilation_after_warmup_over_a_200_step_pimd_run(
         compile_warmup=(f"{init}:{BEADS}",),
         compile_cache_dir=str(tmp_path / "inductor"),
     )
+    # The counters are process-wide: other tests in this process may have compiled.
+    start = process_stats()
     with Engine(str(default_model_path()), settings=settings) as engine:
         engine.wait_ready(timeout=600)
         warmed = process_stats()
-        assert warmed.compiles >= 1 and warmed.fallbacks == 0, warmed
+        assert warmed.compiles > start.compiles and warmed.fallbacks == start.fallbacks, warmed
         before = compiler_counters()
         run = start_ipi(
             ipi_runs, tmp_path / "ipi", socket_dir, liquid_water, nbeads=BEADS, steps=STEPS,
@@ -72,7 +74,7 @@ def test_no_compilation_after_warmup_over_a_200_step_pimd_run(
     # Nothing compiled after warm-up: not by us, not by dynamo, AOTAutograd or Inductor.
     assert served.compiles == warmed.compiles, served.shapes
     assert after == before
-    assert served.fallbacks == 0
+    assert served.fallbacks == start.fallbacks
     # The steps ran compiled: each model call is the engine's groups of beads; only
     # the first forces (before every connection is in) may take an odd shape.
     calls = served.calls - warmed.calls

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from cace_server.engine.models import ModelInfo, ServedModel
 from cace_server.outputs import Outputs
@@ -85,7 +84,8 @@ def compile_warmup(
                 continue
             start = time.monotonic()
             prepared = model.prepare(structure)
-            model.predict([prepared] * copies, Outputs(_warm_outputs(model)))
+            # what i-PI and a plain HTTP request ask: the model's default outputs
+            model.predict([prepared] * copies, Outputs.default_for(info.outputs))
             logger.info(
                 "compile warm-up of model %r: %s x %d ready in %.1f s",
                 name,
@@ -96,11 +96,6 @@ def compile_warmup(
     finally:
         for call in calls:
             call.background = True
-
-
-def _warm_outputs(model: Any) -> tuple[str, ...]:
-    """What i-PI and a plain HTTP request ask: the model's default outputs."""
-    return tuple(model.default_outputs)
 
 
 def _read(path: str) -> Structure:

@@ -386,17 +386,6 @@ class CompiledCall:
 
         threading.Thread(target=run, name="cace-compile", daemon=True).start()
 
-    def wait_for_compiles(self, timeout: float | None = None) -> bool:
-        """Wait until no background compile is running; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return True
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-
     def _compile(self, shape: CallShape, batch: GraphBatch) -> Callable[..., Any] | None:
         # One compile at a time; ``_lock`` is held only to read or publish, so calls
         # (served eagerly meanwhile) never wait for a compile on another thread.

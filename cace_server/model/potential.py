@@ -334,9 +334,8 @@ class CACEPotential(torch.nn.Module):
         if charges is not None and batch.atom_mask is not None:
             # The padding atoms of a compiled call carry no charge (the Ewald plan
             # names only real atoms; the polarization sums every atom of a system).
-            charges = charges * batch.atom_mask[:, None].to(charges.dtype).view(
-                -1, *([1] * (charges.dim() - 1))
-            )
+            mask = batch.atom_mask.to(charges.dtype)
+            charges = charges * (mask if charges.dim() == 1 else mask[:, None])
         if self.ewald is not None and charges is not None:
             energy = energy + self._long_range(deformed, charges, cell, batch).to(torch.float64)
         dipole = None
