@@ -192,16 +192,19 @@ class IpiRun:
         path = self.workdir / f"sim.{what}_{bead:0{width}d}.extxyz"
         return ase.io.read(path, index=":", format="extxyz")
 
-    def binary_frames(self, what: str, bead: int, natoms: int) -> tuple[np.ndarray, np.ndarray]:
+    def binary_frames(
+        self, what: str, bead: int, natoms: int, frames: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A ``format="bin"`` trajectory, exact: i-PI's cells ``h`` (frames, 3, 3; lattice
         vectors as columns, Bohr) and the per-atom values (frames, natoms, 3).
 
         i-PI writes each frame as the cell (9 doubles), the atom count (int64), 3N
-        doubles, then names and a title whose lengths are the same in every frame.
+        doubles, then names and a title whose lengths are the same in every frame. The
+        frame count is the run's steps + 1 unless given (a run ended early).
         """
         path = self.workdir / f"sim.{what}_{bead:0{self._width}d}.bin"
         raw = path.read_bytes()
-        frames = self.steps + 1
+        frames = self.steps + 1 if frames is None else frames
         assert len(raw) % frames == 0, (path, len(raw), frames)
         size = len(raw) // frames
         cells = np.empty((frames, 3, 3))

@@ -3,9 +3,13 @@
 The multi-node layout of ``deploy/slurm/`` on loopback: i-PI with 8 beads in
 ``mode="inet"``, two servers with ``--ipi 127.0.0.1:PORT --ipi-clients 4`` each. What
 must hold: the run completes, both processes served beads (their ``/metrics`` and
-connection status), and i-PI's forces and bead potentials equal those of a run fed by
+connection status), and i-PI's forces and the bead energies equal those of a run fed by
 one server with 8 connections, step by step within 1e-10 (float64, same seed: the
-trajectories are the same).
+trajectories are the same). Both are read at full precision: forces from a binary
+trajectory, bead energies from the server's JSON in i-PI's extras. i-PI's text outputs
+keep 8 decimals, and a batch of 4 beads need not sum in the same order as one of 8
+(seen: 2e-13 eV, 8e-15 au), so a difference far below 1e-10 can still flip a printed
+last digit.
 
 A server killed (SIGKILL) mid-run: i-PI's ``InterfaceSocket`` (``ipi/interfaces/
 sockets.py``, i-PI 3.3) notices a dead client when an exchange with it fails, puts its
@@ -31,6 +35,8 @@ restarted from the ``RESTART`` checkpoint its predecessor wrote when it ended.
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import re
 import signal
@@ -47,7 +53,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.ipi_support import IPI_SCRIPT, IpiRun
+from tests.ipi_support import IPI_SCRIPT, OUTPUTS, IpiRun
 from tests.test_serve_http import free_port
 
 pytestmark = [
@@ -61,6 +67,13 @@ BEADS = 8
 STEPS = 6
 RUN_TIMEOUT = 240.0
 TOLERANCE = 1e-10
+# the standard outputs with the forces written exactly (raw float64, atomic units)
+EXACT_OUTPUTS = OUTPUTS.replace(
+    '<trajectory filename="frc" stride="1" format="ase" cell_units="ase" flush="1">\n'
+    "      forces{ase} </trajectory>",
+    '<trajectory filename="frc" stride="1" format="bin" flush="1"> forces </trajectory>',
+)
+assert EXACT_OUTPUTS != OUTPUTS
 
 
 def small_water() -> ase.Atoms:
@@ -144,7 +157,10 @@ def ipi_run(
     steps: int,
     consolidate: bool = True,
 ) -> IpiRun:
-    run = IpiRun(workdir, socket_dir, small_water(), nbeads=BEADS, steps=steps, port=port)
+    run = IpiRun(
+        workdir, socket_dir, small_water(), nbeads=BEADS, steps=steps, port=port,
+        outputs=EXACT_OUTPUTS,
+    )  # fmt: skip
     if not consolidate:
         # i-PI's legacy exchange (a thread per dispatch): see the module docstring
         xml = run.workdir / "input.xml"
@@ -169,14 +185,23 @@ def serve(
 
 
 def outputs(run: IpiRun, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """i-PI's bead potentials (steps, beads) and forces (steps, beads, atoms, 3)."""
-    props = run.properties()
-    potentials = props[:, 2 : 2 + BEADS]
+    """Bead energies (steps, beads; eV, as the server sent them in the extras) and i-PI's
+    forces (steps, beads, atoms, 3; atomic units), both exact."""
+    frames = len(run.properties())
+    natoms = len(small_water())
+    # each step's extras: the repr of a dict whose "raw" holds every bead's JSON
+    energies = np.array(
+        [
+            [json.loads(ast.literal_eval(line)["raw"][b])["energy_eV"] for line in run.extras(b)]
+            for b in range(BEADS)
+        ]
+    ).T
     forces = np.stack(
-        [np.stack([f.get_forces() for f in run.frames("frc", b)]) for b in range(BEADS)], axis=1
+        [run.binary_frames("frc", b, natoms, frames)[1] for b in range(BEADS)], axis=1
     )
-    n = steps + 1 if steps is not None else len(props)
-    return potentials[:n], forces[:n]
+    n = steps + 1 if steps is not None else frames
+    assert len(energies) >= n and len(forces) >= n, (len(energies), len(forces), n)
+    return energies[:n], forces[:n]
 
 
 def assert_same_run(got: IpiRun, want: IpiRun, steps: int) -> None:
