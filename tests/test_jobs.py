@@ -252,6 +252,22 @@ def test_langevin_draws_its_noise_per_structure_from_the_seed(
     np.testing.assert_allclose(first[1]["positions"], atoms.positions, rtol=0, atol=1e-8)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_one_atom_with_its_centre_fixed_has_no_temperature(manager: JobManager) -> None:
+    # Langevin with fix_com leaves a lone atom no degree of freedom: the temperature is
+    # undefined (null), not ASE's 0/0
+    atom = Atoms("O", positions=[[0.0, 0.0, 0.0]])
+    params = MDParams(integrator="langevin", temperature_K=300, steps=2, stride=1)
+    _, (record,) = run_job(manager, "md", [atom], params)
+    assert record["status"] == "done", record
+    assert record["temperature_K"] is None
+    assert [f["temperature_K"] for f in record["frames"]] == [None, None, None]
+    # without the constraint its 3 degrees of freedom have a temperature
+    params = MDParams(integrator="langevin", temperature_K=300, steps=2, stride=1, fix_com=False)
+    _, (record,) = run_job(manager, "md", [atom], params)
+    assert record["temperature_K"] > 0
+
+
 def test_the_live_set_follows_the_budget_and_refills(engine: Engine) -> None:
     """Structures leave when done and waiting ones enter; no iteration exceeds the budget."""
     model = load_model(WATER, dtype="float64")

@@ -100,6 +100,14 @@ def integrator(atoms: Atoms, params: MDParams, rng: np.random.Generator) -> Mole
     )
 
 
+def _temperature(atoms: Atoms) -> float | None:
+    """Kinetic temperature, or None where the atoms have no degree of freedom left (one
+    atom whose centre of mass is fixed): ASE would divide zero by zero."""
+    if atoms.get_number_of_degrees_of_freedom() <= 0:
+        return None
+    return float(atoms.get_temperature())
+
+
 def _state(atoms: Atoms, step: int, params: MDParams, fields: Sequence[str]) -> dict[str, Any]:
     """One frame: energies and temperature, and the per-atom arrays asked for."""
     frame: dict[str, Any] = {
@@ -107,7 +115,7 @@ def _state(atoms: Atoms, step: int, params: MDParams, fields: Sequence[str]) -> 
         "time_fs": step * params.timestep_fs,
         "energy": float(atoms.get_potential_energy()),
         "kinetic_energy": float(atoms.get_kinetic_energy()),
-        "temperature_K": float(atoms.get_temperature()),
+        "temperature_K": _temperature(atoms),
     }
     if "positions" in fields:
         frame["positions"] = atoms.get_positions()
@@ -130,7 +138,9 @@ def md_body(item: JobItem, params: MDParams, index: int) -> Body:
         if item.velocities is None and start is not None and start > 0:
             draw_velocities(atoms, start, rng)
             if params.zero_momentum:
-                Stationary(atoms)
+                # ASE rescales to the drawn temperature afterwards: a lone atom has no
+                # kinetic energy left to rescale (0/0), and simply stands still
+                Stationary(atoms, preserve_temperature=len(atoms) > 1)
         atoms.calc = calc
         dyn = integrator(atoms, params, rng)
         frames: list[dict[str, Any]] = []
