@@ -402,6 +402,22 @@ def test_compose_ipi_service_shares_sockets_and_ipc(compose: dict[str, Any]) -> 
     assert server["depends_on"]["ipi"]
 
 
+def test_compose_keeps_compiled_graphs_on_a_volume(compose: dict[str, Any]) -> None:
+    env = compose["services"]["cace"]["environment"]
+    assert env["CACE_SERVER_COMPILE"] == "${CACE_COMPILE:-off}"  # opt-in
+    cache = env["CACE_SERVER_COMPILE_CACHE_DIR"]
+    mounts = {volume_target(v): volume_source(v) for v in compose["services"]["cace"]["volumes"]}
+    assert mounts.get(cache) in compose["volumes"], "a named volume: it outlives the container"
+    # the warm-up compiles the batch i-PI sends: its template, one copy per bead
+    path, _, copies = env["CACE_SERVER_COMPILE_WARMUP"].rpartition(":")
+    assert path == env["CACE_SERVER_IPI_TEMPLATE"] and copies == env["CACE_SERVER_IPI_CLIENTS"]
+    # a new named volume takes the ownership of the image's directory: the server's user
+    df = Dockerfile.read(DOCKERFILES["cuda"])
+    runs = " ".join(i.args for i in df.stage(df.final) if i.keyword == "RUN")
+    assert re.search(rf"mkdir -p [^&]*{cache}", runs), runs
+    assert re.search(rf"chown cace:cace [^&]*{cache}", runs), runs
+
+
 def _ipi_input() -> ET.Element:
     return ET.parse(DOCKER / "ipi" / "input.xml").getroot()
 
