@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from cace_server.model.fusion import materialized
+
 Component = tuple[int, int, int]
 
 
@@ -375,6 +377,7 @@ class _Symmetrize(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, sym: Symmetrizer
     ) -> torch.Tensor:
+        x = materialized(x)  # read by every row gather, forward and backward
         ctx.save_for_backward(x)
         ctx.sym = sym  # type: ignore[attr-defined]
         spans = _chunks(x, sym.chunk)
@@ -391,6 +394,8 @@ class _Symmetrize(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
         sym: Symmetrizer = ctx.sym  # type: ignore[attr-defined]
+        # arrives as a view of B's [n, r, K, c] layout; its rows are gathered
+        grad = materialized(grad)
         spans = _chunks(x, sym.chunk)
         if len(spans) == 1:
             return sym._backward_chunk(x, grad), None

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cace_server.model.fusion import tracing_for_inductor
 from cace_server.model.neighbors import GraphBatch
 
 if TYPE_CHECKING:
@@ -440,7 +441,8 @@ class CompiledCall:
             names[:] = [k for k, v in values.items() if v is not None]
             return tuple(v.detach() for v in values.values() if v is not None)
 
-        graph = make_fx(call, tracing_mode="real")(*example)
+        with tracing_for_inductor():
+            graph = make_fx(call, tracing_mode="real")(*example)
         self._names[shape] = tuple(names)
         # Inductor on the traced graph directly: no dynamo frame, so no guards that
         # could recompile a shape while serving.
@@ -510,7 +512,7 @@ def _decompositions(left_out: tuple[str, ...]) -> _DecompositionTable:
 def _inductor(
     graph: torch.fx.GraphModule, example: list[torch.Tensor], device: torch.device, mode: str
 ) -> Callable[..., Any]:
-    """Inductor, with two choices of ours.
+    """Inductor, with two choices of ours and a fix (``inductor_fixes``).
 
     On a CPU, ``index_add`` (the backward of every gather: each edge's sender and
     receiver rows) is kept as ATen's kernel instead of being decomposed into a
@@ -521,13 +523,26 @@ def _inductor(
     """
     from torch._inductor.compile_fx import compile_fx
 
+    from cace_server.model import inductor_fixes
+
+    inductor_fixes.apply()
     table = _decompositions(("aten::index_add",) if device.type == "cpu" else ())
     from torch._guards import TracingContext, tracing
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     patches = {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
-    # A tracing context with a (static) shape environment, as dynamo would give:
-    # Inductor's on-disk FX graph cache is bypassed without one.
-    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-        return compile_fx(graph, example, decompositions=table, config_patches=patches)  # type: ignore[return-value]
+    # A tracing context with a shape environment, as dynamo would give: Inductor's
+    # on-disk FX graph cache is bypassed without one. The inputs are still taken as
+    # static (ignore_shape_env): every shape is compiled for its own sizes, where a
+    # graph with no size-specialising operation would otherwise get symbolic ones.
+    shapes = ShapeEnv()
+    # The fix's tag in the cache key: graphs compiled without it are not reused.
+    tag = "|".join(filter(None, (torch.compiler.config.cache_key_tag, inductor_fixes.CACHE_TAG)))
+    with (
+        tracing(TracingContext(FakeTensorMode(shape_env=shapes))),
+        torch.compiler.config.patch(cache_key_tag=tag),  # type: ignore[attr-defined]
+    ):
+        return compile_fx(  # type: ignore[return-value]
+            graph, example, decompositions=table, config_patches=patches, ignore_shape_env=True
+        )
