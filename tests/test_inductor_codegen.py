@@ -10,6 +10,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from cace_server.model import inductor_fixes
 from cace_server.model.compiled import _inductor
 from cace_server.model.fusion import materialized, tracing_for_inductor
 
@@ -46,6 +47,8 @@ def test_a_reduction_under_a_narrow_vector_loop_stays_parallel_outside() -> None
     )
     assert parallel_loops and "10" not in parallel_loops, kernel
     assert "4000" in parallel_loops, kernel
+    # and code generated with the fix is cached under keys of its own
+    assert inductor_fixes.CACHE_TAG in torch.compiler.config.cache_key_tag.split("|")
 
 
 def test_materialized_is_the_tensor_itself_outside_a_trace_for_inductor() -> None:

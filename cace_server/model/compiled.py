@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cace_server.model import inductor_fixes
 from cace_server.model.fusion import tracing_for_inductor
 from cace_server.model.neighbors import GraphBatch
 
@@ -523,8 +524,6 @@ def _inductor(
     """
     from torch._inductor.compile_fx import compile_fx
 
-    from cace_server.model import inductor_fixes
-
     inductor_fixes.apply()
     table = _decompositions(("aten::index_add",) if device.type == "cpu" else ())
     from torch._guards import TracingContext, tracing
@@ -536,13 +535,7 @@ def _inductor(
     # on-disk FX graph cache is bypassed without one. The inputs are still taken as
     # static (ignore_shape_env): every shape is compiled for its own sizes, where a
     # graph with no size-specialising operation would otherwise get symbolic ones.
-    shapes = ShapeEnv()
-    # The fix's tag in the cache key: graphs compiled without it are not reused.
-    tag = "|".join(filter(None, (torch.compiler.config.cache_key_tag, inductor_fixes.CACHE_TAG)))
-    with (
-        tracing(TracingContext(FakeTensorMode(shape_env=shapes))),
-        torch.compiler.config.patch(cache_key_tag=tag),  # type: ignore[attr-defined]
-    ):
+    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
         return compile_fx(  # type: ignore[return-value]
             graph, example, decompositions=table, config_patches=patches, ignore_shape_env=True
         )

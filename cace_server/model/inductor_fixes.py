@@ -14,9 +14,9 @@ This is pytorch/pytorch#190757, fixed upstream by #190928 (``CeilDiv`` for
 rounds up, the wrapper changes nothing; where Inductor's internals differ from what it
 expects, it is not applied, and compiled calls stay correct, only slower.
 
-The generated code changes, but Inductor's cache key does not see this: ``CACHE_TAG``
-goes into the key (``torch.compiler.config.cache_key_tag``), so a cache written without
-the fix is not reused.
+The generated code changes, but Inductor's cache key does not see this. So ``apply()``
+also adds ``CACHE_TAG`` to the key (``torch.compiler.config.cache_key_tag``), once, for
+the whole process, as the wrapper is: a cache written without the fix is not reused.
 """
 
 from __future__ import annotations
@@ -38,7 +38,17 @@ def apply() -> bool:
     with _lock:
         if _applied is None:
             _applied = _wrap_max_parallel_depth()
+            if _applied:
+                _tag_cache_key()
         return _applied
+
+
+def _tag_cache_key() -> None:
+    import torch
+
+    config = torch.compiler.config
+    if CACHE_TAG not in config.cache_key_tag.split("|"):
+        config.cache_key_tag = "|".join(filter(None, (config.cache_key_tag, CACHE_TAG)))
 
 
 def _wrap_max_parallel_depth() -> bool:
